@@ -1,0 +1,1 @@
+"""Public-key infrastructure: tokens, CSRs, the CA, CRLs and validation."""

@@ -1,0 +1,1 @@
+"""Persistent state: SQLite schemas and queries."""
