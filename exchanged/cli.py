@@ -1,0 +1,571 @@
+"""The `exchanged` command: git-style subcommands over the tokens, the CA and validation.
+
+Conventions every subcommand keeps: `--help`; on failure one line on stderr
+("exchanged: error: ...") and exit status 1 (2 for a usage error); `--json` where it lists.
+PINs come from --*-pin-file options, the environment or a prompt, never from an argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from exchanged import __version__
+from exchanged.errors import ExchangedError
+from exchanged.pki import ca as camod
+from exchanged.pki import csr as csrmod
+from exchanged.pki import profiles
+from exchanged.pki.crl import REASONS
+from exchanged.pki.pin import PinSource
+from exchanged.pki.token import Token, TokenKey, list_tokens
+from exchanged.pki.uri import Pkcs11Uri, parse
+
+Handler = Callable[[argparse.Namespace, ExitStack], int]
+
+PIN_ROLES = {  # role -> (option dest, environment variable, what the prompt calls it)
+    "token": ("pin_file", "EXCHANGED_PIN", "token"),
+    "ca": ("ca_pin_file", "EXCHANGED_CA_PIN", "CA"),
+    "operator": ("operator_pin_file", "EXCHANGED_OPERATOR_PIN", "operator"),
+}
+
+
+class UsageError(ExchangedError):
+    code = "usage"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _pin(args: argparse.Namespace, role: str) -> PinSource:
+    dest, env, name = PIN_ROLES[role]
+    return PinSource(role=name, env=env, file=getattr(args, dest, None))
+
+
+def _uri(text: str) -> Pkcs11Uri:
+    uri = parse(text)
+    if "pin-value" in uri.query:
+        raise UsageError("pin-value in a pkcs11: URI is refused: a PIN in an argument is "
+                         "visible to every user through ps; use a PIN file or the environment")
+    return uri
+
+
+def _open(stack: ExitStack, uri: Pkcs11Uri, args: argparse.Namespace, role: str,
+          module: str | None = None) -> Token:
+    token = Token.open(uri, _pin(args, role), module=module or getattr(args, "module", None))
+    stack.callback(token.close)
+    return token
+
+
+def _operator(stack: ExitStack, args: argparse.Namespace,
+              attr: str = "operator") -> camod.Operator:
+    uri = _uri(getattr(args, attr))
+    token = _open(stack, uri, args, "operator")
+    return camod.Operator.from_token(token.key_from_uri(uri))
+
+
+def _ca(stack: ExitStack, args: argparse.Namespace) -> camod.CA:
+    ca = camod.CA(args.dir)
+    stack.callback(ca.close)
+    return ca
+
+
+def _ca_key(stack: ExitStack, args: argparse.Namespace, ca: camod.CA) -> TokenKey:
+    uri = _uri(ca.config.key)
+    token = _open(stack, uri, args, "ca", module=ca.config.module)
+    return token.key_from_uri(uri)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16 * 1024 * 1024)
+    except OSError as e:
+        raise ExchangedError(f"cannot read {what} {path}: {e.strerror}", code="io") from None
+
+
+def _load_certs(path: str, what: str) -> list[x509.Certificate]:
+    data = _read(path, what)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as e:
+        raise ExchangedError(f"{what} {path} is not a certificate: {str(e).splitlines()[0]}",
+                             code="bad-cert") from None
+
+
+def _write_out(path: str | None, data: bytes) -> None:
+    if path in (None, "-"):
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    assert path is not None
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise ExchangedError(f"cannot write {path}: {e.strerror}", code="io") from None
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    else:
+        out = text(data)
+        if out:
+            print(out)
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c) if r.get(c) is not None else "") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+              for row in cells]
+    return "\n".join(lines)
+
+
+def _form(args: argparse.Namespace) -> profiles.Form:
+    return profiles.Form(name=args.name, unit=args.unit, division=args.division or "",
+                         post=args.post or "", reason=getattr(args, "reason", "") or "",
+                         dns=tuple(args.dns or ()), ip=tuple(args.ip or ()))
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25T12:00:00Z)") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+# -- token -----------------------------------------------------------------------------------
+
+def cmd_token_list(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.uri is None:
+        found = list_tokens(args.module)
+        _emit(args, found, lambda r: _table(r, ["label", "serial", "manufacturer", "model"]))
+        return 0
+    token = _open(stack, _uri(args.uri), args, "token")
+    objs = [o.__dict__ for o in token.list_objects()]
+    for o in objs:
+        o["uri"] = str(token.uri.with_object(o["label"], bytes.fromhex(o["id"]), o["kind"]))
+    _emit(args, objs, lambda r: _table(r, ["kind", "label", "key_type", "key_size",
+                                           "sensitive", "extractable", "subject", "uri"]))
+    return 0
+
+
+def cmd_token_keygen(args: argparse.Namespace, stack: ExitStack) -> int:
+    uri = _uri(args.uri)
+    if not uri.object:
+        raise UsageError("name the new key in the URI: pkcs11:token=NAME;object=LABEL")
+    token = _open(stack, uri, args, "token")
+    key = token.generate_keypair(uri.object, key_type=args.type, bits=args.bits)
+    _emit(args, {"uri": str(key.uri), "type": key.key_type},
+          lambda d: f"generated {d['type']} key {d['uri']}")
+    return 0
+
+
+def cmd_token_import_cert(args: argparse.Namespace, stack: ExitStack) -> int:
+    uri = _uri(args.uri)
+    (cert, *_rest) = _load_certs(args.cert, "certificate")
+    token = _open(stack, uri, args, "token")
+    key = token.store_certificate(cert, label=uri.object)
+    print(f"stored the certificate beside key {key.label!r} on token {token.label!r}")
+    return 0
+
+
+# -- csr -------------------------------------------------------------------------------------
+
+def cmd_csr(args: argparse.Namespace, stack: ExitStack) -> int:
+    uri = _uri(args.uri)
+    token = _open(stack, uri, args, "token")
+    key = token.key_from_uri(uri)
+    req = csrmod.build(key, args.profile, _form(args))
+    _write_out(args.out, req.public_bytes(serialization.Encoding.PEM))
+    return 0
+
+
+# -- ca --------------------------------------------------------------------------------------
+
+def cmd_ca_init(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca_uri, off_uri = _uri(args.key), _uri(args.officer)
+    ca_token = _open(stack, ca_uri, args, "ca")
+    off_token = _open(stack, off_uri, args, "operator")
+    ca_key = _key_or_new(ca_token, ca_uri, args.key_type, "ca")
+    off_key = _key_or_new(off_token, off_uri, "ec", "officer")
+    name_attrs = [x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, args.org)] \
+        if args.org else []
+    name = x509.Name(name_attrs + [x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, args.name)])
+    form = profiles.Form(name=args.officer_name, unit=args.officer_unit,
+                         division=args.officer_division, post=args.officer_post or "",
+                         reason="first security officer")
+    ca = camod.CA.init(args.dir, ca_key=ca_key, name=name, officer_key=off_key,
+                       officer_form=form, days=args.days, crl_url=args.crl_url,
+                       crl_hours=args.crl_hours, cert_days=args.cert_days,
+                       module=args.module)
+    stack.callback(ca.close)
+    officer = ca.certificates()[0]
+    print(f"CA {ca.cert.subject.rfc4514_string()} created in {args.dir}")
+    print(f"  CA key      {ca_key.uri}")
+    print(f"  officer     {officer['subject']} serial {officer['serial']} (certificate stored "
+          f"on token {off_token.label!r})")
+    print(f"  first CRL   {Path(args.dir) / camod.LATEST_CRL}")
+    return 0
+
+
+def _key_or_new(token: Token, uri: Pkcs11Uri, key_type: str, default_label: str) -> TokenKey:
+    label = uri.object or default_label
+    try:
+        return token.key(label=label, id=uri.id)
+    except ExchangedError as e:
+        if e.code != "no-key" or uri.id is not None:
+            raise
+    return token.generate_keypair(label, key_type=key_type)
+
+
+def cmd_request_submit(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    applicant = _operator(stack, args, "applicant") if args.applicant else None
+    rid = ca.submit(_read(args.csr, "CSR"), args.profile, _form(args), applicant=applicant,
+                    source=args.csr)
+    _emit(args, {"id": rid, "status": "pending"}, lambda d: f"request {d['id']} submitted "
+          "(pending review by a security officer)")
+    return 0
+
+
+def cmd_request_list(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    _emit(args, ca.requests(args.status), lambda r: _table(
+        r, ["id", "status", "profile", "name", "unit", "division", "post", "submitted_at",
+            "cert_serial"]))
+    return 0
+
+
+def cmd_request_show(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    req = ca.request(args.id)
+    _emit(args, req, lambda r: "\n".join(f"{k:16} {v}" for k, v in r.items()
+                                         if k != "csr_pem") + "\n" + r["csr_pem"].rstrip())
+    return 0
+
+
+def cmd_request_approve(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    ca.approve(args.id, op, args.reason or "")
+    print(f"request {args.id} approved by {op.name}")
+    return 0
+
+
+def cmd_request_reject(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    ca.reject(args.id, op, args.reason)
+    print(f"request {args.id} rejected by {op.name}: {args.reason}")
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    cert = ca.issue(args.id, _ca_key(stack, args, ca), op)
+    _write_out(args.out, cert.public_bytes(serialization.Encoding.PEM))
+    print(f"issued {cert.subject.rfc4514_string()} serial {camod.serial_hex(cert.serial_number)}",
+          file=sys.stderr if args.out in (None, "-") else sys.stdout)
+    return 0
+
+
+def cmd_ca_reissue(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    cert = ca.reissue(args.serial, _read(args.csr, "CSR"), _ca_key(stack, args, ca), op,
+                      post=args.post, division=args.division, reason=args.reason,
+                      source=args.csr)
+    _write_out(args.out, cert.public_bytes(serialization.Encoding.PEM))
+    print(f"re-issued as serial {camod.serial_hex(cert.serial_number)}; {args.serial} revoked "
+          "(superseded)", file=sys.stderr if args.out in (None, "-") else sys.stdout)
+    return 0
+
+
+def cmd_ca_status(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    if args.action == "revoke":
+        ca.revoke(args.serial, op, args.reason, args.note or "")
+    else:
+        getattr(ca, args.action)(args.serial, op, args.note or "")
+    done = {"hold": "put on hold", "release": "released from hold",
+            "revoke": f"revoked ({getattr(args, 'reason', '')})"}[args.action]
+    print(f"certificate {camod.parse_serial(args.serial)} {done} by {op.name}; publish a new "
+          "CRL (exchanged ca crl) for nodes to learn of it")
+    return 0
+
+
+def cmd_ca_crl(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    number, path = ca.make_crl(_ca_key(stack, args, ca), args.hours)
+    if args.out:
+        _write_out(args.out, path.read_bytes())
+    print(f"CRL number {number} written to {path} and {ca.dir / camod.LATEST_CRL}")
+    return 0
+
+
+def cmd_ca_list(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    _emit(args, ca.certificates(args.status), lambda r: _table(
+        r, ["serial", "status", "reason", "profile", "subject", "not_after"]))
+    return 0
+
+
+def cmd_ca_show(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    _write_out(args.out, ca.certificate(args.serial).public_bytes(serialization.Encoding.PEM))
+    return 0
+
+
+def cmd_officer_add(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    ca.add_officer(args.serial, op)
+    print(f"certificate {camod.parse_serial(args.serial)} appointed security officer by "
+          f"{op.name}")
+    return 0
+
+
+# -- cert verify -----------------------------------------------------------------------------
+
+def cmd_cert_verify(args: argparse.Namespace, stack: ExitStack) -> int:
+    from exchanged.pki import verify
+
+    (leaf, *extra) = _load_certs(args.cert, "certificate")
+    trusted = [c for p in args.ca for c in _load_certs(p, "CA certificate")]
+    untrusted = extra + [c for p in args.untrusted or () for c in
+                         _load_certs(p, "intermediate certificate")]
+    crls = verify.CrlSet.load(args.crl or ())
+    at = _parse_time(args.at) if args.at else None
+    chain = verify.validate(leaf, trusted=trusted, untrusted=untrusted, crls=crls, at=at,
+                            purpose=args.purpose, check_revocation=not args.no_crl_check)
+    _emit(args, {"ok": True, "chain": [c.subject.rfc4514_string() for c in chain]},
+          lambda d: f"{args.cert}: OK ({' <- '.join(d['chain'])})")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+def _add_pin(p: argparse.ArgumentParser, role: str) -> None:
+    dest, env, name = PIN_ROLES[role]
+    flag = "--" + dest.replace("_", "-")
+    p.add_argument(flag, dest=dest, metavar="FILE",
+                   help=f"file holding the {name} token's PIN (else ${env}, else a prompt)")
+
+
+def _add_form(p: argparse.ArgumentParser, *, reason: bool = True) -> None:
+    p.add_argument("--profile", required=True, choices=profiles.PROFILES)
+    p.add_argument("--name", required=True, help="person's name, or the node's name")
+    p.add_argument("--unit", required=True, help="the unit (office, department)")
+    p.add_argument("--division", help="division within the unit (required for a person)")
+    p.add_argument("--post", help="the person's post")
+    if reason:
+        p.add_argument("--reason", help="why the certificate is needed")
+    p.add_argument("--dns", action="append", help="DNS name for a node (repeatable)")
+    p.add_argument("--ip", action="append", help="IP address for a node (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="exchanged", description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=f"exchanged {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(parent: Any, name: str, handler: Handler, help: str,
+            **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help, **kw)
+        p.set_defaults(handler=handler)
+        return p
+
+    def module(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--module", help="PKCS#11 module path (default: $EXCHANGED_PKCS11_MODULE "
+                                        "or SoftHSM)")
+
+    def ca_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", default=os.environ.get("EXCHANGED_CA_DIR", "."),
+                       help="the CA directory (default: $EXCHANGED_CA_DIR or .)")
+
+    def json_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    # token
+    tok = sub.add_parser("token", help="PKCS#11 tokens: list, keygen, import-cert")
+    tsub = tok.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(tsub, "list", cmd_token_list, "list tokens, or the objects on one token")
+    p.add_argument("uri", nargs="?", help="pkcs11: URI of a token to list the objects of")
+    module(p); _add_pin(p, "token"); json_opt(p)  # noqa: E702
+    p = cmd(tsub, "keygen", cmd_token_keygen,
+            "generate a key pair on a token (sensitive, never extractable)")
+    p.add_argument("uri", help="pkcs11:token=NAME;object=LABEL")
+    p.add_argument("--type", choices=("ec", "rsa"), default="ec", help="EC P-256 (default) "
+                   "or RSA")
+    p.add_argument("--bits", type=int, default=3072, help="RSA size (default 3072)")
+    module(p); _add_pin(p, "token"); json_opt(p)  # noqa: E702
+    p = cmd(tsub, "import-cert", cmd_token_import_cert,
+            "store a certificate on the token beside its private key")
+    p.add_argument("uri", help="pkcs11: URI of the token (object= sets the label)")
+    p.add_argument("cert", help="certificate file (PEM or DER)")
+    module(p); _add_pin(p, "token")  # noqa: E702
+
+    # csr
+    p = cmd(sub, "csr", cmd_csr, "make a PKCS#10 request signed by a key on a token")
+    p.add_argument("uri", help="pkcs11: URI of the key")
+    _add_form(p, reason=False)
+    p.add_argument("--out", "-o", help="output file (default: stdout)")
+    module(p); _add_pin(p, "token")  # noqa: E702
+
+    # ca
+    ca = sub.add_parser("ca", help="the certificate authority")
+    csub = ca.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(csub, "init", cmd_ca_init, "create the CA and issue the first security officer's "
+            "certificate onto the officer's token")
+    ca_dir(p)
+    p.add_argument("--key", required=True, help="pkcs11: URI of the CA key (made if absent)")
+    p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+    p.add_argument("--name", required=True, help="the CA's common name")
+    p.add_argument("--org", help="the CA's organisation")
+    p.add_argument("--days", type=int, default=7300, help="CA certificate validity")
+    p.add_argument("--crl-url", help="CRL distribution point put into issued certificates")
+    p.add_argument("--crl-hours", type=int, default=168, help="CRL validity (nextUpdate)")
+    p.add_argument("--cert-days", type=int, default=730, help="issued certificates' validity")
+    p.add_argument("--officer", required=True,
+                   help="pkcs11: URI of the first officer's key on their own token")
+    p.add_argument("--officer-name", required=True)
+    p.add_argument("--officer-unit", required=True)
+    p.add_argument("--officer-division", required=True)
+    p.add_argument("--officer-post")
+    module(p); _add_pin(p, "ca"); _add_pin(p, "operator")  # noqa: E702
+
+    req = csub.add_parser("request", help="issuance requests: submit, list, show, approve, "
+                                          "reject")
+    rsub = req.add_subparsers(dest="subsub", required=True, metavar="SUBCOMMAND")
+    p = cmd(rsub, "submit", cmd_request_submit, "submit a CSR with the application form")
+    ca_dir(p)
+    p.add_argument("--csr", required=True, help="the CSR file (PEM or DER)")
+    _add_form(p)
+    p.add_argument("--applicant", help="pkcs11: URI of the applicant's own officer key, to sign "
+                                       "the submission")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(rsub, "list", cmd_request_list, "list requests")
+    ca_dir(p)
+    p.add_argument("--status", choices=("pending", "approved", "rejected", "issued"))
+    json_opt(p)
+    p = cmd(rsub, "show", cmd_request_show, "show one request")
+    ca_dir(p); p.add_argument("id", type=int); json_opt(p)  # noqa: E702
+    for name, handler, helptext in (("approve", cmd_request_approve, "approve a request"),
+                                    ("reject", cmd_request_reject, "reject a request")):
+        p = cmd(rsub, name, handler, helptext + " (signed on the officer's token)")
+        ca_dir(p)
+        p.add_argument("id", type=int)
+        p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
+        p.add_argument("--reason", required=(name == "reject"))
+        _add_pin(p, "operator")
+
+    p = cmd(csub, "issue", cmd_ca_issue, "issue the certificate of an approved request")
+    ca_dir(p)
+    p.add_argument("id", type=int)
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
+    p.add_argument("--out", "-o", help="write the certificate here (default: stdout)")
+    _add_pin(p, "ca"); _add_pin(p, "operator")  # noqa: E702
+
+    p = cmd(csub, "reissue", cmd_ca_reissue, "re-issue on a change of post; the old "
+            "certificate is revoked as superseded")
+    ca_dir(p)
+    p.add_argument("serial")
+    p.add_argument("--csr", required=True, help="CSR for the new certificate")
+    p.add_argument("--post"); p.add_argument("--division")  # noqa: E702
+    p.add_argument("--reason", default="change of post")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
+    p.add_argument("--out", "-o")
+    _add_pin(p, "ca"); _add_pin(p, "operator")  # noqa: E702
+
+    for action, helptext in (("hold", "suspend a certificate (certificateHold)"),
+                             ("release", "release a held certificate"),
+                             ("revoke", "revoke a certificate, for good")):
+        p = cmd(csub, action, cmd_ca_status, helptext)
+        p.set_defaults(action=action)
+        ca_dir(p)
+        p.add_argument("serial", help="certificate serial (hex)")
+        if action == "revoke":
+            p.add_argument("--reason", required=True, choices=camod.REVOKE_REASONS,
+                           metavar="REASON", help="RFC 5280 reason: " +
+                           ", ".join(r for r in REASONS if r in camod.REVOKE_REASONS))
+        p.add_argument("--note", help="free text kept with the signed action")
+        p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
+        _add_pin(p, "operator")
+
+    p = cmd(csub, "crl", cmd_ca_crl, "sign and publish a new CRL")
+    ca_dir(p)
+    p.add_argument("--hours", type=int, help="validity (default from ca.toml)")
+    p.add_argument("--out", "-o", help="also copy the CRL (DER) here")
+    _add_pin(p, "ca")
+
+    p = cmd(csub, "list", cmd_ca_list, "list issued certificates")
+    ca_dir(p)
+    p.add_argument("--status", choices=("good", "held", "revoked"))
+    json_opt(p)
+    p = cmd(csub, "show", cmd_ca_show, "print an issued certificate (PEM)")
+    ca_dir(p); p.add_argument("serial"); p.add_argument("--out", "-o")  # noqa: E702
+
+    off = csub.add_parser("officer", help="security officers")
+    osub = off.add_subparsers(dest="subsub", required=True, metavar="SUBCOMMAND")
+    p = cmd(osub, "add", cmd_officer_add, "appoint the holder of a person certificate as a "
+            "security officer")
+    ca_dir(p)
+    p.add_argument("serial")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
+    _add_pin(p, "operator")
+
+    # cert
+    cert = sub.add_parser("cert", help="certificates: verify")
+    esub = cert.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(esub, "verify", cmd_cert_verify, "validate a certificate chain with CRLs")
+    p.add_argument("cert", help="the certificate (PEM/DER; further PEM certs are intermediates)")
+    p.add_argument("--ca", required=True, action="append", help="trusted CA certificate(s)")
+    p.add_argument("--untrusted", action="append", help="intermediate certificates")
+    p.add_argument("--crl", action="append", help="CRL file (PEM or DER), repeatable")
+    p.add_argument("--at", help="validate at this time (ISO 8601; default now)")
+    p.add_argument("--purpose", choices=profiles.PROFILES,
+                   help="also require the profile's key usage and extended key usage")
+    p.add_argument("--no-crl-check", action="store_true",
+                   help="skip revocation checking (path validation only)")
+    json_opt(p)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with ExitStack() as stack:
+            return int(args.handler(args, stack))
+    except ExchangedError as e:
+        print(f"exchanged: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("exchanged: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # the contract is one line; EXCHANGED_DEBUG=1 shows the traceback
+        if os.environ.get("EXCHANGED_DEBUG"):
+            raise
+        print(f"exchanged: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+              "(EXCHANGED_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
