@@ -1,0 +1,868 @@
+"""Certificate-chain validation with CRLs: is this certificate good, at this time, for this use?
+
+Two halves:
+
+* **Path building and checking** is left to `cryptography.x509.verification` (a Rust path builder
+  with a signature-check budget, so a hostile bag of intermediates cannot drive it into an
+  exponential search). We only choose its extension policies: RFC 5280 rather than web-PKI
+  rules (no SAN or EKU demanded of the leaf, a CA certificate need not carry keyUsage), and a few
+  RFC 5280 MUSTs the stock policies do not enforce (AKI on non-self-signed CA certificates, SKI on
+  CA certificates, positive serials, non-empty EKU).
+* **Revocation** is our own RFC 5280 §6.3 processing of CRLs for every certificate of the
+  verified chain except the trust anchor: CRL issuer and signer (including a separate
+  cRLSign key of the same CA and indirect CRLs), freshness, CRL numbers, issuingDistributionPoint
+  scopes, onlySomeReasons coverage, delta CRLs, unknown critical extensions, holds.
+
+`CrlSet` parses and indexes CRLs once, so a daemon keeps one and reuses it for every handshake;
+`validate()` returns the verified chain or raises `ValidationError` whose `.code` says why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification as xv
+from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, ExtensionOID
+
+from exchanged.errors import ExchangedError
+
+__all__ = ["PURPOSES", "REASON_CODES", "CrlSet", "ValidationError", "describe", "validate"]
+
+#: Every value `ValidationError.code` can take.
+REASON_CODES = (
+    "revoked",          # on a usable CRL with a reason other than certificateHold
+    "suspended",        # on a usable CRL with reason certificateHold
+    "expired",          # a certificate of the path is past notAfter at the validation time
+    "not-yet-valid",    # ... or before notBefore
+    "unknown-issuer",   # no issuer name chain from the leaf reaches a trusted certificate
+    "crl-missing",      # no usable complete CRL (or the usable ones cover only some reasons)
+    "crl-stale",        # the best CRL there is for the certificate is past its nextUpdate
+    "bad-signature",    # a certificate or every CRL for it was signed by some other key
+    "wrong-key-usage",  # the leaf (or a CA's EKU) does not allow the requested purpose
+    "crl-invalid",      # CRLs exist but none is usable (unknown critical extension, no cRLSign...)
+    "invalid",          # anything else the path validator rejects; its message is passed on
+)
+
+#: purpose -> (keyUsage bits the leaf must assert, EKUs the leaf must list)
+PURPOSES: dict[str, tuple[tuple[str, ...], tuple[x509.ObjectIdentifier, ...]]] = {
+    "node": (("digital_signature",),
+             (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)),
+    "person": (("digital_signature", "content_commitment"),
+               (ExtendedKeyUsageOID.CLIENT_AUTH,)),
+}
+
+_RFC_KU_NAMES = {"digital_signature": "digitalSignature",
+                 "content_commitment": "nonRepudiation (contentCommitment)"}
+
+# RFC 5280 5.3.1 reasons an onlySomeReasons scope can name; full coverage is all of them.
+_ALL_REASONS = frozenset({
+    x509.ReasonFlags.key_compromise, x509.ReasonFlags.ca_compromise,
+    x509.ReasonFlags.affiliation_changed, x509.ReasonFlags.superseded,
+    x509.ReasonFlags.cessation_of_operation, x509.ReasonFlags.certificate_hold,
+    x509.ReasonFlags.privilege_withdrawn, x509.ReasonFlags.aa_compromise,
+})
+
+# CRL extensions we process or that carry no obligation; any other critical one makes the CRL
+# unusable (RFC 5280 5.2).
+_KNOWN_CRL_EXTENSIONS = frozenset({
+    ExtensionOID.CRL_NUMBER, ExtensionOID.DELTA_CRL_INDICATOR,
+    ExtensionOID.ISSUING_DISTRIBUTION_POINT, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.ISSUER_ALTERNATIVE_NAME, ExtensionOID.FRESHEST_CRL,
+    ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+})
+_KNOWN_ENTRY_EXTENSIONS = frozenset({
+    CRLEntryExtensionOID.CRL_REASON, CRLEntryExtensionOID.INVALIDITY_DATE,
+    CRLEntryExtensionOID.CERTIFICATE_ISSUER,
+})
+
+# DER fragments whose absence from revokedCertificates proves that no entry has a critical
+# extension (BOOLEAN TRUE followed by the extnValue OCTET STRING) or a certificateIssuer (its
+# OID); see _Crl.index().
+_DER_CRITICAL_TRUE = b"\x01\x01\xff\x04"
+_DER_CERTIFICATE_ISSUER_OID = b"\x06\x03\x55\x1d\x1d"
+
+# Marker our extension-policy callbacks put in their exceptions, so the verifier's error string
+# (which embeds them) can be mapped back to a reason code.
+_WRONG_KU_MARK = "[wrong-key-usage]"
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+class ValidationError(ExchangedError):
+    """Why a certificate is not good: `.code` is one of REASON_CODES.
+
+    `.message` is the human text naming the reason and the certificate concerned (subject and
+    serial in hex); `.certificate` is that certificate when known; `.crl_reason` is the RFC 5280
+    reason name (e.g. "keyCompromise") for "revoked" and "suspended".
+    """
+
+    code = "invalid"
+
+    def __init__(self, code: str, message: str, *, certificate: x509.Certificate | None = None,
+                 crl_reason: str | None = None) -> None:
+        assert code in REASON_CODES, code
+        super().__init__(message, code=code)
+        self.certificate = certificate
+        self.crl_reason = crl_reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+def describe(cert: x509.Certificate) -> str:
+    """'CN=alice,O=unit (serial 1f3a...)': how messages name a certificate."""
+    subject = cert.subject.rfc4514_string() or "<empty subject>"
+    return f"{subject} (serial {cert.serial_number:x})"
+
+
+def _utc(when: dt.datetime | None) -> dt.datetime:
+    """Aware UTC, floored to the second: certificates and CRLs only have second granularity,
+    and RFC 5280's inclusive notAfter means 00:00:00.5 is still within a notAfter of 00:00:00."""
+    if when is None:
+        when = dt.datetime.now(dt.UTC)
+    elif when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)  # naive times are UTC by contract
+    return when.astimezone(dt.UTC).replace(microsecond=0)
+
+
+def _ext(obj: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+    try:
+        return obj.extensions.get_extension_for_class(cls).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    bc = _ext(cert, x509.BasicConstraints)
+    return bool(bc is not None and bc.ca)  # type: ignore[attr-defined]
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+# --------------------------------------------------------------------------------------------
+# CRLs, indexed once
+
+
+@dataclass(eq=False)
+class _Crl:
+    """One CRL with what validation needs precomputed; `problem` says why it is never usable."""
+
+    crl: x509.CertificateRevocationList
+    source: str
+    issuer: x509.Name
+    this_update: dt.datetime
+    next_update: dt.datetime | None
+    number: int | None = None
+    base_number: int | None = None  # deltaCRLIndicator: this is a delta on top of that base
+    idp: x509.IssuingDistributionPoint | None = None
+    problem: str | None = None
+    # serial -> entry, for entries about certificates of the CRL issuer itself
+    direct: dict[int, x509.RevokedCertificate] = field(default_factory=dict)
+    # (certificate issuer, serial) -> entry, for other issuers' entries of an indirect CRL
+    indirect: dict[tuple[x509.Name, int], x509.RevokedCertificate] = field(default_factory=dict)
+    # SPKI DER of a key -> does the CRL signature verify with it (a CrlSet is long-lived)
+    signature_ok: dict[bytes, bool] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, crl: x509.CertificateRevocationList, source: str) -> _Crl:
+        next_update = crl.next_update_utc
+        c = cls(crl=crl, source=source, issuer=crl.issuer, this_update=crl.last_update_utc,
+                next_update=next_update)
+        try:
+            extensions = list(crl.extensions)
+        except ValueError as e:
+            c.problem = f"its extensions cannot be parsed ({e})"
+            return c
+        for ext in extensions:
+            if ext.oid not in _KNOWN_CRL_EXTENSIONS and ext.critical:
+                c.problem = f"it has an unknown critical extension {ext.oid.dotted_string}"
+            elif isinstance(ext.value, x509.CRLNumber):
+                c.number = ext.value.crl_number
+                if ext.critical:  # RFC 5280 5.2.3: MUST be non-critical
+                    c.problem = "its cRLNumber extension is marked critical"
+            elif isinstance(ext.value, x509.DeltaCRLIndicator):
+                c.base_number = ext.value.crl_number
+            elif isinstance(ext.value, x509.IssuingDistributionPoint):
+                c.idp = ext.value
+        if c.problem is None and c.number is None:
+            c.problem = "it has no cRLNumber (RFC 5280 5.2.3)"
+        if c.problem is None and next_update is None:
+            # A CRL without nextUpdate could never be judged stale, so an arbitrarily old one
+            # would be accepted: we refuse it (RFC 5280 5.1.2.5: CAs MUST include nextUpdate).
+            c.problem = "it has no nextUpdate"
+        c.index()
+        return c
+
+    @property
+    def is_indirect(self) -> bool:
+        return bool(self.idp is not None and self.idp.indirect_crl)
+
+    @property
+    def reasons(self) -> frozenset[x509.ReasonFlags]:
+        """The reasons this CRL covers (onlySomeReasons, else all)."""
+        if self.idp is not None and self.idp.only_some_reasons:
+            return frozenset(self.idp.only_some_reasons) & _ALL_REASONS
+        return _ALL_REASONS
+
+    @property
+    def scope(self) -> tuple[x509.Name, x509.IssuingDistributionPoint | None]:
+        """CRLs with the same scope compete (highest number wins); a delta needs one."""
+        return (self.issuer, self.idp)
+
+    def index(self) -> None:
+        """Build the serial -> entry dictionaries (O(1) lookup afterwards).
+
+        Measured on a 100,000-entry CRL (half the entries with a reasonCode, a tenth with an
+        invalidityDate; cryptography 50, one core): reading every entry's extensions through
+        cryptography takes ~0.4 s, a pure-Python DER walker doing the same ~0.3-0.4 s, asn1crypto
+        ~3.7 s. Extensions only matter here when an entry has a critical one (the CRL becomes
+        unusable) or a certificateIssuer (indirect CRLs), and both leave a fixed DER fragment in
+        revokedCertificates; when neither fragment occurs (the usual case) we index serials only
+        (~0.1 s for 100,000 entries) and read an entry's reasonCode when the serial is hit.
+        """
+        crl = self.crl
+        region = _revoked_region(crl.tbs_certlist_bytes)
+        if _DER_CRITICAL_TRUE not in region and _DER_CERTIFICATE_ISSUER_OID not in region:
+            self.direct = {}
+            for entry in crl:
+                self.direct.setdefault(entry.serial_number, entry)
+            return
+        # Full scan: entry extensions, certificateIssuer carried over to following entries
+        # (RFC 5280 5.3.3).
+        current: x509.Name | None = None  # None: the CRL issuer
+        for entry in crl:
+            try:
+                extensions = list(entry.extensions)
+            except ValueError as e:
+                self.problem = self.problem or (
+                    f"the entry for serial {entry.serial_number:x} cannot be parsed ({e})")
+                extensions = []
+            for ext in extensions:
+                if ext.oid not in _KNOWN_ENTRY_EXTENSIONS and ext.critical:
+                    self.problem = self.problem or (
+                        f"the entry for serial {entry.serial_number:x} has an unknown critical "
+                        f"extension {ext.oid.dotted_string}")
+                if isinstance(ext.value, x509.CertificateIssuer):
+                    if not self.is_indirect:
+                        self.problem = self.problem or (
+                            "it has a certificateIssuer entry but is not an indirect CRL")
+                    names = [n.value for n in ext.value if isinstance(n, x509.DirectoryName)]
+                    current = names[0] if names else x509.Name([])
+                    if current == self.issuer:
+                        current = None
+            if current is None:
+                self.direct.setdefault(entry.serial_number, entry)
+            else:
+                self.indirect.setdefault((current, entry.serial_number), entry)
+
+    def lookup(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
+        if cert.issuer == self.issuer:
+            return self.direct.get(cert.serial_number)
+        return self.indirect.get((cert.issuer, cert.serial_number))
+
+    def verifies_with(self, cert: x509.Certificate) -> bool:
+        key = cert.public_key()
+        spki = key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        ok = self.signature_ok.get(spki)
+        if ok is None:
+            try:
+                ok = self.crl.is_signature_valid(key)  # type: ignore[arg-type]
+            except (TypeError, ValueError):  # a key type that cannot sign CRLs
+                ok = False
+            self.signature_ok[spki] = ok
+        return ok
+
+    def describe(self) -> str:
+        number = "" if self.number is None else f" number {self.number}"
+        kind = "delta CRL" if self.base_number is not None else "CRL"
+        return f"{kind}{number} of {self.issuer.rfc4514_string()} ({self.source})"
+
+
+def _der_header(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, value start, value end) of the DER element at pos."""
+    tag, n = buf[pos], buf[pos + 1]
+    pos += 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(buf[pos:pos + k], "big")
+        pos += k
+    return tag, pos, pos + n
+
+
+def _revoked_region(tbs: bytes) -> bytes:
+    """The revokedCertificates bytes of a TBSCertList (RFC 5280 5.1), b"" when there are none.
+
+    `tbs` was already parsed by cryptography, so it is well-formed DER; on any surprise we
+    return it whole, which only sends index() down the slower full scan.
+    """
+    try:
+        _, pos, end = _der_header(tbs, 0)
+        tag, _, nxt = _der_header(tbs, pos)
+        if tag == 0x02:  # version
+            pos = nxt
+        for _ in range(3):  # signature, issuer, thisUpdate
+            pos = _der_header(tbs, pos)[2]
+        if pos < end and tbs[pos] in (0x17, 0x18):  # nextUpdate
+            pos = _der_header(tbs, pos)[2]
+        if pos < end and tbs[pos] == 0x30:
+            _, start, stop = _der_header(tbs, pos)
+            return tbs[start:stop]
+        return b""
+    except IndexError:
+        return tbs
+
+
+class CrlSet:
+    """CRLs parsed and indexed once, for reuse by every validate() call.
+
+    Lookup of a certificate on a CRL is a dictionary access; CRLs are grouped by issuer name.
+    """
+
+    def __init__(self) -> None:
+        self._crls: list[_Crl] = []
+        self._by_issuer: dict[x509.Name, list[_Crl]] = {}
+
+    def _add(self, crl: x509.CertificateRevocationList, source: str) -> None:
+        c = _Crl.parse(crl, source)
+        self._crls.append(c)
+        self._by_issuer.setdefault(c.issuer, []).append(c)
+
+    @classmethod
+    def from_crls(cls, crls: Iterable[x509.CertificateRevocationList]) -> CrlSet:
+        s = cls()
+        for i, crl in enumerate(crls):
+            s._add(crl, f"CRL #{i + 1}")
+        return s
+
+    @classmethod
+    def load(cls, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> CrlSet:
+        """Read CRL files: DER, or PEM holding one or more X509 CRL blocks.
+
+        Raises ExchangedError (code "bad-crl-file") naming the file that cannot be read or
+        holds no CRL.
+        """
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        s = cls()
+        for path in paths:
+            p = Path(path)
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                raise ExchangedError(f"cannot read CRL file {p}: {e.strerror or e}",
+                                     code="bad-crl-file") from None
+            for i, crl in enumerate(_parse_crl_file(p, data)):
+                s._add(crl, str(p) if i == 0 else f"{p} #{i + 1}")
+        return s
+
+    def __len__(self) -> int:
+        return len(self._crls)
+
+    def __iter__(self) -> Iterator[x509.CertificateRevocationList]:
+        return (c.crl for c in self._crls)
+
+    def _issued_by(self, name: x509.Name) -> list[_Crl]:
+        return self._by_issuer.get(name, [])
+
+
+def _parse_crl_file(path: Path, data: bytes) -> list[x509.CertificateRevocationList]:
+    if b"-----BEGIN" in data:
+        blocks = _PEM_CRL.findall(data)
+        if not blocks:
+            raise ExchangedError(f"{path} holds PEM data but no 'X509 CRL' block",
+                                 code="bad-crl-file")
+        crls = []
+        for i, block in enumerate(blocks, 1):
+            try:
+                crls.append(x509.load_pem_x509_crl(block))
+            except ValueError as e:
+                raise ExchangedError(f"{path}: PEM CRL block {i} is not a valid CRL ({e})",
+                                     code="bad-crl-file") from None
+        return crls
+    try:
+        return [x509.load_der_x509_crl(data)]
+    except ValueError:
+        raise ExchangedError(f"{path} is not a CRL (neither PEM nor DER)",
+                             code="bad-crl-file") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Extension policies for cryptography's verifier
+
+
+class _PolicyViolation(ValueError):
+    pass
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _ca_policy(trusted_der: frozenset[bytes], ekus: tuple[x509.ObjectIdentifier, ...]
+               ) -> xv.ExtensionPolicy:
+    """webpki_defaults_ca() relaxed and tightened towards RFC 5280:
+
+    * keyUsage may be absent (6.1.4(n) only checks keyCertSign *if* present; x509-limbo
+      crl::issuer-no-keyusage-extension); when present, keyCertSign must be asserted;
+    * subjectKeyIdentifier required (4.2.1.2: MUST appear in all CA certificates);
+    * authorityKeyIdentifier required unless self-signed (4.2.1.1); trust anchors are exempt
+      because they are trusted by configuration, not by their issuer (x509-limbo
+      cve::cve-2024-0567 has a trusted cross-signed root without AKI);
+    * extendedKeyUsage in a CA certificate is only looked at when a purpose is asked for: then
+      it must allow the purpose's EKUs (or anyExtendedKeyUsage), as CA EKUs constrain
+      their subtree in practice.
+    """
+    any_eku = x509.ObjectIdentifier("2.5.29.37.0")
+
+    def key_usage(_policy: xv.Policy, cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+        if ku is not None and not ku.key_cert_sign:
+            raise _PolicyViolation("keyUsage of a CA certificate must assert keyCertSign")
+
+    def aki(_policy: xv.Policy, cert: x509.Certificate,
+            value: x509.AuthorityKeyIdentifier | None) -> None:
+        if value is None and not _self_signed(cert) and _der(cert) not in trusted_der:
+            raise _PolicyViolation("CA certificate without authorityKeyIdentifier")
+
+    def eku(_policy: xv.Policy, cert: x509.Certificate,
+            value: x509.ExtendedKeyUsage | None) -> None:
+        if value is None or not ekus or any_eku in value:
+            return
+        missing = [oid._name for oid in ekus if oid not in value]
+        if missing:
+            raise _PolicyViolation(f"{_WRONG_KU_MARK} CA extendedKeyUsage excludes "
+                                   f"{', '.join(missing)}")
+
+    agnostic, non_critical = xv.Criticality.AGNOSTIC, xv.Criticality.NON_CRITICAL
+    return (xv.ExtensionPolicy.webpki_defaults_ca()
+            .may_be_present(x509.KeyUsage, agnostic, key_usage)
+            .require_present(x509.SubjectKeyIdentifier, non_critical, None)
+            .may_be_present(x509.AuthorityKeyIdentifier, non_critical, aki)
+            .may_be_present(x509.ExtendedKeyUsage, agnostic, eku))
+
+
+def _ee_policy() -> xv.ExtensionPolicy:
+    """webpki_defaults_ee() without the web PKI's demands (SAN, an EKU matching TLS client or
+    server): purposes are checked by validate() itself. Kept from it: AKI required, name
+    constraints forbidden, AIA non-critical, unknown critical extensions refused.
+
+    The leaf may be a CA certificate (RFC 5280 4.2.1.9: the last certificate of a path is not
+    counted by pathLenConstraint; x509-limbo pathlen::validation-ignores-pathlen-in-leaf), but
+    keyCertSign without cA is inconsistent (4.2.1.9), and an empty EKU is malformed
+    (4.2.1.12: "one or more purposes").
+    """
+
+    def key_usage(_policy: xv.Policy, cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+        if ku is not None and ku.key_cert_sign and not _is_ca(cert):
+            raise _PolicyViolation("keyCertSign asserted in a certificate that is not a CA")
+
+    def eku(_policy: xv.Policy, cert: x509.Certificate,
+            value: x509.ExtendedKeyUsage | None) -> None:
+        if value is not None and len(value) == 0:
+            raise _PolicyViolation("empty extendedKeyUsage")
+
+    agnostic = xv.Criticality.AGNOSTIC
+    return (xv.ExtensionPolicy.webpki_defaults_ee()
+            .may_be_present(x509.SubjectAlternativeName, agnostic, None)
+            .may_be_present(x509.BasicConstraints, agnostic, None)
+            .may_be_present(x509.KeyUsage, agnostic, key_usage)
+            .may_be_present(x509.ExtendedKeyUsage, agnostic, eku))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(leaf: x509.Certificate, *, trusted: Sequence[x509.Certificate],
+             untrusted: Sequence[x509.Certificate] = (),
+             crls: CrlSet | Sequence[x509.CertificateRevocationList] = (),
+             at: dt.datetime | None = None, purpose: str | None = None,
+             check_revocation: bool = True, max_chain_depth: int | None = None
+             ) -> list[x509.Certificate]:
+    """Validate `leaf` and return the verified chain, leaf first, trust anchor last.
+
+    trusted: the trust anchors. untrusted: intermediates the path may use (and CRL-signing
+    certificates). crls: a CrlSet (build it once and reuse it) or CRL objects.
+    at: the validation time, default now; naive datetimes are UTC.
+    purpose: None for plain RFC 5280 path validation (no keyUsage or EKU demanded of the
+    leaf), "node" (keyUsage digitalSignature, EKU serverAuth and clientAuth) or "person"
+    (keyUsage digitalSignature and nonRepudiation, EKU clientAuth).
+    check_revocation: every certificate of the chain except the trust anchor must then be
+    covered by a usable CRL - with no CRLs that is "crl-missing".
+    max_chain_depth: the most intermediates allowed (cryptography's default, 8, when None).
+
+    Raises ValidationError (codes in REASON_CODES).
+    """
+    if purpose is not None and purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r} (expected one of {sorted(PURPOSES)})")
+    crlset = crls if isinstance(crls, CrlSet) else CrlSet.from_crls(crls)
+    run = _Run(trusted=list(trusted), untrusted=list(untrusted), crls=crlset, at=_utc(at),
+               max_chain_depth=max_chain_depth)
+    return run.validate(leaf, purpose=purpose, check_revocation=check_revocation)
+
+
+@dataclass
+class _Failure:
+    """Why one CRL cannot be used for one certificate; higher rank = got further."""
+
+    rank: int
+    code: str
+    text: str
+
+
+class _Run:
+    """State of one validate() call: the certificate pool, and the guard and cache for the
+    recursive validation of CRL-signing certificates."""
+
+    def __init__(self, *, trusted: list[x509.Certificate], untrusted: list[x509.Certificate],
+                 crls: CrlSet, at: dt.datetime, max_chain_depth: int | None) -> None:
+        self.trusted = trusted
+        self.untrusted = untrusted
+        self.crls = crls
+        self.at = at
+        self.max_chain_depth = max_chain_depth
+        self.trusted_der = frozenset(_der(c) for c in trusted)
+        self.by_subject: dict[x509.Name, list[x509.Certificate]] = {}
+        for c in trusted + untrusted:
+            self.by_subject.setdefault(c.subject, []).append(c)
+        self.in_progress: set[bytes] = set()
+        self.signer_results: dict[tuple[bytes, bytes], str | None] = {}
+
+    # -- the path -------------------------------------------------------------------------
+
+    def validate(self, leaf: x509.Certificate, *, purpose: str | None,
+                 check_revocation: bool) -> list[x509.Certificate]:
+        chain = self.path(leaf, purpose)
+        if check_revocation:
+            key = _der(leaf)
+            self.in_progress.add(key)
+            try:
+                # From the anchor down: a revoked CA is the root cause of anything below it.
+                for i in range(len(chain) - 2, -1, -1):
+                    self.check_status(chain[i], chain[i + 1], chain[-1])
+            finally:
+                self.in_progress.discard(key)
+        return chain
+
+    def path(self, leaf: x509.Certificate, purpose: str | None) -> list[x509.Certificate]:
+        self.check_validity(leaf)
+        if not self.trusted:
+            raise ValidationError("unknown-issuer", f"{describe(leaf)}: no trusted certificates",
+                                  certificate=leaf)
+        ekus = PURPOSES[purpose][1] if purpose else ()
+        builder = (xv.PolicyBuilder().store(xv.Store(self.trusted)).time(self.at)
+                   .extension_policies(ca_policy=_ca_policy(self.trusted_der, ekus),
+                                       ee_policy=_ee_policy()))
+        if self.max_chain_depth is not None:
+            builder = builder.max_chain_depth(self.max_chain_depth)
+        try:
+            chain = builder.build_client_verifier().verify(leaf, self.untrusted).chain
+        except xv.VerificationError as e:
+            raise self.classify(leaf, str(e)) from None
+        for cert in chain[:-1]:
+            # RFC 5280 4.1.2.2: positive. cryptography accepts 0 for compatibility with old
+            # roots; our PKI never issues it, so a 0 is a forgery or a foreign certificate.
+            if cert.serial_number <= 0:
+                raise ValidationError("invalid", f"{describe(cert)}: serial number must be "
+                                      "positive", certificate=cert)
+        if purpose is not None:
+            self.check_purpose(leaf, purpose)
+        return chain
+
+    def check_validity(self, cert: x509.Certificate) -> None:
+        if self.at < cert.not_valid_before_utc:
+            raise ValidationError("not-yet-valid", f"{describe(cert)} is not valid before "
+                                  f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z (checked at "
+                                  f"{self.at:%Y-%m-%d %H:%M:%S}Z)", certificate=cert)
+        if self.at > cert.not_valid_after_utc:
+            raise ValidationError("expired", f"{describe(cert)} expired at "
+                                  f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z (checked at "
+                                  f"{self.at:%Y-%m-%d %H:%M:%S}Z)", certificate=cert)
+
+    def issuer_names_reachable(self, leaf: x509.Certificate) -> tuple[bool, list[x509.Certificate]]:
+        """Follow issuer names up from the leaf through the pool (names only, no signatures).
+
+        Returns whether a trusted certificate's subject is reached, and the certificates met.
+        """
+        trusted_names = {c.subject for c in self.trusted}
+        seen: set[x509.Name] = set()
+        todo = [leaf.issuer]
+        met: list[x509.Certificate] = []
+        reached = False
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            reached = reached or name in trusted_names
+            for c in self.by_subject.get(name, ()):
+                met.append(c)
+                todo.append(c.issuer)
+        return reached, met
+
+    def classify(self, leaf: x509.Certificate, error: str) -> ValidationError:
+        """Map cryptography's VerificationError text to our reason codes."""
+        text = error.removeprefix("validation failed: ")
+        reached, met = self.issuer_names_reachable(leaf)
+        if not reached:
+            return ValidationError("unknown-issuer", f"{describe(leaf)}: no issuer chain to a "
+                                   f"trusted certificate (issuer {leaf.issuer.rfc4514_string()} "
+                                   "unknown)", certificate=leaf)
+        if "not valid at validation time" in text:
+            for c in met:  # which CA certificate on the way up is out of its validity period
+                try:
+                    self.check_validity(c)
+                except ValidationError as e:
+                    return ValidationError(e.code, f"{describe(leaf)}: issuer {e}",
+                                           certificate=c)
+        if _WRONG_KU_MARK in text:
+            return ValidationError("wrong-key-usage", f"{describe(leaf)}: "
+                                   f"{text.replace(_WRONG_KU_MARK, '').strip()}",
+                                   certificate=leaf)
+        if "signature does not match" in text:
+            return ValidationError("bad-signature", f"{describe(leaf)}: no issuer certificate's "
+                                   f"key verifies the signature ({text})", certificate=leaf)
+        return ValidationError("invalid", f"{describe(leaf)}: {text}", certificate=leaf)
+
+    def check_purpose(self, leaf: x509.Certificate, purpose: str) -> None:
+        bits, ekus = PURPOSES[purpose]
+        ku = _ext(leaf, x509.KeyUsage)
+        missing = [_RFC_KU_NAMES[b] for b in bits if ku is None or not getattr(ku, b)]
+        eku = _ext(leaf, x509.ExtendedKeyUsage)
+        missing += [oid._name for oid in ekus if eku is None or oid not in eku]  # type: ignore[operator]
+        if missing:
+            raise ValidationError("wrong-key-usage", f"{describe(leaf)} is not a {purpose} "
+                                  f"certificate: it lacks {', '.join(missing)}",
+                                  certificate=leaf)
+
+    # -- revocation (RFC 5280 6.3) ----------------------------------------------------------
+
+    def check_status(self, cert: x509.Certificate, issuer: x509.Certificate,
+                     anchor: x509.Certificate) -> None:
+        """Raise unless usable CRLs, taken together, say `cert` is not revoked."""
+        complete: list[_Crl] = []
+        deltas: list[_Crl] = []
+        failures: list[_Failure] = []
+        seen_any = False
+        for crl in self.candidate_crls(cert):
+            if not self.in_scope(crl, cert):
+                continue
+            seen_any = True
+            failure = self.unusable(crl, cert, issuer, anchor)
+            if failure is not None:
+                failures.append(failure)
+            elif crl.base_number is not None:
+                deltas.append(crl)
+            else:
+                complete.append(crl)
+
+        if not complete:
+            if not seen_any:
+                raise ValidationError("crl-missing", f"{describe(cert)}: no CRL from "
+                                      f"{cert.issuer.rfc4514_string()} covers it",
+                                      certificate=cert)
+            if not failures:  # only deltas were usable
+                raise ValidationError("crl-missing", f"{describe(cert)}: only delta CRLs from "
+                                      f"{cert.issuer.rfc4514_string()}, no complete CRL they "
+                                      "apply to", certificate=cert)
+            best = max(failures, key=lambda f: f.rank)  # the CRL that came closest
+            raise ValidationError(best.code, f"{describe(cert)}: no usable CRL: {best.text}",
+                                  certificate=cert)
+
+        # Per scope the highest cRLNumber wins: a newer CRL that drops a hold releases it.
+        winners: dict[tuple[x509.Name, x509.IssuingDistributionPoint | None], _Crl] = {}
+        for crl in complete:
+            best_crl = winners.get(crl.scope)
+            if best_crl is None or (crl.number or 0) > (best_crl.number or 0):
+                winners[crl.scope] = crl
+
+        covered: set[x509.ReasonFlags] = set()
+        hits: list[tuple[x509.RevokedCertificate, _Crl]] = []
+        for scope, base in winners.items():
+            covered |= base.reasons
+            entry, source = base.lookup(cert), base
+            if entry is not None and _reason(entry) is x509.ReasonFlags.remove_from_crl:
+                entry = None  # removeFromCRL only means something in a delta (RFC 5280 5.3.1)
+            # The newest delta built on this complete CRL (or an older base) updates it.
+            applicable = [d for d in deltas if d.scope == scope
+                          and (d.base_number or 0) <= (base.number or 0)
+                          and (d.number or 0) > (base.number or 0)]
+            if applicable:
+                delta = max(applicable, key=lambda d: d.number or 0)
+                d_entry = delta.lookup(cert)
+                if d_entry is not None:
+                    released = _reason(d_entry) is x509.ReasonFlags.remove_from_crl
+                    entry, source = (None, delta) if released else (d_entry, delta)
+            if entry is not None:
+                hits.append((entry, source))
+
+        for entry, source in sorted(hits, key=lambda h: _reason(h[0]) is
+                                    x509.ReasonFlags.certificate_hold):  # revocations first
+            reason = _reason(entry)
+            since = f"{entry.revocation_date_utc:%Y-%m-%d %H:%M:%S}Z"
+            if reason is x509.ReasonFlags.certificate_hold:
+                raise ValidationError("suspended", f"{describe(cert)} is suspended "
+                                      f"(certificateHold) since {since} per {source.describe()}",
+                                      certificate=cert, crl_reason=reason.value)
+            raise ValidationError("revoked", f"{describe(cert)} is revoked ({reason.value}) "
+                                  f"since {since} per {source.describe()}", certificate=cert,
+                                  crl_reason=reason.value)
+
+        if covered != _ALL_REASONS:
+            missing = sorted(r.value for r in _ALL_REASONS - covered)
+            raise ValidationError("crl-missing", f"{describe(cert)}: the usable CRLs cover only "
+                                  f"some revocation reasons; none covers {', '.join(missing)}",
+                                  certificate=cert)
+
+    def candidate_crls(self, cert: x509.Certificate) -> list[_Crl]:
+        """CRLs issued under the certificate's issuer name, and indirect CRLs from issuers its
+        cRLDistributionPoints delegate to (RFC 5280 6.3.3(b)(1): cRLIssuer)."""
+        found = list(self.crls._issued_by(cert.issuer))
+        for name in _delegated_crl_issuers(cert):
+            if name != cert.issuer:
+                found += [c for c in self.crls._issued_by(name) if c.is_indirect]
+        return found
+
+    def in_scope(self, crl: _Crl, cert: x509.Certificate) -> bool:
+        """issuingDistributionPoint scope (RFC 5280 5.2.5, 6.3.3(b)(2))."""
+        idp = crl.idp
+        if idp is None:
+            return True
+        if idp.only_contains_attribute_certs:
+            return False
+        is_ca = _is_ca(cert)
+        if (idp.only_contains_user_certs and is_ca) or (idp.only_contains_ca_certs and not is_ca):
+            return False
+        idp_names = _idp_names(crl)
+        cert_names = _dp_names(cert)
+        # Both name a distribution point: they must share a name. (If only one does, the
+        # partition cannot be checked and the CRL is taken to apply.)
+        return not (idp_names and cert_names and not idp_names & cert_names)
+
+    def unusable(self, crl: _Crl, cert: x509.Certificate, issuer: x509.Certificate,
+                 anchor: x509.Certificate) -> _Failure | None:
+        """None if `crl` may decide `cert`'s status, else why not."""
+        signer_failure = self.check_signer(crl, issuer, anchor)
+        if signer_failure is not None:
+            return signer_failure
+        if crl.problem is not None:
+            return _Failure(2, "crl-invalid", f"{crl.describe()} is unusable: {crl.problem}")
+        if crl.this_update > self.at:
+            return _Failure(3, "crl-invalid", f"{crl.describe()} is not valid before "
+                            f"{crl.this_update:%Y-%m-%d %H:%M:%S}Z")
+        if crl.next_update is not None and self.at > crl.next_update:
+            return _Failure(3, "crl-stale", f"{crl.describe()} is stale: its nextUpdate was "
+                            f"{crl.next_update:%Y-%m-%d %H:%M:%S}Z")
+        return None
+
+    def check_signer(self, crl: _Crl, issuer: x509.Certificate,
+                     anchor: x509.Certificate) -> _Failure | None:
+        """RFC 5280 6.3.3(f)/(g): the CRL is signed by the certificate's issuer, or by another
+        certificate with the CRL issuer's name and cRLSign that validates to the same anchor
+        (a separate CRL-signing key of the same CA, or the signer of an indirect CRL)."""
+        candidates = [issuer] if issuer.subject == crl.issuer else []
+        candidates += [c for c in self.by_subject.get(crl.issuer, ()) if c != issuer]
+        failure: _Failure | None = None
+        for signer in candidates:
+            if not crl.verifies_with(signer):
+                continue
+            ku = _ext(signer, x509.KeyUsage)
+            if signer is issuer:
+                if ku is not None and not ku.crl_sign:  # type: ignore[attr-defined]
+                    failure = _Failure(2, "crl-invalid", f"{crl.describe()} is signed by "
+                                       f"{describe(signer)}, whose keyUsage lacks cRLSign")
+                    continue
+                return None
+            if ku is None or not ku.crl_sign:  # type: ignore[attr-defined]
+                failure = _Failure(2, "crl-invalid", f"{crl.describe()} is signed by "
+                                   f"{describe(signer)}, which has no keyUsage cRLSign")
+                continue
+            problem = self.signer_problem(signer, anchor)
+            if problem is None:
+                return None
+            failure = _Failure(2, "crl-invalid", f"{crl.describe()} is signed by "
+                               f"{describe(signer)}, which is not valid: {problem}")
+        return failure or _Failure(1, "bad-signature", f"{crl.describe()} is not signed by the "
+                                   "issuer's key nor by a CRL-signing certificate of it")
+
+    def signer_problem(self, signer: x509.Certificate, anchor: x509.Certificate) -> str | None:
+        """Validate a separate CRL signer (with revocation checking) to the same anchor."""
+        key = _der(signer)
+        if key in self.in_progress:
+            # Being validated further up the stack (e.g. the CRL that covers the signer is
+            # signed by the signer itself): its path is already verified and the outer frame
+            # decides its status; recursing again would never end.
+            return None
+        cache_key = (key, _der(anchor))
+        if cache_key not in self.signer_results:
+            try:
+                chain = self.validate(signer, purpose=None, check_revocation=True)
+            except ValidationError as e:
+                result: str | None = f"{e} [{e.code}]"
+            else:
+                result = None if chain[-1] == anchor else "it chains to another trust anchor"
+            self.signer_results[cache_key] = result
+        return self.signer_results[cache_key]
+
+
+def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags:
+    """The entry's reasonCode; absent (or unreadable, failing closed) is unspecified."""
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except (x509.ExtensionNotFound, ValueError):
+        return x509.ReasonFlags.unspecified
+
+
+def _delegated_crl_issuers(cert: x509.Certificate) -> list[x509.Name]:
+    dps = _ext(cert, x509.CRLDistributionPoints)
+    names: list[x509.Name] = []
+    for dp in dps or ():  # type: ignore[attr-defined]
+        for gn in dp.crl_issuer or ():
+            if isinstance(gn, x509.DirectoryName):
+                names.append(gn.value)
+    return names
+
+
+def _relative(base: x509.Name, rdn: x509.RelativeDistinguishedName) -> x509.GeneralName:
+    return x509.DirectoryName(x509.Name([*base.rdns, rdn]))
+
+
+def _idp_names(crl: _Crl) -> set[x509.GeneralName]:
+    idp = crl.idp
+    if idp is None:
+        return set()
+    if idp.full_name:
+        return set(idp.full_name)
+    if idp.relative_name:
+        return {_relative(crl.issuer, idp.relative_name)}
+    return set()
+
+
+def _dp_names(cert: x509.Certificate) -> set[x509.GeneralName]:
+    """Distribution point names of the certificate's cRLDistributionPoints."""
+    dps = _ext(cert, x509.CRLDistributionPoints)
+    names: set[x509.GeneralName] = set()
+    for dp in dps or ():  # type: ignore[attr-defined]
+        if dp.full_name:
+            names.update(dp.full_name)
+        elif dp.relative_name:
+            bases = [gn.value for gn in dp.crl_issuer or () if isinstance(gn, x509.DirectoryName)]
+            names.update(_relative(b, dp.relative_name) for b in bases or [cert.issuer])
+    return names

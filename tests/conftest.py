@@ -1,0 +1,160 @@
+"""Shared fixtures: real SoftHSM tokens made by softhsm-setup.sh, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tokens made once per session; tests name their keys uniquely, so they never collide.
+TOKEN_LABELS = ("ca", "officer1", "officer2", "node", "person", "other")
+
+
+@dataclass
+class Tokens:
+    dir: Path
+    conf: str
+
+    def pin(self, label: str) -> str:
+        return str(self.dir / f"{label}.pin")
+
+
+@pytest.fixture(scope="session")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Tokens:
+    """SoftHSM tokens through the project's own setup script (the real path, not a mock)."""
+    d = tmp_path_factory.mktemp("softhsm")
+    out = subprocess.run(["bash", str(ROOT / "softhsm-setup.sh"), str(d), *TOKEN_LABELS],
+                         capture_output=True, text=True, check=True).stdout
+    conf = re.search(r"export SOFTHSM2_CONF=(\S+)", out).group(1)  # type: ignore[union-attr]
+    # In-process PKCS#11 reads SOFTHSM2_CONF when the module is first loaded: set it now.
+    os.environ["SOFTHSM2_CONF"] = conf
+    return Tokens(d, conf)
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+class Cli:
+    """Runs `exchanged` as a user would: a separate process, PINs from files."""
+
+    def __init__(self, tokens: Tokens, cwd: Path) -> None:
+        self.tokens = tokens
+        self.cwd = cwd
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGED_")}
+        self.env["SOFTHSM2_CONF"] = tokens.conf
+
+    def __call__(self, *args: str, ok: bool | None = True) -> Result:
+        p = subprocess.run([sys.executable, "-m", "exchanged", *args], cwd=self.cwd,
+                           env=self.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        r = Result(p.returncode, p.stdout, p.stderr)
+        if ok is True and p.returncode != 0:
+            raise AssertionError(f"exchanged {' '.join(args)} failed: {p.stderr}")
+        if ok is False and p.returncode == 0:
+            raise AssertionError(f"exchanged {' '.join(args)} should have failed: {p.stdout}")
+        return r
+
+
+@pytest.fixture
+def cli(tokens: Tokens, tmp_path: Path) -> Cli:
+    return Cli(tokens, tmp_path)
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@dataclass
+class CaSetup:
+    """A CA with two officers, made through the CLI with fresh key labels on shared tokens."""
+
+    cli: Cli
+    dir: str
+    tag: str
+
+    def op(self, n: int) -> list[str]:
+        return ["--operator", f"pkcs11:token=officer{n};object=off-{self.tag}",
+                "--operator-pin-file", self.cli.tokens.pin(f"officer{n}")]
+
+    @property
+    def ca_pin(self) -> list[str]:
+        return ["--ca-pin-file", self.cli.tokens.pin("ca")]
+
+    def key(self, token: str, kind: str = "ec") -> str:
+        label = f"{token}-{uid()}"
+        self.cli("token", "keygen", f"pkcs11:token={token};object={label}", "--type", kind,
+                 "--pin-file", self.cli.tokens.pin(token))
+        return f"pkcs11:token={token};object={label}"
+
+    def csr(self, key_uri: str, token: str, profile: str = "node", name: str = "node-x",
+            unit: str = "Finance Bureau", out: str | None = None) -> str:
+        out = out or f"{uid()}.csr"
+        extra = ["--division", "Archives"] if profile == "person" else ["--ip", "127.0.0.1"]
+        self.cli("csr", key_uri, "--profile", profile, "--name", name, "--unit", unit, *extra,
+                 "--pin-file", self.cli.tokens.pin(token), "-o", out)
+        return out
+
+    def submit(self, csr: str, profile: str = "node", name: str = "node-x",
+               unit: str = "Finance Bureau") -> int:
+        extra = ["--division", "Archives"] if profile == "person" else []
+        r = self.cli("ca", "request", "submit", "--dir", self.dir, "--csr", csr, "--profile",
+                     profile, "--name", name, "--unit", unit, *extra, "--json")
+        import json
+        return int(json.loads(r.out)["id"])
+
+    def issue_node(self, name: str = "node-x") -> tuple[str, str]:
+        """A node certificate, approved by officer 1: (PEM path, serial hex)."""
+        key = self.key("node")
+        rid = self.submit(self.csr(key, "node", name=name), name=name)
+        self.cli("ca", "request", "approve", "--dir", self.dir, str(rid), *self.op(1))
+        out = f"{name}-{uid()}.pem"
+        self.cli("ca", "issue", "--dir", self.dir, str(rid), *self.op(1), *self.ca_pin,
+                 "-o", out)
+        serial = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", out],
+                                cwd=self.cli.cwd, capture_output=True, text=True,
+                                check=True).stdout.split("=")[1].strip().lower().lstrip("0")
+        return out, serial
+
+    def db_dump(self) -> str:
+        conn = sqlite3.connect(str(self.cli.cwd / self.dir / "ca.db"))
+        try:
+            return "\n".join(conn.iterdump())
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def ca(cli: Cli) -> CaSetup:
+    tag = uid()
+    s = CaSetup(cli, "ca", tag)
+    cli("ca", "init", "--dir", "ca", "--key", f"pkcs11:token=ca;object=ca-{tag}",
+        "--name", f"Test CA {tag}", "--officer", f"pkcs11:token=officer1;object=off-{tag}",
+        "--officer-name", "Wang Fang", "--officer-unit", "General Office",
+        "--officer-division", "Security", "--ca-pin-file", cli.tokens.pin("ca"),
+        "--operator-pin-file", cli.tokens.pin("officer1"))
+    # Officer 2: a person certificate on their own token, appointed by officer 1.
+    cli("token", "keygen", f"pkcs11:token=officer2;object=off-{tag}", "--pin-file",
+        cli.tokens.pin("officer2"))
+    csr = s.csr(f"pkcs11:token=officer2;object=off-{tag}", "officer2", profile="person",
+                name="Li Wei", unit="General Office")
+    rid = s.submit(csr, profile="person", name="Li Wei", unit="General Office")
+    cli("ca", "request", "approve", "--dir", "ca", str(rid), *s.op(1))
+    cli("ca", "issue", "--dir", "ca", str(rid), *s.op(1), *s.ca_pin, "-o", "li.pem")
+    cli("token", "import-cert", "pkcs11:token=officer2", "li.pem", "--pin-file",
+        cli.tokens.pin("officer2"))
+    serial = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", "li.pem"],
+                            cwd=cli.cwd, capture_output=True, text=True,
+                            check=True).stdout.split("=")[1].strip()
+    cli("ca", "officer", "add", "--dir", "ca", serial, *s.op(1))
+    return s
