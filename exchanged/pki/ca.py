@@ -54,7 +54,8 @@ def _iso(t: dt.datetime) -> str:
 
 
 def _parse_iso(s: str) -> dt.datetime:
-    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    # fromisoformat (C, accepts "Z" since 3.11) is ~30x faster than strptime: 100k CRL entries.
+    return dt.datetime.fromisoformat(s)
 
 
 def serial_hex(serial: int) -> str:
@@ -514,12 +515,8 @@ class CA:
     def crl_entries(self) -> Iterator[crlmod.Entry]:
         cur = self.db.execute("SELECT serial, revoked_at, reason FROM certificates "
                               "WHERE status IN ('held', 'revoked')")
-        parsed: dict[str, dt.datetime] = {}
         for serial, at, reason in cur:
-            when = parsed.get(at)
-            if when is None:
-                when = parsed[at] = _parse_iso(at)
-            yield crlmod.Entry(int(serial, 16), when, reason)
+            yield crlmod.Entry(int(serial, 16), _parse_iso(at), reason)
 
     def make_crl(self, ca_key: TokenKey, hours: int | None = None) -> tuple[int, Path]:
         """Sign a new CRL with the next number; write it to crl/N.crl and ca.crl (DER)."""
