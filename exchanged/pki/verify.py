@@ -247,9 +247,13 @@ class _Crl:
         crl = self.crl
         region = _revoked_region(crl.tbs_certlist_bytes)
         if _DER_CRITICAL_TRUE not in region and _DER_CERTIFICATE_ISSUER_OID not in region:
+            self.direct = {entry.serial_number: entry for entry in crl}
+            if len(self.direct) == len(crl):
+                return
+            # A serial listed twice (a broken CA): let a revocation win over removeFromCRL.
             self.direct = {}
             for entry in crl:
-                self.direct.setdefault(entry.serial_number, entry)
+                self._put(None, entry)
             return
         # Full scan: entry extensions, certificateIssuer carried over to following entries
         # (RFC 5280 5.3.3).
@@ -274,10 +278,15 @@ class _Crl:
                     current = names[0] if names else x509.Name([])
                     if current == self.issuer:
                         current = None
-            if current is None:
-                self.direct.setdefault(entry.serial_number, entry)
-            else:
-                self.indirect.setdefault((current, entry.serial_number), entry)
+            self._put(current, entry)
+
+    def _put(self, issuer: x509.Name | None, entry: x509.RevokedCertificate) -> None:
+        """Index an entry; of two for the same certificate, keep the one that revokes."""
+        table: dict = self.direct if issuer is None else self.indirect
+        key = entry.serial_number if issuer is None else (issuer, entry.serial_number)
+        old = table.get(key)
+        if old is None or _reason(old) is x509.ReasonFlags.remove_from_crl:
+            table[key] = entry
 
     def lookup(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
         if cert.issuer == self.issuer:
