@@ -26,9 +26,12 @@ from exchanged.pki import ca as camod
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
 from exchanged.pki.crl import REASONS
+from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey, list_tokens
 from exchanged.pki.uri import Pkcs11Uri, parse
+from exchanged.roles import ADMIN, AUDITOR, OFFICER, ROLES
+from exchanged.store import evidence
 
 Handler = Callable[[argparse.Namespace, ExitStack], int]
 
@@ -65,11 +68,10 @@ def _open(stack: ExitStack, uri: Pkcs11Uri, args: argparse.Namespace, role: str,
     return token
 
 
-def _operator(stack: ExitStack, args: argparse.Namespace,
-              attr: str = "operator") -> camod.Operator:
+def _operator(stack: ExitStack, args: argparse.Namespace, attr: str = "operator") -> Operator:
     uri = _uri(getattr(args, attr))
     token = _open(stack, uri, args, "operator")
-    return camod.Operator.from_token(token.key_from_uri(uri))
+    return Operator.from_token(token.key_from_uri(uri))
 
 
 def _ca(stack: ExitStack, args: argparse.Namespace) -> camod.CA:
@@ -199,27 +201,31 @@ def cmd_csr(args: argparse.Namespace, stack: ExitStack) -> int:
 # -- ca --------------------------------------------------------------------------------------
 
 def cmd_ca_init(args: argparse.Namespace, stack: ExitStack) -> int:
-    ca_uri, off_uri = _uri(args.key), _uri(args.officer)
+    ca_uri = _uri(args.key)
     ca_token = _open(stack, ca_uri, args, "ca")
-    off_token = _open(stack, off_uri, args, "operator")
     ca_key = _key_or_new(ca_token, ca_uri, args.key_type, "ca")
-    off_key = _key_or_new(off_token, off_uri, "ec", "officer")
+    people: dict[str, tuple[TokenKey, profiles.Form]] = {}
+    for role, prefix in ((ADMIN, "admin"), (OFFICER, "officer"), (AUDITOR, "auditor")):
+        uri = _uri(getattr(args, prefix))
+        pin = PinSource(role=role, env=f"EXCHANGED_{prefix.upper()}_PIN",
+                        file=getattr(args, f"{prefix}_pin_file"))
+        token = Token.open(uri, pin, module=args.module)
+        stack.callback(token.close)
+        people[role] = (_key_or_new(token, uri, "ec", prefix), profiles.Form(
+            name=getattr(args, f"{prefix}_name"), unit=args.unit,
+            division=getattr(args, f"{prefix}_division"), reason=f"first {role}"))
     name_attrs = [x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, args.org)] \
         if args.org else []
     name = x509.Name(name_attrs + [x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, args.name)])
-    form = profiles.Form(name=args.officer_name, unit=args.officer_unit,
-                         division=args.officer_division, post=args.officer_post or "",
-                         reason="first security officer")
-    ca = camod.CA.init(args.dir, ca_key=ca_key, name=name, officer_key=off_key,
-                       officer_form=form, days=args.days, crl_url=args.crl_url,
-                       crl_hours=args.crl_hours, cert_days=args.cert_days,
-                       module=args.module)
+    ca = camod.CA.init(args.dir, ca_key=ca_key, name=name, people=people, days=args.days,
+                       crl_url=args.crl_url, crl_hours=args.crl_hours,
+                       cert_days=args.cert_days, module=args.module)
     stack.callback(ca.close)
-    officer = ca.certificates()[0]
     print(f"CA {ca.cert.subject.rfc4514_string()} created in {args.dir}")
     print(f"  CA key      {ca_key.uri}")
-    print(f"  officer     {officer['subject']} serial {officer['serial']} (certificate stored "
-          f"on token {off_token.label!r})")
+    for r in ca.roles.list():
+        print(f"  {r['role']:17} {r['person']} serial {r['holder_serial']} (certificate on "
+              "their token)")
     print(f"  first CRL   {Path(args.dir) / camod.LATEST_CRL}")
     return 0
 
@@ -334,12 +340,156 @@ def cmd_ca_show(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
-def cmd_officer_add(args: argparse.Namespace, stack: ExitStack) -> int:
+# -- roles -----------------------------------------------------------------------------------
+
+def cmd_role_list(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    _emit(args, ca.roles.list(args.status), lambda r: _table(
+        r, ["id", "role", "division", "status", "suspended", "person", "granted_by",
+            "reviewed_by"]))
+    return 0
+
+
+def cmd_role_grant(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
     op = _operator(stack, args)
-    ca.add_officer(args.serial, op)
-    print(f"certificate {camod.parse_serial(args.serial)} appointed security officer by "
+    _, cert = ca.person_for(args.serial)
+    with camod.Transaction(ca.db):
+        rid = ca.roles.grant(op, cert, args.role, args.division or "")
+    _emit(args, {"id": rid, "status": "pending"}, lambda d: f"role grant {d['id']} "
+          f"({args.role}) is pending an auditor's review")
+    return 0
+
+
+def cmd_role_review(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    with camod.Transaction(ca.db):
+        ca.roles.review(op, args.id, args.approve, args.reason or "")
+    print(f"role grant {args.id} {'approved' if args.approve else 'refused'} by {op.name}")
+    return 0
+
+
+def cmd_role_revoke(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    with camod.Transaction(ca.db):
+        ca.roles.revoke(op, args.id, args.reason)
+    print(f"role {args.id} revoked by {op.name}")
+    return 0
+
+
+def cmd_role_suspend(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    op = _operator(stack, args)
+    person, _ = ca.person_for(args.serial)
+    with camod.Transaction(ca.db):
+        if args.action == "suspend":
+            ca.roles.suspend(op, person, args.reason)
+        else:
+            ca.roles.resume(op, person, args.reason)
+    print(f"{person}: rights {'suspended' if args.action == 'suspend' else 'restored'} by "
           f"{op.name}")
+    return 0
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+def _auditor(stack: ExitStack, args: argparse.Namespace, ca: camod.CA, what: str) -> Operator:
+    op = _operator(stack, args)
+    role = ca.roles.require(op, AUDITOR)
+    with camod.Transaction(ca.db):
+        from exchanged.roles import act
+        act(ca.audit, op, role, what, "", {"query": _audit_query(args)})
+    return op
+
+
+def _audit_query(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in ("actor", "action", "object", "since", "until")
+            if getattr(args, k, None)}
+
+
+def _audit_rows(ca: camod.CA, args: argparse.Namespace) -> list[dict[str, Any]]:
+    where, params = [], []
+    for column, value in (("actor", args.actor), ("action", args.action),
+                          ("object", args.object)):
+        if value:  # a serial matches however it is written (openssl prints upper case)
+            where.append(f"{column} IN (?, ?)")
+            params += [value, _maybe_serial(value)]
+    if args.since:
+        where.append("at >= ?")
+        params.append(_parse_time(args.since).strftime("%Y-%m-%dT%H:%M:%S"))
+    if args.until:
+        where.append("at <= ?")
+        params.append(_parse_time(args.until).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    clause = ("WHERE " + " AND ".join(where)) if where else ""
+    return list(ca.audit.rows(clause, params, limit=args.limit))
+
+
+def _maybe_serial(text: str) -> str:
+    try:
+        return camod.parse_serial(text)
+    except ExchangedError:
+        return text
+
+
+def cmd_audit_show(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    _auditor(stack, args, ca, "audit-show")
+    found = _audit_rows(ca, args)
+    for r in found:
+        r["signed"] = r.pop("signature") is not None
+    _emit(args, found, lambda r: _table(r, ["seq", "at", "action", "object", "outcome", "role",
+                                            "actor_subject", "signed"]))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
+    trusted = _load_certs(args.ca, "CA certificate")[0] if args.ca else None
+    if args.bundle:
+        report = evidence.verify(Path(args.bundle), trusted)
+        where = args.bundle
+    else:
+        ca = _ca(stack, args)
+        _auditor(stack, args, ca, "audit-verify")
+        report = ca.audit.verify(trusted or ca.cert)
+        where = str(ca.dir / camod.DB)
+    data = {"ok": report.ok, "entries": report.entries, "checkpoints": report.checkpoints,
+            "last_checkpoint": report.last_checkpoint,
+            "findings": [str(f) for f in report.findings]}
+    _emit(args, data, lambda d: "\n".join(
+        [f"{where}: {d['entries']} entries, {d['checkpoints']} checkpoints, last signed "
+         f"checkpoint at entry {d['last_checkpoint']}"] + [f"  {f}" for f in d["findings"]]
+        + ([f"{where}: OK"] if d["ok"] else [])))
+    if not report.ok:
+        raise ExchangedError(f"{where}: the audit log was tampered with: "
+                             f"{report.findings[0]}", code="tampered")
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    _auditor(stack, args, ca, "audit-export")
+    matter = _audit_rows(ca, args)
+    certs = {}
+    for r in matter:
+        if r["actor"] and r["actor"] not in certs:
+            try:
+                certs[r["actor"]] = ca.certificate(r["actor"])
+            except ExchangedError:
+                pass
+    manifest = evidence.export(ca.audit, matter, Path(args.out), signer=ca.cert, certs=certs,
+                               crls=[ca.dir / camod.LATEST_CRL], query=_audit_query(args))
+    print(f"evidence bundle {args.out}: {len(manifest['matter'])} entries of the matter, up "
+          f"to checkpoint {manifest['checkpoint']}; check it with `exchanged audit verify "
+          f"{args.out}`")
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace, stack: ExitStack) -> int:
+    ca = _ca(stack, args)
+    seq = ca.checkpoint(_ca_key(stack, args, ca))
+    print(f"checkpoint signed at entry {seq}")
     return 0
 
 
@@ -444,13 +594,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crl-url", help="CRL distribution point put into issued certificates")
     p.add_argument("--crl-hours", type=int, default=168, help="CRL validity (nextUpdate)")
     p.add_argument("--cert-days", type=int, default=730, help="issued certificates' validity")
-    p.add_argument("--officer", required=True,
-                   help="pkcs11: URI of the first officer's key on their own token")
-    p.add_argument("--officer-name", required=True)
-    p.add_argument("--officer-unit", required=True)
-    p.add_argument("--officer-division", required=True)
-    p.add_argument("--officer-post")
-    module(p); _add_pin(p, "ca"); _add_pin(p, "operator")  # noqa: E702
+    p.add_argument("--unit", required=True, help="the unit the first three people belong to")
+    for prefix, role in (("admin", "administrator"), ("officer", "security officer"),
+                         ("auditor", "auditor")):
+        p.add_argument(f"--{prefix}", required=True,
+                       help=f"pkcs11: URI of the first {role}'s key on their own token "
+                            "(made if absent)")
+        p.add_argument(f"--{prefix}-name", required=True, help=f"the {role}'s name")
+        p.add_argument(f"--{prefix}-division", required=True)
+        p.add_argument(f"--{prefix}-pin-file", metavar="FILE",
+                       help=f"the {role}'s PIN file (else $EXCHANGED_{prefix.upper()}_PIN)")
+    module(p); _add_pin(p, "ca")  # noqa: E702
 
     req = csub.add_parser("request", help="issuance requests: submit, list, show, approve, "
                                           "reject")
@@ -523,14 +677,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(csub, "show", cmd_ca_show, "print an issued certificate (PEM)")
     ca_dir(p); p.add_argument("serial"); p.add_argument("--out", "-o")  # noqa: E702
 
-    off = csub.add_parser("officer", help="security officers")
-    osub = off.add_subparsers(dest="subsub", required=True, metavar="SUBCOMMAND")
-    p = cmd(osub, "add", cmd_officer_add, "appoint the holder of a person certificate as a "
-            "security officer")
+    # role
+    role = sub.add_parser("role", help="roles: grant, review, revoke, suspend, resume, list")
+    rosub = role.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(rosub, "list", cmd_role_list, "who holds which role")
     ca_dir(p)
-    p.add_argument("serial")
-    p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
+    p.add_argument("--status", choices=("pending", "active", "rejected", "revoked"))
+    json_opt(p)
+    p = cmd(rosub, "grant", cmd_role_grant, "an administrator proposes a role for the holder "
+            "of a certificate; it takes effect when an auditor approves it")
+    ca_dir(p)
+    p.add_argument("serial", help="serial of the person's certificate")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--division", help="for receiver and deputy-receiver")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (administrator) key")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(rosub, "review", cmd_role_review, "an auditor approves or refuses a pending grant")
+    ca_dir(p)
+    p.add_argument("id", type=int)
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--approve", action="store_true")
+    verdict.add_argument("--refuse", dest="approve", action="store_false")
+    p.add_argument("--reason")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
     _add_pin(p, "operator")
+    p = cmd(rosub, "revoke", cmd_role_revoke, "an administrator takes a role away, at once")
+    ca_dir(p)
+    p.add_argument("id", type=int)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (administrator) key")
+    _add_pin(p, "operator")
+    for action, helptext in (("suspend", "suspend every right of a person at once (A39)"),
+                             ("resume", "an auditor lifts a suspension")):
+        p = cmd(rosub, action, cmd_role_suspend, helptext)
+        p.set_defaults(action=action)
+        ca_dir(p)
+        p.add_argument("serial", help="serial of one of the person's certificates")
+        p.add_argument("--reason", required=True)
+        p.add_argument("--operator", required=True, help="pkcs11: URI of your key")
+        _add_pin(p, "operator")
+
+    # audit
+    audit = sub.add_parser("audit", help="the audit log: show, verify, export, checkpoint")
+    asub = audit.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+
+    def audit_filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--actor", help="certificate serial of the actor")
+        p.add_argument("--action", help="e.g. certificate-revoke, role-grant")
+        p.add_argument("--object", help="e.g. a serial, a request id")
+        p.add_argument("--since", help="ISO 8601 time")
+        p.add_argument("--until", help="ISO 8601 time")
+        p.add_argument("--limit", type=int)
+
+    p = cmd(asub, "show", cmd_audit_show, "audit entries (auditors only)")
+    ca_dir(p); audit_filters(p)  # noqa: E702
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(asub, "verify", cmd_audit_verify, "check the audit chain (auditors only), or an "
+            "evidence bundle offline")
+    p.add_argument("bundle", nargs="?", help="an evidence bundle directory (offline check)")
+    ca_dir(p)
+    p.add_argument("--ca", help="your own copy of the certificate that signs checkpoints")
+    p.add_argument("--operator", help="pkcs11: URI of your (auditor) key; for the live log")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(asub, "export", cmd_audit_export, "write an evidence bundle for one matter "
+            "(auditors only)")
+    ca_dir(p); audit_filters(p)  # noqa: E702
+    p.add_argument("--out", "-o", required=True, help="new directory for the bundle")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
+    _add_pin(p, "operator")
+    p = cmd(asub, "checkpoint", cmd_audit_checkpoint, "sign the head of the audit log on the "
+            "CA token")
+    ca_dir(p); _add_pin(p, "ca")  # noqa: E702
 
     # cert
     cert = sub.add_parser("cert", help="certificates: verify")
@@ -549,6 +767,30 @@ def build_parser() -> argparse.ArgumentParser:
     return top
 
 
+def _audit_refusal(args: argparse.Namespace, error: ExchangedError) -> None:
+    """A refused CA, role or audit command (wrong PIN, forbidden act, bad input) is itself an
+    audit entry, so failed logins and attempts are on record."""
+    directory = getattr(args, "dir", None)
+    if args.command not in ("ca", "role", "audit") or directory is None or \
+            not (Path(directory) / camod.DB).exists() or error.code in ("no-ca", "corrupt-db"):
+        return
+    words = [args.command, getattr(args, "sub", None), getattr(args, "subsub", None)]
+    action = "-".join(w for w in words if w) + ("-login-failed" if error.code in
+                                                 ("wrong-pin", "pin-locked") else "")
+    obj = _maybe_serial(str(next((getattr(args, k) for k in ("serial", "id")
+                                  if getattr(args, k, None) is not None), "")))
+    who = getattr(args, "operator", None) or getattr(args, "applicant", None)
+    try:
+        ca = camod.CA(directory)
+        try:
+            ca.record_refusal(action, error, obj=obj,
+                              actor=str(parse(who).public()) if who else None)
+        finally:
+            ca.close()
+    except Exception:  # auditing a refusal must never hide the refusal itself
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -556,6 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ExitStack() as stack:
             return int(args.handler(args, stack))
     except ExchangedError as e:
+        _audit_refusal(args, e)
         print(f"exchanged: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

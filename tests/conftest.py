@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tokens made once per session; tests name their keys uniquely, so they never collide.
-TOKEN_LABELS = ("ca", "officer1", "officer2", "node", "person", "other")
+TOKEN_LABELS = ("ca", "admin", "officer1", "officer2", "auditor", "node", "person", "other")
 
 
 @dataclass
@@ -84,8 +84,27 @@ class CaSetup:
     tag: str
 
     def op(self, n: int) -> list[str]:
-        return ["--operator", f"pkcs11:token=officer{n};object=off-{self.tag}",
-                "--operator-pin-file", self.cli.tokens.pin(f"officer{n}")]
+        """Security officer n (1: from the ceremony, 2: appointed afterwards)."""
+        return self.as_(f"officer{n}")
+
+    def as_(self, token: str) -> list[str]:
+        """Act as the person whose key (labelled off-TAG) is on `token`."""
+        return ["--operator", f"pkcs11:token={token};object=off-{self.tag}",
+                "--operator-pin-file", self.cli.tokens.pin(token)]
+
+    @property
+    def admin(self) -> list[str]:
+        return self.as_("admin")
+
+    @property
+    def auditor(self) -> list[str]:
+        return self.as_("auditor")
+
+    def serial_of(self, name: str) -> str:
+        import json
+        return next(c["serial"] for c in json.loads(self.cli("ca", "list", "--dir", self.dir,
+                                                             "--json").out)
+                    if f"CN={name}," in c["subject"])
 
     @property
     def ca_pin(self) -> list[str]:
@@ -127,23 +146,40 @@ class CaSetup:
         return out, serial
 
     def db_dump(self) -> str:
+        """The CA's state: every row of every table but the audit log's."""
         conn = sqlite3.connect(str(self.cli.cwd / self.dir / "ca.db"))
         try:
-            return "\n".join(conn.iterdump())
+            return "\n".join(line for line in conn.iterdump()
+                             if not line.startswith(('INSERT INTO "audit"',
+                                                     'INSERT INTO "audit_head"')))
+        finally:
+            conn.close()
+
+    def audit(self, where: str = "", params: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
+        conn = sqlite3.connect(str(self.cli.cwd / self.dir / "ca.db"))
+        try:
+            return conn.execute(f"SELECT seq, action, object, outcome, actor, details FROM audit "
+                                f"{where} ORDER BY seq", params).fetchall()
         finally:
             conn.close()
 
 
 @pytest.fixture
 def ca(cli: Cli) -> CaSetup:
+    """A CA from the ceremony (administrator Zhang Wei, officer Wang Fang, auditor Chen Jing),
+    and a second officer, Li Wei, appointed by the administrator and approved by the auditor."""
     tag = uid()
     s = CaSetup(cli, "ca", tag)
+    people = []
+    for prefix, token, name, division in (("admin", "admin", "Zhang Wei", "IT"),
+                                          ("officer", "officer1", "Wang Fang", "Security"),
+                                          ("auditor", "auditor", "Chen Jing", "Audit")):
+        people += [f"--{prefix}", f"pkcs11:token={token};object=off-{tag}",
+                   f"--{prefix}-name", name, f"--{prefix}-division", division,
+                   f"--{prefix}-pin-file", cli.tokens.pin(token)]
     cli("ca", "init", "--dir", "ca", "--key", f"pkcs11:token=ca;object=ca-{tag}",
-        "--name", f"Test CA {tag}", "--officer", f"pkcs11:token=officer1;object=off-{tag}",
-        "--officer-name", "Wang Fang", "--officer-unit", "General Office",
-        "--officer-division", "Security", "--ca-pin-file", cli.tokens.pin("ca"),
-        "--operator-pin-file", cli.tokens.pin("officer1"))
-    # Officer 2: a person certificate on their own token, appointed by officer 1.
+        "--name", f"Test CA {tag}", "--unit", "General Office", *people,
+        "--ca-pin-file", cli.tokens.pin("ca"))
     cli("token", "keygen", f"pkcs11:token=officer2;object=off-{tag}", "--pin-file",
         cli.tokens.pin("officer2"))
     csr = s.csr(f"pkcs11:token=officer2;object=off-{tag}", "officer2", profile="person",
@@ -153,8 +189,8 @@ def ca(cli: Cli) -> CaSetup:
     cli("ca", "issue", "--dir", "ca", str(rid), *s.op(1), *s.ca_pin, "-o", "li.pem")
     cli("token", "import-cert", "pkcs11:token=officer2", "li.pem", "--pin-file",
         cli.tokens.pin("officer2"))
-    serial = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", "li.pem"],
-                            cwd=cli.cwd, capture_output=True, text=True,
-                            check=True).stdout.split("=")[1].strip()
-    cli("ca", "officer", "add", "--dir", "ca", serial, *s.op(1))
+    import json
+    grant = json.loads(cli("role", "grant", "--dir", "ca", s.serial_of("Li Wei"), "--role",
+                           "security-officer", *s.admin, "--json").out)["id"]
+    cli("role", "review", "--dir", "ca", str(grant), "--approve", *s.auditor)
     return s

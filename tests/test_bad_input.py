@@ -15,7 +15,10 @@ from conftest import CaSetup, Result
 
 
 def refused(ca: CaSetup, fn: Callable[[], Result], *words: str) -> Result:
+    """The command fails with one line naming the problem; the CA's state is unchanged; the
+    refusal itself is the one new entry of the audit log."""
     before = ca.db_dump()
+    audit_before = ca.audit()
     r = fn()
     assert r.rc != 0
     lines = r.err.strip().splitlines()
@@ -24,6 +27,9 @@ def refused(ca: CaSetup, fn: Callable[[], Result], *words: str) -> Result:
     for w in words:
         assert w in lines[0], lines[0]
     assert ca.db_dump() == before, "a refused operation changed the CA database"
+    new = ca.audit()[len(audit_before):]
+    if new:  # commands that never reach a CA (usage errors) leave nothing
+        assert len(new) == 1 and new[0][3] == "refused", new
     return r
 
 
@@ -177,8 +183,7 @@ def test_unknown_request_and_missing_ca(ca: CaSetup, tmp_path: Path) -> None:
 
 
 def test_held_officer_cannot_act(ca: CaSetup) -> None:
-    li = [r for r in ca.cli("ca", "list", "--dir", ca.dir, "--json").out.split('"serial": "')
-          if "Li Wei" in r][0].split('"')[0]
+    li = ca.serial_of("Li Wei")
     ca.cli("ca", "hold", "--dir", ca.dir, li, *ca.op(1))
     rid = ca.submit(ca.csr(ca.key("node"), "node"))
     refused(ca, lambda: ca.cli("ca", "request", "approve", "--dir", ca.dir, str(rid),

@@ -9,7 +9,9 @@ COMMANDS = [
     ["ca", "request", "submit"], ["ca", "request", "list"], ["ca", "request", "show"],
     ["ca", "request", "approve"], ["ca", "request", "reject"], ["ca", "issue"],
     ["ca", "reissue"], ["ca", "hold"], ["ca", "release"], ["ca", "revoke"], ["ca", "crl"],
-    ["ca", "list"], ["ca", "show"], ["ca", "officer", "add"], ["cert", "verify"],
+    ["ca", "list"], ["ca", "show"], ["cert", "verify"], ["role", "list"], ["role", "grant"],
+    ["role", "review"], ["role", "revoke"], ["role", "suspend"], ["role", "resume"],
+    ["audit", "show"], ["audit", "verify"], ["audit", "export"], ["audit", "checkpoint"],
 ]
 
 

@@ -92,19 +92,20 @@ def person(issuer: Party, cn: str = "alice", **kw) -> Party:
     return issue(cn, issuer, **kw)
 
 
-Entry = tuple  # (certificate or serial, reason or None[, extra entry extensions])
 
 
-def crl(issuer: Party | x509.Name, entries: Iterable[Entry] = (), *, number: int | None = 1,
-        this_update: dt.datetime = NOW - 3600 * SECOND,
-        next_update: dt.datetime | None = NOW + DAY,
+def crl(issuer: Party | x509.Name, entries: Iterable[tuple] = (), *, number: int | None = 1,
+        this_update: dt.datetime = NOW - 3600 * SECOND, next_update: dt.datetime = NOW + DAY,
         extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
         key: ec.EllipticCurvePrivateKey | None = None) -> x509.CertificateRevocationList:
-    """A CRL naming `issuer`, signed with its key (or `key`)."""
+    """A CRL naming `issuer`, signed with its key (or `key`).
+
+    entries: (Party or serial, reason or None[, [(entry extension, critical), ...]]).
+    """
     issuer_name = issuer if isinstance(issuer, x509.Name) else issuer.name
     signing_key = key or issuer.key  # type: ignore[union-attr]
-    b = x509.CertificateRevocationListBuilder().issuer_name(issuer_name).last_update(this_update)
-    b = b.next_update(next_update or this_update)  # replaced below when None
+    b = (x509.CertificateRevocationListBuilder().issuer_name(issuer_name)
+         .last_update(this_update).next_update(next_update))
     if number is not None:
         b = b.add_extension(x509.CRLNumber(number), False)
     for ext, critical in extensions:
@@ -217,6 +218,13 @@ def test_unknown_issuer(pki: Pki) -> None:
 def test_leaf_signed_by_another_key_is_bad_signature(pki: Pki) -> None:
     impostor = node(pki.ica, signing_key=ec.generate_private_key(ec.SECP256R1()))
     assert pki.code(impostor, check_revocation=False) == "bad-signature"
+
+
+def test_unparseable_extension_is_invalid(pki: Pki) -> None:
+    # A cRLDistributionPoints the path validator does not read, but revocation checking does.
+    broken = x509.UnrecognizedExtension(x509.oid.ExtensionOID.CRL_DISTRIBUTION_POINTS, b"\x05\x00")
+    leaf = node(pki.ica, extensions=[(broken, False)])
+    assert pki.code(leaf) == "invalid"
 
 
 def test_max_chain_depth(pki: Pki) -> None:
@@ -382,12 +390,41 @@ def test_unknown_critical_entry_extension(pki: Pki) -> None:
     assert pki.code(crls=crls) == "crl-invalid"  # the whole CRL is unusable, not just the entry
 
 
+def _tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | (n.bit_length() + 7) // 8]) + \
+        n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + body
+
+
+def _elements(der: bytes) -> list[bytes]:
+    """The encoded elements inside a DER SEQUENCE."""
+    out, pos = [], 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)
+    while pos < len(der):
+        n, head = der[pos + 1], 2
+        if n & 0x80:
+            head += n & 0x7F
+            n = int.from_bytes(der[pos + 2:pos + head], "big")
+        out.append(der[pos:pos + head + n])
+        pos += head + n
+    return out
+
+
+def without_next_update(signed: x509.CertificateRevocationList,
+                        key: ec.EllipticCurvePrivateKey) -> x509.CertificateRevocationList:
+    """The same CRL minus nextUpdate, re-signed (cryptography's builder insists on one)."""
+    tbs, alg, _ = _elements(signed.public_bytes(serialization.Encoding.DER))
+    fields = _elements(tbs)  # version, signature, issuer, thisUpdate, nextUpdate, ...
+    tbs = _tlv(0x30, b"".join(fields[:4] + fields[5:]))
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return x509.load_der_x509_crl(_tlv(0x30, tbs + alg + _tlv(0x03, b"\x00" + signature)))
+
+
 def test_crl_without_number_or_next_update(pki: Pki) -> None:
     assert pki.code(crls=[crl(pki.root), crl(pki.ica, number=None)]) == "crl-invalid"
-    no_next = x509.CertificateRevocationListBuilder().issuer_name(pki.ica.name).last_update(
-        NOW - DAY).add_extension(x509.CRLNumber(3), False)
-    with pytest.raises(ValueError):  # cryptography's builder insists on nextUpdate...
-        no_next.sign(pki.ica.key, hashes.SHA256())
+    no_next = without_next_update(crl(pki.ica), pki.ica.key)
+    assert no_next.next_update_utc is None and no_next.is_signature_valid(pki.ica.key.public_key())
+    assert pki.code(crls=[crl(pki.root), no_next]) == "crl-invalid"
 
 
 def test_separate_crl_signing_key_of_the_same_ca(pki: Pki) -> None:
@@ -398,8 +435,22 @@ def test_separate_crl_signing_key_of_the_same_ca(pki: Pki) -> None:
     assert pki.check(crls=crls, untrusted=untrusted)
     revoking = [crl(pki.root), crl(pki.ica.name, [(pki.leaf, R.key_compromise)], key=signer.key)]
     assert pki.code(crls=revoking, untrusted=untrusted) == "revoked"
-    # Not usable when the signer certificate is not supplied...
+    # Not usable when the signer certificate is not supplied.
     assert pki.code(crls=crls) == "bad-signature"
+
+
+def test_crl_signer_found_by_key_identifier_among_impostors(pki: Pki) -> None:
+    # A peer may send many certificates claiming the CA's name; the CRL's authorityKeyIdentifier
+    # picks the real signer without trying them all (and they are tried at most 8 at a time).
+    signer = issue(pki.ica.name, pki.ica, ku=key_usage(crl_sign=True))
+    junk = [issue(pki.ica.name, pki.ica, ku=key_usage(crl_sign=True)).cert for _ in range(12)]
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.key.public_key())
+    with_aki = crl(pki.ica.name, [(pki.leaf, R.key_compromise)], key=signer.key,
+                   extensions=[(aki, False)])
+    untrusted = [pki.ica.cert, *junk, signer.cert]
+    assert pki.code(crls=[crl(pki.root), with_aki], untrusted=untrusted) == "revoked"
+    without_aki = crl(pki.ica.name, [(pki.leaf, R.key_compromise)], key=signer.key)
+    assert pki.code(crls=[crl(pki.root), without_aki], untrusted=untrusted) == "bad-signature"
 
 
 def test_crl_signer_without_crl_sign_is_refused(pki: Pki) -> None:

@@ -54,6 +54,10 @@ class Walk:
             sys.exit(f"walkthrough: expected {expect!r} in the output of: {printable}")
         return out
 
+    def id_of(self, out: str) -> str:
+        """The number a submit or grant printed ("request 4 submitted", "role grant 4 ...")."""
+        return re.search(r"(?:request|grant) (\d+)", out).group(1)  # type: ignore[union-attr]
+
     def x(self, *args: str, expect: str | None = None) -> str:
         """Run `exchanged ARGS`; when `expect` is given it must fail with that text."""
         return self.run(EXCHANGED + list(args), expect_ok=expect is None, expect=expect)
@@ -84,38 +88,51 @@ def main() -> int:
     w = Walk(work)
     print(f"Working in {work}")
 
-    w.say("SoftHSM tokens stand in for smart cards: the CA's, two officers', a node's")
+    w.say("SoftHSM tokens stand in for smart cards: the CA's, each person's, a node's")
     out = w.run(["bash", str(ROOT / "softhsm-setup.sh"), str(w.tokens),
-                 "ca", "officer1", "officer2", "node-a"])
+                 "ca", "admin", "officer1", "officer2", "auditor", "node-a"])
     w.env["SOFTHSM2_CONF"] = re.search(r"export SOFTHSM2_CONF=(\S+)", out).group(1)  # type: ignore[union-attr]
 
-    w.say("CA ceremony: the CA key is made on the CA token, the first officer's on theirs")
+    w.say("CA ceremony: the CA key on the CA token; the administrator, the security officer and "
+          "the auditor (three people, A5) each get a key and certificate on their own token")
     w.x("ca", "init", "--dir", "ca", "--key", "pkcs11:token=ca;object=ca",
-        "--name", "Demo Province Root CA", "--org", "Demo Province",
+        "--name", "Demo Province Root CA", "--org", "Demo Province", "--unit", "General Office",
+        "--admin", "pkcs11:token=admin;object=me", "--admin-name", "Zhang Wei",
+        "--admin-division", "Information Technology", "--admin-pin-file", w.pin("admin"),
         "--officer", "pkcs11:token=officer1;object=officer", "--officer-name", "Wang Fang",
-        "--officer-unit", "General Office", "--officer-division", "Security",
-        "--officer-post", "Security Officer", "--crl-url", "http://127.0.0.1:8080/ca.crl",
-        "--ca-pin-file", w.pin("ca"), "--operator-pin-file", w.pin("officer1"))
+        "--officer-division", "Security", "--officer-pin-file", w.pin("officer1"),
+        "--auditor", "pkcs11:token=auditor;object=me", "--auditor-name", "Chen Jing",
+        "--auditor-division", "Audit", "--auditor-pin-file", w.pin("auditor"),
+        "--crl-url", "http://127.0.0.1:8080/ca.crl", "--ca-pin-file", w.pin("ca"))
     w.x("token", "list", "pkcs11:token=ca", "--pin-file", w.pin("ca"))
 
-    w.say("A second security officer applies, is approved by the first and appointed")
+    w.say("A second security officer: certificate from the first, role granted by the "
+          "administrator, in force once the auditor approves (A7)")
     w.x("token", "keygen", "pkcs11:token=officer2;object=officer", "--pin-file",
         w.pin("officer2"))
     w.x("csr", "pkcs11:token=officer2;object=officer", "--profile", "person",
         "--name", "Li Wei", "--unit", "General Office", "--division", "Security",
         "--post", "Security Officer", "--pin-file", w.pin("officer2"), "-o", "li.csr")
     w.run(["openssl", "req", "-verify", "-noout", "-in", "li.csr"])
-    w.x("ca", "request", "submit", "--dir", "ca", "--csr", "li.csr", "--profile", "person",
+    li_req = w.id_of(w.x(
+        "ca", "request", "submit", "--dir", "ca", "--csr", "li.csr", "--profile", "person",
         "--name", "Li Wei", "--unit", "General Office", "--division", "Security",
-        "--post", "Security Officer", "--reason", "second security officer")
-    w.x("ca", "request", "approve", "--dir", "ca", "2", *w.officer(1))
-    w.x("ca", "issue", "--dir", "ca", "2", *w.officer(1), "--ca-pin-file", w.pin("ca"),
+        "--post", "Security Officer", "--reason", "second security officer"))
+    w.x("ca", "request", "approve", "--dir", "ca", li_req, *w.officer(1))
+    w.x("ca", "issue", "--dir", "ca", li_req, *w.officer(1), "--ca-pin-file", w.pin("ca"),
         "-o", "li.pem")
     w.x("token", "import-cert", "pkcs11:token=officer2", "li.pem", "--pin-file",
         w.pin("officer2"))
     li_serial = w.run(["openssl", "x509", "-noout", "-serial", "-in", "li.pem"],
                       show=False).split("=")[1]
-    w.x("ca", "officer", "add", "--dir", "ca", li_serial, *w.officer(1))
+    admin = ["--operator", "pkcs11:token=admin;object=me", "--operator-pin-file", w.pin("admin")]
+    auditor = ["--operator", "pkcs11:token=auditor;object=me", "--operator-pin-file",
+               w.pin("auditor")]
+    grant = w.id_of(w.x("role", "grant", "--dir", "ca", li_serial, "--role", "security-officer",
+                        *admin))
+    w.x("role", "review", "--dir", "ca", grant, "--approve", "--reason", "appointment letter",
+        *auditor)
+    w.x("role", "list", "--dir", "ca")
 
     w.say("The node's key pair is made on the node's own token; the CSR is signed there")
     w.x("token", "keygen", "pkcs11:token=node-a;object=node", "--pin-file", w.pin("node-a"))
@@ -125,22 +142,23 @@ def main() -> int:
     w.run(["openssl", "req", "-verify", "-noout", "-in", "node-a.csr"])
 
     w.say("Officer Li submits the node's request, signed on Li's token")
-    w.x("ca", "request", "submit", "--dir", "ca", "--csr", "node-a.csr", "--profile", "node",
+    node_req = w.id_of(w.x(
+        "ca", "request", "submit", "--dir", "ca", "--csr", "node-a.csr", "--profile", "node",
         "--name", "node-a", "--unit", "Finance Bureau", "--dns", "node-a.finance.local",
         "--ip", "127.0.0.1", "--reason", "exchange node of the Finance Bureau",
         "--applicant", "pkcs11:token=officer2;object=officer",
-        "--operator-pin-file", w.pin("officer2"))
+        "--operator-pin-file", w.pin("officer2")))
 
     w.say("Li may not approve Li's own request; issuing before approval is refused too")
-    w.x("ca", "request", "approve", "--dir", "ca", "3", *w.officer(2),
+    w.x("ca", "request", "approve", "--dir", "ca", node_req, *w.officer(2),
         expect="another security officer must review it")
-    w.x("ca", "issue", "--dir", "ca", "3", *w.officer(1), "--ca-pin-file", w.pin("ca"),
+    w.x("ca", "issue", "--dir", "ca", node_req, *w.officer(1), "--ca-pin-file", w.pin("ca"),
         expect="only an approved request is issued")
 
     w.say("Officer Wang approves; the CA issues; openssl accepts the certificate")
-    w.x("ca", "request", "approve", "--dir", "ca", "3", *w.officer(1), "--reason",
+    w.x("ca", "request", "approve", "--dir", "ca", node_req, *w.officer(1), "--reason",
         "unit head's letter on file")
-    w.x("ca", "issue", "--dir", "ca", "3", *w.officer(1), "--ca-pin-file", w.pin("ca"),
+    w.x("ca", "issue", "--dir", "ca", node_req, *w.officer(1), "--ca-pin-file", w.pin("ca"),
         "-o", "node-a.pem")
     serial = w.run(["openssl", "x509", "-noout", "-serial", "-in", "node-a.pem"],
                    show=False).split("=")[1]
@@ -186,6 +204,11 @@ def main() -> int:
     w.say("What the CA holds now")
     w.x("ca", "list", "--dir", "ca")
     w.x("ca", "request", "list", "--dir", "ca")
+
+    w.say("The auditor checks the tamper-evident audit log; an officer may not read it")
+    w.x("audit", "show", "--dir", "ca", "--object", serial, *auditor)
+    w.x("audit", "verify", "--dir", "ca", *auditor)
+    w.x("audit", "show", "--dir", "ca", *w.officer(1), expect="not an active auditor")
     print("\nwalkthrough: all steps behaved as expected")
     return 0
 

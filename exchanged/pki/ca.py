@@ -2,9 +2,9 @@
 
 The CA's key lives on a token; so does every officer's. An officer acts with their own token:
 each decision is canonical JSON signed on the officer's token (detached CMS, verifiable with
-`openssl cms -verify`) and stored with the change it authorises, in the same transaction.
-Every check runs before anything is written, so a refused operation leaves the database as it
-was.
+`openssl cms -verify`) and lands in the audit log in the same transaction as the change it
+authorises. Who may act is decided by `exchanged.roles`. Every check runs before anything is
+written, so a refused operation leaves the CA's state as it was (the refusal itself is audited).
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from exchanged.errors import ExchangedError
 from exchanged.pki import crl as crlmod
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
+from exchanged.pki.operator import Operator, attr, person_of
 from exchanged.pki.token import TokenKey
+from exchanged.roles import ADMIN, AUDITOR, OFFICER, Roles, act
 from exchanged.store import cadb
+from exchanged.store.audit import AuditLog
 from exchanged.store.cadb import Transaction, one, rows
 
 CONFIG = "ca.toml"
@@ -78,10 +80,6 @@ def pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def canonical(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 @dataclass
 class Config:
     key: str  # pkcs11: URI of the CA key (no PIN)
@@ -119,42 +117,6 @@ class Config:
         return "\n".join(lines) + "\n"
 
 
-class Operator:
-    """An officer acting with their own token: their certificate and the key beside it."""
-
-    def __init__(self, key: TokenKey, cert: x509.Certificate) -> None:
-        self.key = key
-        self.cert = cert
-        self.serial = serial_hex(cert.serial_number)
-
-    @classmethod
-    def from_token(cls, key: TokenKey) -> Operator:
-        cert = key.token.certificate(id=key.id)
-        if cert is None:
-            raise CaError(f"token {key.token.label!r} holds no certificate beside key "
-                          f"{key.label!r}: import the officer's certificate first "
-                          "(exchanged token import-cert)", code="no-cert")
-        return cls(key, cert)
-
-    @property
-    def name(self) -> str:
-        return _attr(self.cert.subject, NameOID.COMMON_NAME)
-
-    def sign(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
-        """Sign the canonical payload on the officer's token: (payload bytes, CMS DER)."""
-        data = canonical(payload)
-        cms = (pkcs7.PKCS7SignatureBuilder().set_data(data)
-               .add_signer(self.cert, self.key.signer(), hashes.SHA256())  # type: ignore[arg-type]
-               .sign(serialization.Encoding.DER,
-                     [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]))
-        return data, cms
-
-
-def _attr(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
-    found = name.get_attributes_for_oid(oid)
-    return str(found[0].value) if found else ""
-
-
 class CA:
     """A CA directory: ca.toml, ca.db, ca.pem and the published CRLs."""
 
@@ -166,6 +128,8 @@ class CA:
             self.cert = x509.load_pem_x509_certificate((self.dir / CA_CERT).read_bytes())
         except (OSError, ValueError) as e:
             raise CaError(f"cannot read the CA certificate {self.dir / CA_CERT}: {e}") from None
+        self.audit = AuditLog(self.db)
+        self.roles = Roles(self.db, self.audit, self.cert_status)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -174,33 +138,47 @@ class CA:
 
     @classmethod
     def init(cls, directory: str | os.PathLike[str], *, ca_key: TokenKey, name: x509.Name,
-             officer_key: TokenKey, officer_form: profiles.Form, days: int = 7300,
+             people: dict[str, tuple[TokenKey, profiles.Form]], days: int = 7300,
              crl_url: str | None = None, crl_hours: int = 168, cert_days: int = 730,
              module: str | None = None) -> CA:
-        """Create the CA: self-signed root on `ca_key`, the first officer's certificate issued
-        from a CSR made on the officer's own token and stored there, and an empty first CRL."""
+        """The ceremony: a self-signed root on `ca_key`; for each of the first administrator,
+        security officer and auditor (three different persons, each at their own token) a
+        certificate issued from a CSR made on their token and stored there; their roles, each
+        accepted with a signature; the audit log, anchored by a checkpoint signed on the CA
+        token; and the first CRL."""
         d = Path(directory)
         if (d / DB).exists() or (d / CA_CERT).exists():
             raise CaError(f"{d} already holds a CA; choose an empty directory", code="exists")
-        if ca_key.token.label == officer_key.token.label and \
-                ca_key.token.uri == officer_key.token.uri:
-            raise CaError("the officer's key must be on the officer's own token, not the CA's")
-        officer_form.check("person")
-        if officer_key.token.certificate(id=officer_key.id) is not None:
-            raise CaError(f"token {officer_key.token.label!r} already holds a certificate for "
-                          f"key {officer_key.label!r}; use a fresh key for the officer",
-                          code="exists")
+        if set(people) != {ADMIN, OFFICER, AUDITOR}:
+            raise CaError("the ceremony needs an administrator, a security officer and an "
+                          "auditor")
+        labels = [key.token.label for key, _ in people.values()]
+        if ca_key.token.label in labels or len(set(labels)) != len(labels):
+            raise CaError("each person needs a token of their own, apart from the CA's",
+                          code="separation")
+        if len({(f.name, f.unit) for _, f in people.values()}) != len(people):
+            raise CaError("the administrator, the security officer and the auditor must be "
+                          "three different persons (A5)", code="separation")
+        for key, form in people.values():
+            form.check("person")
+            if key.token.certificate(id=key.id) is not None:
+                raise CaError(f"token {key.token.label!r} already holds a certificate for key "
+                              f"{key.label!r}; use a fresh key", code="exists")
         start = now()
         root = profiles.ca_root(name=name, public_key=ca_key.public_key, not_before=start,
                                 days=days).sign(ca_key.signer(), hashes.SHA256())
-        officer_csr = csrmod.build(officer_key, "person", officer_form)
-        csrmod.check(officer_csr, "the officer's CSR")
-        officer_cert = profiles.end_entity(
-            "person", form=officer_form, public_key=officer_csr.public_key(), ca_cert=root,
-            serial=profiles.random_serial(), not_before=start, days=cert_days,
-            crl_url=crl_url).sign(ca_key.signer(), hashes.SHA256())
-        officer = Operator(officer_key, officer_cert)
-        officer_key.token.store_certificate(officer_cert)
+        issued: dict[str, tuple[Operator, x509.CertificateSigningRequest, profiles.Form]] = {}
+        for role, (key, form) in people.items():
+            req = csrmod.build(key, "person", form)
+            csrmod.check(req, f"the {role}'s CSR")
+            cert = profiles.end_entity(
+                "person", form=form, public_key=req.public_key(), ca_cert=root,
+                serial=profiles.random_serial(), not_before=start, days=cert_days,
+                crl_url=crl_url).sign(ca_key.signer(), hashes.SHA256())
+            issued[role] = (Operator(key, cert), req, form)
+        for op, _, _ in issued.values():
+            op.key.token.store_certificate(op.cert)
+
         d.mkdir(parents=True, exist_ok=True)
         (d / CRL_DIR).mkdir(exist_ok=True)
         config = Config(key=str(ca_key.uri.public()), module=module, crl_url=crl_url,
@@ -208,84 +186,85 @@ class CA:
         _write_atomic(d / CONFIG, config.dump().encode())
         _write_atomic(d / CA_CERT, pem(root).encode())
         db = cadb.open_db(d / DB, create=True)
+        audit = AuditLog(db)
         at = _iso(start)
         with Transaction(db):
+            audit.checkpoint(lambda m: ca_key.sign(m), root)  # the genesis anchor
+            audit.append(action="ca-init", obj=root.subject.rfc4514_string(),
+                         actor_subject=root.subject.rfc4514_string(),
+                         details={"sha256": root.fingerprint(hashes.SHA256()).hex(),
+                                  "key": str(ca_key.uri.public())})
             db["meta"].insert_all([
                 {"key": "ca_subject", "value": root.subject.rfc4514_string()},
                 {"key": "ca_sha256", "value": root.fingerprint(hashes.SHA256()).hex()}],
                 pk="key", replace=True)
-            rid = db["requests"].insert({
-                "submitted_at": at, "profile": "person", "name": officer_form.name,
-                "unit": officer_form.unit, "division": officer_form.division,
-                "post": officer_form.post, "reason": officer_form.reason or "CA initialisation",
-                "csr_pem": officer_csr.public_bytes(serialization.Encoding.PEM).decode(),
-                "key_sha256": _key_sha256(officer_csr.public_key()), "status": "issued",
-                "decided_at": at, "decision_reason": "CA initialisation ceremony",
-                "cert_serial": officer.serial}).last_pk
-            _insert_cert(db, officer_cert, rid, "person", at, None, None)
-            # The officer's first signed act: accepting the appointment made in the ceremony.
-            action_id = _record(db, officer, "officer-appoint", officer.serial,
-                                {"ceremony": "ca-init"})
-            db["officers"].insert({"serial": officer.serial,
-                                   "subject": officer_cert.subject.rfc4514_string(),
-                                   "active": 1, "added_at": at, "added_by": None,
-                                   "action_id": action_id})
+            for role, (op, req, form) in issued.items():
+                rid = db["requests"].insert({
+                    "submitted_at": at, "profile": "person", "name": form.name,
+                    "unit": form.unit, "division": form.division, "post": form.post,
+                    "reason": form.reason or f"CA initialisation: first {role}",
+                    "csr_pem": req.public_bytes(serialization.Encoding.PEM).decode(),
+                    "key_sha256": _key_sha256(req.public_key()), "status": "issued",
+                    "decided_at": at, "decision_reason": "CA initialisation ceremony",
+                    "cert_serial": op.serial}).last_pk
+                seq = audit.append(action="certificate-issue", obj=op.serial,
+                                   actor_subject=root.subject.rfc4514_string(),
+                                   details={"request": rid, "ceremony": role})
+                _insert_cert(db, op.cert, rid, "person", at, None, seq)
+            Roles(db, audit, lambda cert: None).bootstrap(
+                {role: op for role, (op, _, _) in issued.items()})
+            audit.checkpoint(lambda m: ca_key.sign(m), root)
         db.conn.close()
         ca = cls(d)
         ca.make_crl(ca_key)
         return ca
 
-    # -- officers ---------------------------------------------------------------------------
+    # -- who acts ---------------------------------------------------------------------------
 
-    def check_operator(self, op: Operator, at: dt.datetime | None = None) -> None:
-        """The operator must hold a good, current certificate of this CA, be an active officer,
-        and their token's key must be the one certified."""
+    def cert_status(self, cert: x509.Certificate, at: dt.datetime | None = None) -> None:
+        """An operator's certificate must be this CA's, in its records, good and current."""
         at = at or now()
-        if op.cert.issuer != self.cert.subject:
-            raise CaError(f"{op.name}'s certificate was not issued by this CA", code="not-officer")
+        who = attr(cert.subject, NameOID.COMMON_NAME) or cert.subject.rfc4514_string()
         try:
-            op.cert.verify_directly_issued_by(self.cert)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            raise CaError(f"{op.name}'s certificate does not verify against this CA ({e})",
-                          code="not-officer") from None
-        if _spki(op.key.public_key) != _spki(op.cert.public_key()):
-            raise CaError(f"the key on token {op.key.token.label!r} is not the one in "
-                          f"{op.name}'s certificate", code="not-officer")
+            cert.verify_directly_issued_by(self.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CaError(f"{who}'s certificate was not issued by this CA",
+                          code="not-ours") from None
         row = one(self.db, "SELECT status, reason FROM certificates WHERE serial = ?",
-                  [op.serial])
+                  [serial_hex(cert.serial_number)])
         if row is None:
-            raise CaError(f"{op.name}'s certificate is not in this CA's records",
-                          code="not-officer")
+            raise CaError(f"{who}'s certificate is not in this CA's records", code="not-ours")
         if row["status"] != "good":
-            raise CaError(f"{op.name}'s certificate is {row['status']} ({row['reason']}); "
-                          "a held or revoked officer cannot act", code="officer-revoked")
-        if not (op.cert.not_valid_before_utc <= at <= op.cert.not_valid_after_utc):
-            raise CaError(f"{op.name}'s certificate is not valid now", code="officer-expired")
-        officer = one(self.db, "SELECT active FROM officers WHERE serial = ?", [op.serial])
-        if officer is None or not officer["active"]:
-            raise CaError(f"{op.name} is not a security officer of this CA", code="not-officer")
+            raise CaError(f"{who}'s certificate is {row['status']} ({row['reason']}); a held or "
+                          "revoked certificate cannot act", code="cert-" + row["status"])
+        if not (cert.not_valid_before_utc <= at <= cert.not_valid_after_utc):
+            raise CaError(f"{who}'s certificate is not valid now", code="cert-expired")
 
-    def add_officer(self, serial: str, op: Operator) -> None:
-        """Appoint the holder of certificate `serial` (a person certificate of this CA)."""
-        self.check_operator(op)
-        serial = parse_serial(serial)
-        cert = self._cert_row(serial)
-        if cert["profile"] != "person" or cert["status"] != "good":
-            raise CaError(f"certificate {serial} is not a good person certificate",
-                          code="bad-state")
-        if one(self.db, "SELECT 1 AS x FROM officers WHERE serial = ? AND active = 1", [serial]):
-            raise CaError(f"certificate {serial} already belongs to an officer", code="exists")
+    def person_for(self, serial: str) -> tuple[str, x509.Certificate]:
+        cert = self.certificate(serial)
+        return person_of(cert.subject), cert
+
+    def checkpoint(self, ca_key: TokenKey) -> int:
+        """Sign the head of the audit log on the CA token."""
+        self._check_ca_key(ca_key)
         with Transaction(self.db):
-            aid = _record(self.db, op, "officer-appoint", serial, {})
-            self.db["officers"].upsert({"serial": serial, "subject": cert["subject"], "active": 1,
-                                        "added_at": _iso(now()), "added_by": op.serial,
-                                        "action_id": aid}, pk="serial")
+            return self.audit.checkpoint(lambda m: ca_key.sign(m), self.cert)
+
+    def record_refusal(self, action: str, error: ExchangedError, *, obj: str = "",
+                       actor: str | None = None) -> None:
+        """Audit a refused or failed operation (wrong PIN, forbidden act, bad input)."""
+        with Transaction(self.db):
+            self.audit.append(action=action, obj=obj, actor_subject=actor,
+                              outcome="refused", details={"code": error.code,
+                                                          "error": str(error)})
 
     # -- requests ---------------------------------------------------------------------------
 
     def submit(self, csr_data: bytes, profile: str, form: profiles.Form, *,
                applicant: Operator | None = None, source: str = "CSR") -> int:
         form.check(profile)
+        if applicant is not None:
+            self.cert_status(applicant.cert)
         req = csrmod.load(csr_data, source)
         csrmod.check(req, source)
         profiles.sans(form, req) if profile == "node" else None  # refuses odd SAN types now
@@ -299,10 +278,14 @@ class CA:
                 "key_sha256": _key_sha256(req.public_key()), "status": "pending",
                 "applicant_serial": applicant.serial if applicant else None}).last_pk
             if applicant is not None:
-                aid = _record(self.db, applicant, "request-submit", str(rid),
-                              {"profile": profile, "form": _form_dict(form),
-                               "key_sha256": _key_sha256(req.public_key())})
-                self.db["requests"].update(rid, {"submit_action": aid})
+                seq = act(self.audit, applicant, None, "request-submit", str(rid),
+                          {"profile": profile, "form": _form_dict(form),
+                           "key_sha256": _key_sha256(req.public_key())})
+            else:
+                seq = self.audit.append(action="request-submit", obj=str(rid),
+                                        details={"profile": profile, "form": _form_dict(form),
+                                                 "key_sha256": _key_sha256(req.public_key())})
+            self.db["requests"].update(rid, {"submit_seq": seq})
         return int(rid)
 
     def requests(self, status: str | None = None) -> list[dict[str, Any]]:
@@ -329,20 +312,20 @@ class CA:
         self._decide(rid, op, "rejected", reason)
 
     def _decide(self, rid: int, op: Operator, outcome: str, reason: str) -> None:
-        self.check_operator(op)
+        role = self.roles.require(op, OFFICER)
         req = self.request(rid)
         if req["status"] != "pending":
             raise CaError(f"request {rid} is {req['status']}, not pending", code="bad-state")
         self._refuse_self_review(req, op)
         action = "request-approve" if outcome == "approved" else "request-reject"
         with Transaction(self.db):
-            aid = _record(self.db, op, action, str(rid),
-                          {"reason": reason, "key_sha256": req["key_sha256"],
-                           "profile": req["profile"]})
+            seq = act(self.audit, op, role, action, str(rid),
+                      {"reason": reason, "key_sha256": req["key_sha256"],
+                       "profile": req["profile"]})
             self.db["requests"].update(rid, {"status": outcome, "decided_by": op.serial,
                                              "decided_at": _iso(now()),
                                              "decision_reason": reason,
-                                             "decision_action": aid})
+                                             "decision_seq": seq})
 
     def _refuse_self_review(self, req: dict[str, Any], op: Operator,
                             holder_serial: str | None = None) -> None:
@@ -350,8 +333,13 @@ class CA:
         certificate being replaced, the name and unit on the form, or the key."""
         mine = (op.serial in (req["applicant_serial"], holder_serial)
                 or (req["name"] == op.name
-                    and req["unit"] == _attr(op.cert.subject, NameOID.ORGANIZATION_NAME))
+                    and req["unit"] == attr(op.cert.subject, NameOID.ORGANIZATION_NAME))
                 or req["key_sha256"] == _key_sha256(op.cert.public_key()))
+        for serial in (req["applicant_serial"], holder_serial):  # another certificate of theirs
+            if serial and not mine:
+                row = one(self.db, "SELECT subject FROM certificates WHERE serial = ?", [serial])
+                mine = row is not None and person_of(x509.Name.from_rfc4514_string(
+                    row["subject"])) == op.person
         if mine:
             raise CaError(f"{op.name} is the applicant of request {req['id']}; another "
                           "security officer must review it", code="self-review")
@@ -360,7 +348,7 @@ class CA:
 
     def issue(self, rid: int, ca_key: TokenKey, op: Operator) -> x509.Certificate:
         """Issue the certificate of an approved request."""
-        self.check_operator(op)
+        self.roles.require(op, OFFICER)
         self._check_ca_key(ca_key)
         req = self.request(rid)
         if req["status"] != "approved":
@@ -382,14 +370,14 @@ class CA:
             crl_url=self.config.crl_url, csr=csr).sign(ca_key.signer(), hashes.SHA256())
         at = _iso(start)
         with Transaction(self.db):
-            aid = _record(self.db, op, "certificate-issue", serial_hex(serial),
-                          {"request": req["id"], "sha256": cert.fingerprint(
-                              hashes.SHA256()).hex()})
-            _insert_cert(self.db, cert, req["id"], req["profile"], at, op.serial, aid)
+            seq = act(self.audit, op, OFFICER, "certificate-issue", serial_hex(serial),
+                      {"request": req["id"], "sha256": cert.fingerprint(hashes.SHA256()).hex()})
+            _insert_cert(self.db, cert, req["id"], req["profile"], at, op.serial, seq)
             self.db["requests"].update(req["id"], {"status": "issued",
                                                    "cert_serial": serial_hex(serial)})
             if supersede:
                 self._set_status(supersede, op, "revoke", "superseded", at)
+            self.audit.checkpoint(lambda m: ca_key.sign(m), self.cert)
         return cert
 
     def reissue(self, serial: str, csr_data: bytes, ca_key: TokenKey, op: Operator, *,
@@ -397,7 +385,7 @@ class CA:
                 reason: str = "change of post", source: str = "CSR") -> x509.Certificate:
         """A change of post (A29): a new certificate with the new form fields, the old one
         revoked as superseded, in one transaction. The reviewing officer is not the holder."""
-        self.check_operator(op)
+        self.roles.require(op, OFFICER)
         self._check_ca_key(ca_key)
         serial = parse_serial(serial)
         old = self._cert_row(serial)
@@ -422,9 +410,9 @@ class CA:
                                  op, holder_serial=serial)
         at = _iso(now())
         with Transaction(self.db):
-            aid = _record(self.db, op, "request-approve", f"reissue:{serial}",
-                          {"supersedes": serial, "form": _form_dict(form),
-                           "key_sha256": _key_sha256(req_csr.public_key())})
+            seq = act(self.audit, op, OFFICER, "request-approve", f"reissue:{serial}",
+                      {"supersedes": serial, "form": _form_dict(form),
+                       "key_sha256": _key_sha256(req_csr.public_key())})
             rid = self.db["requests"].insert({
                 "submitted_at": at, "profile": prev["profile"], "name": form.name,
                 "unit": form.unit, "division": form.division, "post": form.post,
@@ -433,7 +421,7 @@ class CA:
                 "csr_pem": req_csr.public_bytes(serialization.Encoding.PEM).decode(),
                 "key_sha256": _key_sha256(req_csr.public_key()), "status": "approved",
                 "applicant_serial": prev["applicant_serial"], "decided_by": op.serial,
-                "decided_at": at, "decision_reason": reason, "decision_action": aid,
+                "decided_at": at, "decision_reason": reason, "decision_seq": seq,
                 "supersedes": serial}).last_pk
         return self._issue(self.request(int(rid)), ca_key, op, supersede=serial)
 
@@ -465,7 +453,7 @@ class CA:
 
     def _change(self, serial: str, op: Operator, action: str, reason: str | None,
                 note: str) -> None:
-        self.check_operator(op)
+        self.roles.require(op, OFFICER)
         serial = parse_serial(serial)
         with Transaction(self.db):
             self._set_status(serial, op, action, reason, _iso(now()), note=note)
@@ -483,15 +471,15 @@ class CA:
         if action == "release" and status != "held":
             raise CaError(f"certificate {serial} is not on hold; only a held certificate is "
                           "released", code="bad-state")
-        aid = _record(self.db, op, f"certificate-{action}", serial,
-                      {"reason": reason, "note": note})
+        seq = act(self.audit, op, OFFICER, f"certificate-{action}", serial,
+                  {"reason": reason, "note": note})
         new = {"hold": ("held", at, reason), "release": ("good", None, None),
                "revoke": ("revoked", at, reason)}[action]
         self.db["certificates"].update(serial, {"status": new[0], "revoked_at": new[1],
                                                 "reason": new[2]})
         self.db["status_changes"].insert({"serial": serial, "action": action, "reason": reason,
                                           "at": at, "officer_serial": op.serial,
-                                          "action_id": aid})
+                                          "seq": seq})
 
     def _cert_row(self, serial: str) -> dict[str, Any]:
         row = one(self.db, "SELECT * FROM certificates WHERE serial = ?", [serial])
@@ -537,31 +525,22 @@ class CA:
             self.db["crls"].insert({"number": number, "this_update": _iso(this_update),
                                     "next_update": _iso(next_update), "entries": len(entries),
                                     "path": path.name, "sha256": hashlib.sha256(der).hexdigest()})
+            self.audit.append(action="crl-publish", obj=str(number),
+                              actor_subject=self.cert.subject.rfc4514_string(),
+                              details={"entries": len(entries), "next_update":
+                                       _iso(next_update)})
+            self.audit.checkpoint(lambda m: ca_key.sign(m), self.cert)
         _write_atomic(self.dir / LATEST_CRL, der)
         return number, path
 
-    def actions(self) -> list[dict[str, Any]]:
-        return rows(self.db, "SELECT id, at, action, object, payload, officer_serial, signature "
-                             "FROM actions ORDER BY id")
-
-
-def _record(db: Any, op: Operator, action: str, obj: str, details: dict[str, Any]) -> int:
-    """Sign and store one officer action inside the caller's transaction; returns its id."""
-    at = _iso(now())
-    payload, cms = op.sign({"action": action, "object": obj, "at": at,
-                            "officer": op.serial, **details})
-    row = {"at": at, "action": action, "object": obj, "payload": payload.decode(),
-           "officer_serial": op.serial, "signature": cms}
-    return int(db["actions"].insert(row).last_pk)
-
 
 def _insert_cert(db: Any, cert: x509.Certificate, rid: int | None, profile: str, at: str,
-                 by: str | None, aid: int | None) -> None:
+                 by: str | None, seq: int | None) -> None:
     db["certificates"].insert({
         "serial": serial_hex(cert.serial_number), "request_id": rid, "profile": profile,
         "subject": cert.subject.rfc4514_string(), "not_before": _iso(cert.not_valid_before_utc),
         "not_after": _iso(cert.not_valid_after_utc), "pem": pem(cert), "status": "good",
-        "issued_at": at, "issued_by": by, "issue_action": aid})
+        "issued_at": at, "issued_by": by, "issue_seq": seq})
 
 
 def _form_dict(form: profiles.Form) -> dict[str, Any]:

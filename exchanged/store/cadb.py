@@ -1,24 +1,26 @@
-"""The CA's database: requests, certificates, status changes, officers, signed actions, CRLs.
+"""The CA's database: requests, certificates, status changes, CRLs, roles and the audit log.
 
 One SQLite file (`ca.db` in the CA directory), WAL mode with synchronous=FULL so that a
 committed change survives a crash. Every change the CA makes is one transaction: either all
-of it lands (the request's new state, the certificate, the officer's signed action) or none.
+of it lands (the request's new state, the certificate, the audit entry carrying the
+operator's signature) or none.
 
 Layout (README "CA directory" repeats it for operators):
 
 - meta(key, value)                      schema version and the CA's identity
-- actions(id, at, action, object, payload, officer_serial, signature)
-      every act of an officer: `payload` is the canonical JSON the officer signed, `signature`
-      the detached CMS SignedData (DER) made on the officer's token, with their certificate.
-- officers(serial, subject, active, added_at, added_by, action_id)
+- audit, audit_head        the hash-chained audit log (exchanged/store/audit.py); an
+      operator's act is an entry whose `details` are the canonical JSON they signed and whose
+      `signature` is the detached CMS SignedData made on their token. Columns named *_seq
+      below point at such entries.
+- roles, suspensions      who holds which role (exchanged/roles.py)
 - requests(id, submitted_at, profile, name, unit, division, post, reason, dns, ip, csr_pem,
       key_sha256, applicant_serial, status, decided_by, decided_at, decision_reason,
-      decision_action, cert_serial, supersedes, submit_action)
+      decision_seq, cert_serial, supersedes, submit_seq)
       status: pending -> approved -> issued, or pending -> rejected
 - certificates(serial, request_id, profile, subject, not_before, not_after, pem, status,
-      issued_at, issued_by, issue_action, revoked_at, reason)
+      issued_at, issued_by, issue_seq, revoked_at, reason)
       status: good | held | revoked; `reason` is the RFC 5280 reason name while held/revoked
-- status_changes(id, serial, action, reason, at, officer_serial, action_id)   hold/release/revoke
+- status_changes(id, serial, action, reason, at, officer_serial, seq)   hold/release/revoke
 - crls(number, this_update, next_update, entries, path, sha256)
 
 Serials are lower-case hex text (they are up to 20 octets; SQLite integers hold 8).
@@ -33,17 +35,13 @@ from typing import Any
 import sqlite_utils
 
 from exchanged.errors import ExchangedError
+from exchanged.roles import Roles
+from exchanged.store.audit import AuditLog
 
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS actions (
-    id INTEGER PRIMARY KEY, at TEXT NOT NULL, action TEXT NOT NULL, object TEXT NOT NULL,
-    payload TEXT NOT NULL, officer_serial TEXT NOT NULL, signature BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS officers (
-    serial TEXT PRIMARY KEY, subject TEXT NOT NULL, active INTEGER NOT NULL DEFAULT 1,
-    added_at TEXT NOT NULL, added_by TEXT, action_id INTEGER REFERENCES actions(id));
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY, submitted_at TEXT NOT NULL, profile TEXT NOT NULL,
     name TEXT NOT NULL, unit TEXT NOT NULL, division TEXT NOT NULL DEFAULT '',
@@ -52,20 +50,19 @@ CREATE TABLE IF NOT EXISTS requests (
     csr_pem TEXT NOT NULL, key_sha256 TEXT NOT NULL, applicant_serial TEXT,
     status TEXT NOT NULL CHECK (status IN ('pending','approved','rejected','issued')),
     decided_by TEXT, decided_at TEXT, decision_reason TEXT,
-    decision_action INTEGER REFERENCES actions(id), cert_serial TEXT, supersedes TEXT,
-    submit_action INTEGER REFERENCES actions(id));
+    decision_seq INTEGER, cert_serial TEXT, supersedes TEXT, submit_seq INTEGER);
 CREATE INDEX IF NOT EXISTS requests_status ON requests(status);
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, request_id INTEGER REFERENCES requests(id), profile TEXT NOT NULL,
     subject TEXT NOT NULL, not_before TEXT NOT NULL, not_after TEXT NOT NULL, pem TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('good','held','revoked')),
-    issued_at TEXT NOT NULL, issued_by TEXT, issue_action INTEGER REFERENCES actions(id),
+    issued_at TEXT NOT NULL, issued_by TEXT, issue_seq INTEGER,
     revoked_at TEXT, reason TEXT);
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates(status);
 CREATE TABLE IF NOT EXISTS status_changes (
     id INTEGER PRIMARY KEY, serial TEXT NOT NULL REFERENCES certificates(serial),
     action TEXT NOT NULL CHECK (action IN ('hold','release','revoke')), reason TEXT,
-    at TEXT NOT NULL, officer_serial TEXT NOT NULL, action_id INTEGER REFERENCES actions(id));
+    at TEXT NOT NULL, officer_serial TEXT NOT NULL, seq INTEGER);
 CREATE TABLE IF NOT EXISTS crls (
     number INTEGER PRIMARY KEY, this_update TEXT NOT NULL, next_update TEXT NOT NULL,
     entries INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL);
@@ -89,6 +86,8 @@ def open_db(path: Path, *, create: bool = False) -> sqlite_utils.Database:
         db = sqlite_utils.Database(conn)
         if create:
             conn.executescript(_SCHEMA)
+            AuditLog.create(db)
+            Roles.create(db)
             db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
                               pk="key")
         version = _meta(db, "schema_version")
