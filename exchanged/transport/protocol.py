@@ -505,8 +505,8 @@ class _Connection:
     _moves: Mapping[State, frozenset[State]]
 
     def __init__(self, role: Any, max_header_size: int) -> None:
-        self._h11 = h11.Connection(role, max_incomplete_event_size=_check_limit(
-            max_header_size, "max_header_size"))
+        self._max_header_size = _check_limit(max_header_size, "max_header_size")
+        self._h11 = h11.Connection(role, max_incomplete_event_size=self._max_header_size)
         self._state = State.IDLE
         self._eof = False
         self._bytes_received = 0
@@ -568,11 +568,20 @@ class _Connection:
             return RemoteProtocolError(f"truncated: the peer closed the connection mid-message "
                                        f"({_short(text, 200)})", code="truncated")
         if e.error_status_hint == 431:
-            return RemoteProtocolError("the header section is larger than the limit",
-                                       code="headers-too-large")
+            return RemoteProtocolError(f"the header section is larger than the limit of "
+                                       f"{self._max_header_size} bytes", code="headers-too-large")
         if e.error_status_hint == 501:
             return RemoteProtocolError(_short(text, 200), code="not-implemented")
         return RemoteProtocolError(f"malformed HTTP: {_short(text, 200)}")
+
+    def _check_head_size(self, first_line: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        # h11 bounds only an *incomplete* head; one that arrives whole in a single read can be
+        # any size, so measure it again (as written: "name: value\r\n" per field).
+        size = first_line + sum(len(n) + len(v) + 4 for n, v in headers) + 2
+        if size > self._max_header_size:
+            raise RemoteProtocolError(f"the header section ({size} bytes) is larger than the "
+                                      f"limit of {self._max_header_size}",
+                                      code="headers-too-large")
 
     def _h11_event(self) -> Any:
         try:
@@ -694,6 +703,7 @@ class ServerConnection(_Connection):
 
     def _start_request(self, req: h11.Request) -> Event | None:
         target = req.target
+        self._check_head_size(len(req.method) + len(target) + 11, req.headers)
         method = req.method.decode("ascii", "replace")
         route = _ROUTE_RE.fullmatch(target)
         if target == b"/v1/ping":
@@ -1077,6 +1087,14 @@ class ClientConnection(_Connection):
                 # h11 accepts this only between requests.
                 self._goto(State.CLOSED)
                 return ConnectionClosed()
+            if self._state is State.IDLE:
+                # h11 lets a server answer before any request (a 408 on an idle connection):
+                # for us it is the end of this connection.
+                status = getattr(ev, "status_code", "?")
+                raise RemoteProtocolError(f"the server sent {type(ev).__name__} {status} with "
+                                          f"no request outstanding")
+            if isinstance(ev, h11.InformationalResponse | h11.Response):
+                self._check_head_size(len(ev.reason) + 15, ev.headers)
             if isinstance(ev, h11.InformationalResponse):
                 if (ev.status_code == 100 and not self._continue_seen
                         and isinstance(self._request, SubmitDocument)

@@ -14,19 +14,22 @@ handshake and OpenSSL calls the token for every signature. The key never leaves 
 What the caller must know:
 
 * **Identity is not checked here.** `check_hostname` is off on both sides: OpenSSL only proves
-  the peer holds a key certified by one of `trusted`. After the handshake the caller must take
-  `peer_certificate_chain()`, validate it again in Python (cryptography's verifier, CRL status,
-  design decision 3) and match the leaf against its configured peer table.
+  that the peer holds a key certified by one of `trusted` (and the EKU fits). After the
+  handshake the caller takes `peer_certificate_chain()`, validates it again in Python
+  (cryptography's verifier plus the CRL check, design decision 3) and matches the leaf against
+  its configured peer table.
 * **Signatures block the event loop.** OpenSSL signs inside `do_handshake()`, which trio calls
   on the trio thread: SoftHSM takes about a millisecond, a real smart card 100-500 ms. Keep
   connections to peers open and resume sessions so that the card signs rarely.
-* **One PKCS#11 module per process** for TLS keys: libp11 is a single engine ("pkcs11") whose
-  MODULE_PATH is fixed once it is initialised.
-* **Sharing the module with python-pkcs11** (`exchanged.pki.token`) in one process works, with
-  care (details in the comment block below): python-pkcs11 must load the module first (done
-  here); the token's login is shared, so `Token.open()` of a token the engine has logged in to
-  fails, and `Token.close()` logs the engine out, which kills the key of every existing context
-  (make a new context to recover).
+* **One engine per process.** libp11's engine ("pkcs11") is process-wide: one PKCS#11 module
+  for all TLS keys of a process, fixed at the first `make_context()`, and never finished.
+* **The PIN** is verified when the engine first logs in to a token; later contexts for the
+  same token reuse that login (PKCS#11 login is per process and token). libp11 keeps the PIN
+  in its memory for the life of the process.
+* **python-pkcs11 in the same process** (`exchanged.pki.token`): by default the engine runs a
+  private instance of the PKCS#11 module (`isolate_module=True`), so Token objects and TLS
+  contexts do not disturb each other at all. Sharing python-pkcs11's instance is possible but
+  fragile; the comment block below says what was measured.
 """
 
 from __future__ import annotations
@@ -66,30 +69,36 @@ TLS12_CIPHERS = ":".join((
 ))
 
 # -- python-pkcs11 and the engine in one process ------------------------------------------------
-# Measured with SoftHSM 2.6.1, libp11 0.4.12 (Debian libengine-pkcs11-openssl 0.4.12),
-# python-pkcs11 0.10.1, OpenSSL 3.0. Both dlopen the same module, so they share one PKCS#11 state, OpenSSL 3.0. Both dlopen the same module, so they share one PKCS#11 state
-# (initialisation, sessions, login).
+# Measured with SoftHSM 2.6.1, libp11 0.4.12 (Debian libengine-pkcs11-openssl), python-pkcs11
+# 0.10.1 and OpenSSL 3.0.
 #
-# * C_Initialize: python-pkcs11 raises on CKR_CRYPTOKI_ALREADY_INITIALIZED, libp11 tolerates it.
-#   So python-pkcs11 must initialise the module first: `_engine()` calls
-#   `exchanged.pki.token.load_module()` before the engine loads the module.
-#   python-pkcs11 passes NULL init args, which tells the module that no two threads call it at
-#   once (SoftHSM then turns its own locks off): do not use a Token from a worker thread while a
-#   handshake may run (handshakes run on the trio thread).
-# * Login is per process and token. While a python-pkcs11 Token of the same token is open (opened
-#   before or after), handshakes work, and python-pkcs11 signs too. But:
-#   - once the engine has logged in, `Token.open()` of that token fails (python-pkcs11 raises
-#     UserAlreadyLoggedIn on CKR_USER_ALREADY_LOGGED_IN);
-#   - `Token.close()` calls C_Logout, which logs the engine out too; SoftHSM then invalidates the
-#     handles of private objects, so every existing context's key is dead for good (handshakes
-#     fail). A new `make_context()` logs in again (the engine runs with FORCE_LOGIN) and works.
-#   - the PIN is verified only when the engine actually logs in; a context made while the token is
-#     already logged in (by the engine or python-pkcs11) does not re-check it.
-#   `make_context()` signs a test message with the loaded key and verifies it against the
-#   certificate, so a dead or foreign key is an error at once, not a failed handshake later.
-# * The engine is never finished: releasing its last functional reference makes libp11 call
-#   C_Finalize, which killed every python-pkcs11 session in the process (CKR 0x190 afterwards)
-#   and crashed the process at exit while an SSL_CTX still held a token key.
+# Shared instance (isolate_module=False): python-pkcs11 and libp11 dlopen the same file, so they
+# share one PKCS#11 state: initialisation, sessions and the login of each token.
+# * C_Initialize: python-pkcs11 raises on CKR_CRYPTOKI_ALREADY_INITIALIZED, libp11 tolerates it,
+#   so python-pkcs11 must go first (`_engine()` calls `exchanged.pki.token.load_module()`).
+#   python-pkcs11 passes NULL init args, telling the module that no two threads call it at once
+#   (SoftHSM then turns its locks off): never use a Token from a worker thread while a handshake
+#   may run.
+# * A process that opened the token with python-pkcs11 first can do handshakes with the engine,
+#   and python-pkcs11 can sign in between (the engine's C_Login gets
+#   CKR_USER_ALREADY_LOGGED_IN, which libp11 accepts, without checking the PIN).
+# * But once the engine is logged in, `Token.open()` of that token fails (python-pkcs11 raises
+#   UserAlreadyLoggedIn), and `Token.close()` calls C_Logout, which logs the engine out as well:
+#   SoftHSM invalidates the private-key handles, every existing context fails its handshakes,
+#   and since libp11 0.4.12 caches "logged in" per slot it never logs in again, so new contexts
+#   for that token fail too, for the life of the process (`_test_signature` turns this into
+#   a clear error).
+# * The engine must never be finished: releasing its last functional reference made libp11 call
+#   C_Finalize, which broke every python-pkcs11 session (CKR_CRYPTOKI_NOT_INITIALIZED) and
+#   crashed the process at exit while an SSL_CTX still held a token key.
+#
+# Private instance (isolate_module=True, the default): the engine loads a private copy of the
+# module (a memfd), which dlopen treats as a different library: its own C_Initialize (with OS
+# locking), sessions and login. Token.open()/close() before, during and after handshakes were
+# measured not to affect the engine, nor the engine them. To the token this looks like two
+# processes using it, which tokens support. Caveat, SoftHSM only: its file locks are POSIX
+# locks, which do not exclude each other within one process, so do not generate or store
+# objects on a token with python-pkcs11 from another thread while a handshake signs on it.
 
 
 class TlsKeyError(ExchangedError):
@@ -267,7 +276,9 @@ class _Engine:
     """libp11's engine, initialised with one PKCS#11 module; kept for the life of the process."""
 
     pointer: int
-    module: str
+    module: str  # the module as configured
+    isolated: bool  # the engine runs its own instance of it (a private in-memory copy)
+    copy_fd: int | None = None  # the memfd holding that copy, open for the life of the process
 
 
 _engine_cache: _Engine | None = None
@@ -283,8 +294,8 @@ def _load_engine(lib: _OpenSSL, engine_id: str = ENGINE_ID) -> int:
     env = os.environ.get("EXCHANGED_PKCS11_ENGINE")
     for path in ((env,) if env else ()) + ENGINE_PATHS:
         if not os.path.exists(path):
-            tried.append(path)
             continue
+        tried.append(path)
         lib.crypto.ERR_clear_error()
         dyn = lib.crypto.ENGINE_by_id(b"dynamic")
         if not dyn:
@@ -297,41 +308,68 @@ def _load_engine(lib: _OpenSSL, engine_id: str = ENGINE_ID) -> int:
                 break
         if dyn:
             return int(dyn)
-        tried.append(path)
     _errors(lib)
     engines_dir = (lib.crypto.OpenSSL_version(OPENSSL_ENGINES_DIR) or b"").decode()
     raise TlsKeyError(f"the OpenSSL engine {engine_id!r} cannot be loaded ({engines_dir}; "
-                      f"tried {', '.join(tried) or 'none'}): install libengine-pkcs11-openssl "
-                      "or set EXCHANGED_PKCS11_ENGINE to its pkcs11.so", code="no-engine")
+                      f"also tried: {', '.join(tried) or 'no pkcs11.so found'}): install "
+                      "libengine-pkcs11-openssl or set EXCHANGED_PKCS11_ENGINE to its pkcs11.so",
+                      code="no-engine")
 
 
-def _engine(module: str) -> _Engine:
+def _private_copy(module: str) -> tuple[str, int]:
+    """The module copied into an anonymous memory file, and a path dlopen can load it from.
+
+    dlopen() recognises a library by its file, so loading the copy gives the engine its own
+    instance of the module: its own C_Initialize (with OS locking), sessions and login, which
+    python-pkcs11 in this process cannot log out and does not see.
+    """
+    try:
+        fd = os.memfd_create("exchanged-tls-pkcs11", os.MFD_CLOEXEC)
+        with open(module, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    except OSError as e:
+        raise TlsKeyError(f"cannot make the TLS engine's private instance of {module}: "
+                          f"{e.strerror}; pass isolate_module=False to share python-pkcs11's "
+                          "instance (see exchanged/transport/tlskey.py)",
+                          code="tls-module") from None
+    return f"/proc/self/fd/{fd}", fd
+
+
+def _engine(module: str, isolated: bool) -> _Engine:
     """The process's engine for `module` (call with `_lock` held)."""
     global _engine_cache
     if _engine_cache is not None:
-        if _engine_cache.module != module:
-            raise TlsKeyError(f"TLS keys in this process already use the PKCS#11 module "
-                              f"{_engine_cache.module}; one module per process (asked for "
-                              f"{module})", code="tls-module")
+        if (_engine_cache.module, _engine_cache.isolated) != (module, isolated):
+            raise TlsKeyError(
+                f"TLS keys in this process already use the PKCS#11 module "
+                f"{_engine_cache.module} ({'private' if _engine_cache.isolated else 'shared'} "
+                f"instance): one module, one way, per process (asked for {module}, "
+                f"{'private' if isolated else 'shared'})", code="tls-module")
         return _engine_cache
     from exchanged.pki.token import load_module
-    load_module(module)  # python-pkcs11 must C_Initialize first: see the notes at the top
+    # Shared: python-pkcs11 must C_Initialize first (see the notes at the top). Private: the
+    # same call just checks early that the module exists, with the project's usual message.
+    load_module(module)
+    path, copy_fd = _private_copy(module) if isolated else (module, None)
     lib = _libs()
     e = _load_engine(lib)
     lib.crypto.ERR_clear_error()
-    # FORCE_LOGIN: log in (or find the token logged in) before every key load, instead of
-    # handing back a key cached from before someone else's C_Logout.
-    if not lib.crypto.ENGINE_ctrl_cmd_string(e, b"MODULE_PATH", module.encode(), 0) or \
+    # FORCE_LOGIN: libp11 logs in before looking for the key, rather than first looking without
+    # a login (a key cached from before a C_Logout could be found and be dead).
+    if not lib.crypto.ENGINE_ctrl_cmd_string(e, b"MODULE_PATH", path.encode(), 0) or \
             not lib.crypto.ENGINE_ctrl_cmd_string(e, b"FORCE_LOGIN", None, 0) or \
             not lib.crypto.ENGINE_init(e):
         detail = "; ".join(_errors(lib)) or "no detail"
         lib.crypto.ENGINE_free(e)
+        if copy_fd is not None:
+            os.close(copy_fd)
         raise TlsKeyError(f"the pkcs11 engine cannot use the PKCS#11 module {module}: {detail}",
                           code="no-engine")
     # ENGINE_init took a functional reference; the structural one from ENGINE_by_id stays too.
     # Neither is ever released (see the notes at the top: finishing the engine finalises the
-    # module under python-pkcs11). Keys loaded from it are owned by the SSL_CTXs that use them.
-    _engine_cache = _Engine(e, module)
+    # module). Keys loaded from it are owned by the SSL_CTXs that use them.
+    _engine_cache = _Engine(e, module, isolated, copy_fd)
     return _engine_cache
 
 
@@ -462,14 +500,15 @@ class TokenTlsKey:
 
     key_uri: str  # without PIN or pin-source
     module: str
+    isolated: bool
     certificate: x509.Certificate
-    _engine: _Engine  # keeps the engine (process-wide) referenced while the context lives
+    _engine: _Engine  # keeps the (process-wide) engine referenced while the context lives
 
 
 def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
                  cert_chain: str | os.PathLike[str] | Sequence[x509.Certificate],
                  trusted: str | os.PathLike[str] | Sequence[x509.Certificate],
-                 module: str | None = None) -> ssl.SSLContext:
+                 module: str | None = None, isolate_module: bool = True) -> ssl.SSLContext:
     """A mutual-TLS context whose private key is the token key `key_uri`.
 
     `cert_chain` is the node's certificate then any intermediates (a PEM file or certificates);
@@ -477,7 +516,13 @@ def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
     prompt), never from the URI's pin-value. TLS 1.3 preferred, 1.2 at least (ECDHE + AEAD
     only), no compression, no renegotiation, a peer certificate required on both sides.
     `check_hostname` is off: the caller checks the peer's identity after the handshake against
-    its peer table (see `peer_certificate_chain`).
+    its peer table (see `peer_certificate_chain`). `module` is the PKCS#11 module (default: the
+    URI's module-path, else $EXCHANGED_PKCS11_MODULE, else SoftHSM); `isolate_module` gives the
+    engine its own instance of it (see the notes at the top of this file).
+
+    Before returning, the token signs a test message that is verified against the certificate.
+    Errors are ExchangedError subclasses with a code: wrong-pin, pin-locked, no-key, no-token,
+    no-module, key-mismatch, no-engine, token-sign, bad-cert, bad-uri, self-check.
     """
     uri = parse_uri(key_uri) if isinstance(key_uri, str) else key_uri
     if uri.type not in (None, "private"):
@@ -508,7 +553,7 @@ def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
     ctx = ssl_ctx_pointer(context)
     pin_value = pin.read(uri.pin_source, uri_pin_value="pin-value" in uri.query)
     with _lock:
-        engine = _engine(module)
+        engine = _engine(module, isolate_module)
         _use_chain(lib, ctx, chain)
         pkey = _load_key(lib, engine, uri, pin_value)
         del pin_value
@@ -528,7 +573,7 @@ def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
     # check once more that nothing above disturbed what Python believes.
     _check_ctx_pointer(context, ctx)
     context.exchanged_token_key = TokenTlsKey(  # type: ignore[attr-defined]
-        str(uri.public()), module, chain[0], engine)
+        str(uri.public()), module, engine.isolated, chain[0], engine)
     return context
 
 
