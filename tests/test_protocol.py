@@ -806,19 +806,35 @@ def revalidate(ev: Event) -> None:
     assert dataclasses.replace(ev) == ev  # type: ignore[type-var]
 
 
+FRAGMENTS = [b"\r\n", b"\r\n\r\n", b":", b" ", b"\x00", b"\n", b"0\r\n\r\n",
+             b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: gzip\r\n",
+             b"Content-Length: 99999\r\n", b"Content-Length: 3\r\n", b"Content-Length: 0\r\n",
+             b"Expect: 100-continue\r\n", b"Connection: close\r\n",
+             b"Content-Type: text/plain\r\n", b"Content-Type: application/json\r\n",
+             b"X-Exchanged-Metadata: [1]\r\n", b"X-Exchanged-Sha256: 00\r\n",
+             b"X-Pad: " + b"p" * 1100 + b"\r\n",
+             b"GET /v1/ping HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n",
+             b"HTTP/1.0 ", b"POST /v1/receipts/", b"/v1/documents/", b"-0000-", b"\xff\xfe"]
+
+
 @st.composite
 def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
+    """Bit flips, truncations, insertions (random or of telling fragments), duplicated and
+    deleted segments; positions lean towards the head, where the parsing is."""
     data = bytearray(valid)
     for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "truncate", "insert", "duplicate", "delete"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        op = draw(st.sampled_from(["flip", "truncate", "insert", "fragment", "duplicate",
+                                   "delete"]))
+        end = max(len(data) - 1, 0)
+        at = draw(st.integers(0, min(end, 300)) | st.integers(0, end))
         if op == "flip" and data:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif op == "truncate":
             del data[at:]
         elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=40)
-                               | st.sampled_from([b"\r\n", b"\r\n\r\n", b":", b" ", b"\x00"]))
+            data[at:at] = draw(st.binary(min_size=1, max_size=40))
+        elif op == "fragment":
+            data[at:at] = draw(st.sampled_from(FRAGMENTS))
         elif op == "duplicate":
             n = draw(st.integers(1, 200))
             data[at:at] = data[at:at + n]
@@ -856,7 +872,7 @@ def respond(server: ServerConnection) -> Any:
     return Pong("unit", NOW)
 
 
-def run_server(data: bytes, pieces: list[int], eof: bool) -> None:
+def run_server(data: bytes, pieces: list[int], eof: bool, reject_early: bool = False) -> None:
     server = ServerConnection(**FUZZ_LIMITS)
     limit = FUZZ_LIMITS["max_header_size"] + FUZZ_LIMITS["max_receipt_size"] + max(pieces)
     pos, turn, body_left, at_eof = 0, 0, 0, False
@@ -865,6 +881,7 @@ def run_server(data: bytes, pieces: list[int], eof: bool) -> None:
             ev = server.next_event()
             if ev is NEED_DATA:
                 assert not at_eof, "NEED_DATA after EOF would wait forever"
+                assert server.send_continue() in (b"", b"HTTP/1.1 100 Continue\r\n\r\n")
                 if pos >= len(data):
                     if not eof:
                         return
@@ -889,6 +906,11 @@ def run_server(data: bytes, pieces: list[int], eof: bool) -> None:
                     assert ev.length <= FUZZ_LIMITS["max_body_size"]
                     assert len(ev.metadata_json) <= 2 * FUZZ_LIMITS["max_metadata_size"]
                     body_left = ev.length
+                    if reject_early:
+                        assert server.send(Reject("busy")).startswith(b"HTTP/1.1 503 ")
+                        assert server.state is State.MUST_CLOSE
+                        assert server.send_error(Reject("busy")) == b""
+                        return
                 elif isinstance(ev, BodyChunk):
                     body_left -= len(ev.data)
                     assert body_left >= 0
@@ -918,9 +940,9 @@ def test_server_fuzz_random_bytes(data: bytes, pieces: list[int], eof: bool) -> 
 
 @FUZZ_SETTINGS
 @given(valid_requests().flatmap(lambda v: st.tuples(st.just(v), mutated(v))),
-       pieces_st, st.booleans())
+       pieces_st, st.booleans(), st.booleans())
 def test_server_fuzz_mutated_requests(pair: tuple[bytes, bytes], pieces: list[int],
-                                      eof: bool) -> None:
+                                      eof: bool, reject_early: bool) -> None:
     valid, data = pair
     if data == valid:  # unmutated: must go through without any error
         server_ok = ServerConnection(**FUZZ_LIMITS)
@@ -932,7 +954,7 @@ def test_server_fuzz_mutated_requests(pair: tuple[bytes, bytes], pieces: list[in
             if ev is PAUSED:
                 server_ok.send(respond(server_ok))
         assert server_ok.state is State.IDLE
-    run_server(data, pieces, eof)
+    run_server(data, pieces, eof, reject_early)
 
 
 @st.composite
@@ -951,11 +973,15 @@ def exchange(draw: st.DrawFn) -> tuple[list[Any], bytes]:
             req = DeliverReceipt(did, b"cms")
         else:
             req = Ping()
-        server.receive_data(request_bytes(req))
-        drain(server)
-        if server.they_are_waiting_for_100_continue:
-            answers += server.send_continue()
+        if isinstance(req, tuple):  # the head first: the server may say 100 Continue
+            client = ClientConnection("b")
+            server.receive_data(client.send(req[0]))
             drain(server)
+            answers += server.send_continue()
+            server.receive_data(client.send_body(req[1]) if req[1] else b"")
+        else:
+            server.receive_data(request_bytes(req))
+        drain(server)
         if draw(st.booleans()):
             code = draw(st.sampled_from(sorted(REASON_CODES)))
             answers += server.send(Reject(code, draw(st.text(max_size=20))))

@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS audit_head (
 """
 
 
+_INSERT = (f"INSERT INTO audit ({', '.join(FIELDS)}, hash) "
+           f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})")
+
+
 class AuditError(ExchangedError):
     code = "audit"
 
@@ -132,7 +136,8 @@ class AuditLog:
             "outcome": outcome, "details": canonical(details or {}).decode(),
             "signature": signature, "prev": last_hash}
         row["hash"] = entry_hash(row)
-        self.db["audit"].insert(row)
+        # Plain SQL: sqlite-utils' insert() inspects the table on every call.
+        self.db.execute(_INSERT, list(row.values()))
         return int(row["seq"])
 
     def checkpoint(self, sign: Any, signer: x509.Certificate) -> int:
