@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 import subprocess
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from conftest import CaSetup
+from exchanged.pki import profiles
 
 
 def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -133,3 +138,28 @@ def test_crl_numbers_increase_and_list_held_and_revoked(ca: CaSetup) -> None:
         x509.CRLReason).value.reason for r in second}
     assert reasons == {s1: x509.ReasonFlags.certificate_hold,
                        s2: x509.ReasonFlags.affiliation_changed}
+
+
+def test_cert_verify_names_the_reason(ca: CaSetup, tmp_path: Path) -> None:
+    pem_path, _ = ca.issue_node("node-v")
+    cert = x509.load_pem_x509_certificate((ca.cli.cwd / pem_path).read_bytes())
+    base = ["cert", "verify", pem_path, "--ca", f"{ca.dir}/ca.pem", "--crl", f"{ca.dir}/ca.crl"]
+    assert json.loads(ca.cli(*base, "--purpose", "node", "--json").out)["ok"] is True
+    early = (cert.not_valid_before_utc - dt.timedelta(seconds=1)).isoformat()
+    assert "is not valid before" in ca.cli(*base, "--at", early, ok=False).err
+    late = (cert.not_valid_after_utc + dt.timedelta(seconds=1)).isoformat()
+    r = ca.cli("cert", "verify", pem_path, "--ca", f"{ca.dir}/ca.pem", "--no-crl-check",
+               "--at", late, ok=False)
+    assert "expired" in r.err
+    assert "lacks nonRepudiation" in ca.cli(*base, "--purpose", "person", ok=False).err
+    r = ca.cli("cert", "verify", pem_path, "--ca", f"{ca.dir}/ca.pem", ok=False)
+    assert "CRL" in r.err and r.err.count("\n") == 1
+    k = ec.generate_private_key(ec.SECP256R1())
+    other_ca = profiles.ca_root(
+        name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Another CA")]),
+        public_key=k.public_key(), not_before=dt.datetime.now(dt.UTC), days=10,
+    ).sign(k, hashes.SHA256())
+    (tmp_path / "other.pem").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
+    r = ca.cli("cert", "verify", pem_path, "--ca", str(tmp_path / "other.pem"),
+               "--no-crl-check", ok=False)
+    assert "issuer" in r.err

@@ -8,7 +8,7 @@ import hashlib
 import json
 import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from exchanged.transport.protocol import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=timezone.utc)
+NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 MAX_STEPS = 10_000  # no loop below may spin longer: a protocol that hangs fails instead
 
 
@@ -323,6 +323,24 @@ def test_keep_alive_many_requests_on_one_connection() -> None:
     assert server.next_event() == ConnectionClosed() and server.must_close
     client.receive_data(b"")
     assert drain(client) == [ConnectionClosed()]
+
+
+@pytest.mark.parametrize("request_head", [b"GET /v1/ping HTTP/1.0\r\n\r\n",
+                                          b"GET /v1/ping HTTP/1.1\r\nHost: b\r\n"
+                                          b"Connection: close\r\n\r\n"])
+def test_peer_asking_to_close(request_head: bytes) -> None:
+    server = ServerConnection()
+    server.receive_data(request_head)
+    assert events(server) == [Ping()]
+    data = server.send(Pong("u", NOW))
+    assert b"\r\nConnection: close\r\n" in data
+    assert server.state is State.MUST_CLOSE and server.must_close
+    client, _ = client_awaiting()
+    client.receive_data(data)
+    assert events(client) == [Pong("u", NOW)]
+    assert client.state is State.MUST_CLOSE
+    with pytest.raises(LocalProtocolError, match="open a new one"):
+        client.send(Ping())
 
 
 def test_pipelined_requests_are_answered_in_order() -> None:
@@ -794,7 +812,7 @@ def test_events_are_frozen_and_normalised() -> None:
 
 FUZZ_LIMITS = {"max_header_size": 1024, "max_body_size": 4096, "max_receipt_size": 512,
                "max_metadata_size": 256}
-FUZZ_SETTINGS = settings(max_examples=300, deadline=None, database=None,
+FUZZ_SETTINGS = settings(max_examples=500, deadline=None, database=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 SERVER_EVENTS = (SubmitDocument, BodyChunk, BodyEnd, DeliverReceipt, Ping, ConnectionClosed)

@@ -1,4 +1,4 @@
-"""The node-to-node wire protocol as a sans-IO state machine: bytes in, events out, events in, bytes out.
+"""The node-to-node wire protocol, sans-IO: bytes in, events out; events in, bytes out.
 
 This module contains no networking code at all (the h11 style, design decision 5). It speaks
 HTTP/1.1 through h11, so that curl and ``openssl s_client`` can talk to a node, and adds our
@@ -58,11 +58,11 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import h11
 
@@ -74,8 +74,8 @@ __all__ = [
     "PACKAGE_TYPE", "RECEIPT_TYPE", "REASON_CODES",
     "Acknowledge", "BodyChunk", "BodyEnd", "ClientConnection", "ConnectionClosed",
     "ConnectionStatistics", "Continue", "DeliverReceipt", "Event", "LocalProtocolError", "Ping",
-    "Pong", "ProtocolError", "ReceiptAccepted", "Reject", "RemoteProtocolError",
-    "ServerConnection", "State", "SubmitDocument",
+    "Pong", "ProtocolError", "ReceiptAccepted", "Reject", "RemoteProtocolError", "Request",
+    "Response", "ServerConnection", "State", "SubmitDocument",
 ]
 
 DEFAULT_MAX_HEADER_SIZE: Final = 16 * 1024
@@ -384,6 +384,7 @@ class ConnectionClosed(Event):
     """The peer closed the connection cleanly, between messages."""
 
 
+_E = TypeVar("_E", bound=Event)
 Request: TypeAlias = SubmitDocument | DeliverReceipt | Ping
 Response: TypeAlias = Acknowledge | Reject | ReceiptAccepted | Pong
 
@@ -564,7 +565,8 @@ class _Connection:
 
     def _remote_from_h11(self, e: h11.RemoteProtocolError) -> RemoteProtocolError:
         text = str(e)
-        if self._eof and ("closed" in text or "ConnectionClosed" in text):
+        if self._eof and (text.startswith(("peer closed connection", "peer unexpectedly closed"))
+                          or text.startswith("can't handle event type ConnectionClosed")):
             return RemoteProtocolError(f"truncated: the peer closed the connection mid-message "
                                        f"({_short(text, 200)})", code="truncated")
         if e.error_status_hint == 431:
@@ -711,8 +713,8 @@ class ServerConnection(_Connection):
         elif route is not None:
             kind, allowed = route.group(1).decode(), ("POST",)
         else:
-            raise RemoteProtocolError(f"no such resource: {_short(target.decode('ascii', 'replace'))}",
-                                      code="not-found")
+            shown = _short(target.decode("ascii", "replace"))
+            raise RemoteProtocolError(f"no such resource: {shown}", code="not-found")
         if method not in allowed:
             raise RemoteProtocolError(f"{_short(method)} is not allowed here",
                                       code="method-not-allowed", allow=allowed)
@@ -880,16 +882,18 @@ class ServerConnection(_Connection):
         """
         if self._answered or self._state in (State.MUST_CLOSE, State.CLOSED):
             return b""
+        allow: tuple[str, ...] = ()
         if isinstance(error, Reject):
-            reject, allow = error, ()
+            reject = error
         elif isinstance(error, RemoteProtocolError):
             message = str(error)
             if len(message) > _MAX_MESSAGE_CHARS:
                 message = message[: _MAX_MESSAGE_CHARS - 3] + "..."
-            status = error.status if 400 <= error.status <= 599 else None
-            reject, allow = Reject(error.code, message, status), error.allow
+            reject, allow = Reject(error.code, message), error.allow
+            if 400 <= error.status <= 599:
+                reject = Reject(error.code, message, error.status)
         else:
-            reject, allow = Reject("internal-error", "internal error"), ()
+            reject = Reject("internal-error", "internal error")
         status, headers, body = _encode_response(reject)
         if allow:
             headers.append((b"Allow", ", ".join(allow).encode("ascii")))
@@ -915,7 +919,7 @@ def _encode_response(event: Response) -> tuple[int, list[tuple[bytes, bytes]], b
     elif isinstance(event, Pong):
         status = 200
         body = _json_body({"unit": event.unit,
-                           "time": event.time.astimezone(timezone.utc).isoformat()})
+                           "time": event.time.astimezone(UTC).isoformat()})
     else:
         return 204, [], b""
     return status, [(b"Content-Type", _JSON_TYPE.encode()),
@@ -980,6 +984,8 @@ class ClientConnection(_Connection):
         """The bytes of a request (for a document: its head only; the body follows through
         ``send_body()``). Only between requests (``state`` IDLE)."""
         self._check_usable()
+        if self._state in (State.MUST_CLOSE, State.CLOSED):
+            raise self._misuse("send() on a connection that is ending; open a new one")
         if self._state is not State.IDLE:
             raise self._misuse(f"send() while a request is under way (state {self._state.name})")
         headers: list[tuple[bytes, bytes]] = [(b"Host", self.host.encode("ascii")),
@@ -1190,7 +1196,7 @@ class ClientConnection(_Connection):
         return _decode_json_object(body, f"the {response.status_code} response")
 
     @staticmethod
-    def _build(cls: type[Any], *args: Any) -> Any:
+    def _build(cls: type[_E], *args: Any) -> _E:
         try:
             return cls(*args)
         except LocalProtocolError as e:  # the value came from the peer
