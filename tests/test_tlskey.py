@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -72,13 +73,13 @@ class Pki:
         return self.dir / "other.pem"
 
 
-def _node_cert(ca_key: object, ca_cert: x509.Certificate, public_key: object,
+def _node_cert(ca_key: Any, ca_cert: x509.Certificate, public_key: object,
                name: str) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     return profiles.end_entity(
         "node", form=profiles.Form(name=name, unit="Finance Bureau", ip=("127.0.0.1",)),
         public_key=public_key, ca_cert=ca_cert, serial=profiles.random_serial(),
-        not_before=now, days=30, crl_url=None).sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        not_before=now, days=30, crl_url=None).sign(ca_key, hashes.SHA256())
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,8 @@ async def connect(context: ssl.SSLContext, port: int) -> trio.SSLStream[trio.Soc
     return stream
 
 
-async def s_client(pki: Pki, port: int, *args: str, key: bool = True) -> subprocess.CompletedProcess[bytes]:
+async def s_client(pki: Pki, port: int, *args: str,
+                   key: bool = True) -> subprocess.CompletedProcess[bytes]:
     """openssl s_client, the client key on the token through libp11's engine (own process)."""
     cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pki.ca_file),
            "-verify_return_error", "-brief", "-ign_eof", *args]
@@ -246,7 +248,8 @@ async def test_openssl_s_client_tls12_gets_ecdhe_aead_only(pki: Pki) -> None:
             cbc = await s_client(pki, port, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA")
     out = (ok.stdout + ok.stderr).decode(errors="replace")
     assert ok.returncode == 0, out
-    assert "Protocol version: TLSv1.2" in out and "Ciphersuite: ECDHE-ECDSA-AES256-GCM-SHA384" in out
+    assert "Protocol version: TLSv1.2" in out
+    assert "Ciphersuite: ECDHE-ECDSA-AES256-GCM-SHA384" in out
     assert cbc.returncode != 0
     assert seen[0].error is None and seen[1].error is not None
 

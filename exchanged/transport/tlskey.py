@@ -152,7 +152,8 @@ def _libs() -> _OpenSSL:
     except OSError as e:
         raise TlsKeyError(f"cannot reach the libssl that Python's ssl module uses ({e}); "
                           "token-held TLS keys need a Python linked to the system "
-                          "libssl.so.3 (a shared, not static, OpenSSL)", code="tls-openssl") from None
+                          "libssl.so.3 (a shared, not static, OpenSSL)",
+                          code="tls-openssl") from None
     c = libcrypto
     _declare(c, "OpenSSL_version_num", ctypes.c_ulong)
     _declare(c, "OpenSSL_version", ctypes.c_char_p, ctypes.c_int)
