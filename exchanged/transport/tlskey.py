@@ -19,8 +19,12 @@ What the caller must know:
   (cryptography's verifier plus the CRL check, design decision 3) and matches the leaf against
   its configured peer table.
 * **Signatures block the event loop.** OpenSSL signs inside `do_handshake()`, which trio calls
-  on the trio thread: SoftHSM takes about a millisecond, a real smart card 100-500 ms. Keep
-  connections to peers open and resume sessions so that the card signs rarely.
+  on the trio thread: SoftHSM takes well under a millisecond, a real smart card 100-500 ms.
+  Keep connections to peers open and resume sessions so that the card signs rarely. A resumed
+  TLS 1.3 session (PSK) makes no signature. trio.SSLStream takes no `session=`; set
+  `stream._ssl_object.session = earlier_stream.session` before `do_handshake()` (measured:
+  `session_reused` is then True). A resumed session keeps the original peer certificate:
+  check its CRL status again on every connection.
 * **One engine per process.** libp11's engine ("pkcs11") is process-wide: one PKCS#11 module
   for all TLS keys of a process, fixed at the first `make_context()`, and never finished.
 * **The PIN** is verified when the engine first logs in to a token; later contexts for the
@@ -261,7 +265,8 @@ def _check_ctx_pointer(context: ssl.SSLContext, pointer: int) -> None:
 def ssl_ctx_pointer(context: ssl.SSLContext) -> int:
     """The `SSL_CTX *` behind `context`, self-checked.
 
-    CPython's PySSLContext starts with `PyObject_HEAD` followed by `SSL_CTX *ctx` (3.7 to 3.13).
+    CPython's PySSLContext starts with `PyObject_HEAD` followed by `SSL_CTX *ctx` (so in 3.11,
+    and for years before and after); `_check_ctx_pointer` refuses if that ever stops being so.
     """
     if not isinstance(context, ssl.SSLContext):
         raise TlsKeyError(f"not an ssl.SSLContext: {type(context).__name__}", code="self-check")
@@ -393,12 +398,17 @@ def _load_key(lib: _OpenSSL, engine: _Engine, uri: Pkcs11Uri, pin: str) -> int:
                                               lib.crypto.UI_null(), None)
     if pkey:
         return int(pkey)
-    raise _key_error(uri, _errors(lib))
+    raise _key_error(uri, _errors(lib), engine)
 
 
-def _key_error(uri: Pkcs11Uri, errors: list[str]) -> TlsKeyError:
+def _key_error(uri: Pkcs11Uri, errors: list[str], engine: _Engine) -> TlsKeyError:
     text = " ".join(errors).lower()
     token = uri.token or "(any)"
+    if "unable to load pkcs#11 module" in text:
+        how = (" (its private in-memory copy: a policy forbidding executable memfds? try "
+               "isolate_module=False)" if engine.isolated else "")
+        return TlsKeyError(f"the pkcs11 engine could not load the PKCS#11 module "
+                           f"{engine.module}{how}", code="no-module")
     if "pin incorrect" in text:
         return TlsKeyError(f"wrong PIN for token {token!r} (the token locks after too many "
                            "wrong PINs): check the node's PIN file", code="wrong-pin")
