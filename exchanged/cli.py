@@ -511,6 +511,103 @@ def cmd_cert_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
+# -- the node: serve, send, outbox, inbox -----------------------------------------------------
+
+def _node_config(args: argparse.Namespace) -> Any:
+    from exchanged.config import Config
+    return Config.load(args.config)
+
+
+def _ask(args: argparse.Namespace, cmd: str, **kw: Any) -> dict[str, Any]:
+    from exchanged import control
+    return control.request(_node_config(args).socket_path, cmd, **kw)
+
+
+def cmd_serve(args: argparse.Namespace, stack: ExitStack) -> int:
+    from exchanged import daemon
+    return daemon.run(_node_config(args))
+
+
+def cmd_send(args: argparse.Namespace, stack: ExitStack) -> int:
+    import threading
+    import time
+    done = threading.Event()
+
+    def progress() -> None:  # only when a send takes more than a moment, only on a terminal
+        start = time.monotonic()
+        frames = "|/-\\"
+        i = 0
+        while not done.wait(0.2):
+            if time.monotonic() - start > 0.5:
+                print(f"\rsigning and storing the package {frames[i % 4]} "
+                      f"{time.monotonic() - start:5.1f}s", end="", file=sys.stderr, flush=True)
+                i += 1
+        if i:
+            print("\r" + " " * 50 + "\r", end="", file=sys.stderr, flush=True)
+
+    if sys.stderr.isatty():
+        threading.Thread(target=progress, daemon=True).start()
+    try:
+        answer = _ask(args, "send", to=args.to, title=args.title,
+                      pdf=str(Path(args.pdf).resolve()),
+                      editable=str(Path(args.editable).resolve()), urgency=args.urgency,
+                      classification=args.classification, number=args.number,
+                      deadline=args.deadline, paper_original=args.paper_original,
+                      doc_id=args.id)
+    finally:
+        done.set()
+    _emit(args, answer, lambda d: f"queued {d['doc_id']} for {args.to} ({d['size']:,} bytes, "
+          f"sha256 {d['sha256'][:16]}...)")
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.id:
+        item = _ask(args, "outbox-show", doc_id=args.id)["item"]
+        _emit(args, item, lambda d: "\n".join(f"{k:18} {v}" for k, v in d.items()))
+        return 0
+    items = _ask(args, "outbox", state=args.state)["items"]
+    _emit(args, items, lambda r: _table(r, ["doc_id", "recipient", "state", "attempts",
+                                            "last_error"]))
+    return 0
+
+
+def cmd_inbox(args: argparse.Namespace, stack: ExitStack) -> int:
+    items = _ask(args, "inbox", state=args.state)["items"]
+    _emit(args, items, lambda r: _table(r, ["doc_id", "sender", "state", "received_at"]))
+    return 0
+
+
+def cmd_inbox_show(args: argparse.Namespace, stack: ExitStack) -> int:
+    item = _ask(args, "inbox-show", doc_id=args.id)["item"]
+    _emit(args, item, lambda d: "\n".join(f"{k:18} {v}" for k, v in d.items()
+                                          if not k.endswith("receipt")))
+    return 0
+
+
+def cmd_inbox_sign_for(args: argparse.Namespace, stack: ExitStack) -> int:
+    """The designated receiver signs for a document with their personal token."""
+    import base64
+    cfg = _node_config(args)
+    item = _ask(args, "inbox-show", doc_id=args.id)["item"]
+    op = _operator(stack, args)
+    payload = {"type": "signed-for", "doc_id": args.id, "sha256": item["package_sha256"],
+               "sender": item["sender"], "recipient": cfg.unit, "by": op.serial,
+               "at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    _, receipt = op.sign(payload, detached=False)
+    answer = _ask(args, "sign-for", doc_id=args.id,
+                  receipt=base64.b64encode(receipt).decode())
+    _emit(args, answer, lambda d: f"{args.id} signed for by {d['by']}; the receipt goes back "
+          f"to {item['sender']}")
+    return 0
+
+
+def cmd_inbox_export(args: argparse.Namespace, stack: ExitStack) -> int:
+    answer = _ask(args, "export", doc_id=args.id, dir=str(Path(args.dir).resolve()))
+    _emit(args, answer, lambda d: f"{args.id} exported to {d['dir']}: {', '.join(d['files'])}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 def _add_pin(p: argparse.ArgumentParser, role: str) -> None:
@@ -749,6 +846,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(asub, "checkpoint", cmd_audit_checkpoint, "sign the head of the audit log on the "
             "CA token")
     ca_dir(p); _add_pin(p, "ca")  # noqa: E702
+
+    # node
+    def node_cfg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", default=os.environ.get("EXCHANGED_CONFIG",
+                                                                "/etc/exchanged/exchanged.toml"),
+                       help="the node's configuration (default: $EXCHANGED_CONFIG or "
+                            "/etc/exchanged/exchanged.toml)")
+
+    p = cmd(sub, "serve", cmd_serve, "run the node's exchange daemon")
+    node_cfg(p)
+    p = cmd(sub, "send", cmd_send, "send a document to another unit")
+    node_cfg(p)
+    p.add_argument("--to", required=True, help="the recipient unit's id")
+    p.add_argument("--title", required=True)
+    p.add_argument("--pdf", required=True, help="the PDF scan of the sealed document")
+    p.add_argument("--editable", required=True,
+                   help="the editable file (txt, doc, docx, wps, ofd, rtf)")
+    p.add_argument("--number", help="the document number")
+    p.add_argument("--urgency", choices=("normal", "urgent", "extra-urgent"), default="normal")
+    p.add_argument("--classification", default="internal",
+                   choices=("public", "internal", "secret", "confidential", "top-secret"))
+    p.add_argument("--deadline", help="handling deadline (ISO 8601)")
+    p.add_argument("--paper-original", action="store_true",
+                   help="a paper original travels too (dual track, N2)")
+    p.add_argument("--id", help="the document id (a UUID; default: a new one)")
+    json_opt(p)
+    p = cmd(sub, "outbox", cmd_outbox, "documents this unit sent, and their state")
+    node_cfg(p)
+    p.add_argument("id", nargs="?", help="show one document")
+    p.add_argument("--state")
+    json_opt(p)
+    inbox = cmd(sub, "inbox", cmd_inbox, "this unit's exchange box")
+    node_cfg(inbox)
+    inbox.add_argument("--state")
+    json_opt(inbox)
+    isub = inbox.add_subparsers(dest="sub", required=False, metavar="SUBCOMMAND")
+    p = cmd(isub, "show", cmd_inbox_show, "one incoming document")
+    node_cfg(p); p.add_argument("id"); json_opt(p)  # noqa: E702
+    p = cmd(isub, "sign-for", cmd_inbox_sign_for, "sign for a document with your personal "
+            "token; the signed receipt goes back to the sender")
+    node_cfg(p)
+    p.add_argument("id")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your personal key")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(isub, "export", cmd_inbox_export, "write a document's files, metadata and receipts "
+            "to a directory")
+    node_cfg(p); p.add_argument("id"); p.add_argument("dir"); json_opt(p)  # noqa: E702
 
     # cert
     cert = sub.add_parser("cert", help="certificates: verify")

@@ -25,6 +25,18 @@ class CmsError(ExchangedError):
     code = "bad-signature"
 
 
+def cms_content(signature: bytes) -> bytes:
+    """The content carried inside an attached SignedData (a receipt); CmsError if none."""
+    try:
+        content = acms.ContentInfo.load(signature)["content"]["encap_content_info"]["content"]
+        value = content.native
+    except (ValueError, TypeError, KeyError) as e:
+        raise CmsError(f"malformed CMS signature: {e}") from None
+    if not isinstance(value, bytes):
+        raise CmsError("the signature carries no content")
+    return value
+
+
 def verify_detached(signature: bytes, content: bytes, issuer: x509.Certificate
                     ) -> x509.Certificate:
     """Check a detached SignedData over `content` whose signer certificate (carried inside)

@@ -62,11 +62,16 @@ class Operator:
     def name(self) -> str:
         return attr(self.cert.subject, NameOID.COMMON_NAME)
 
-    def sign(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
-        """Sign the canonical payload on the operator's token: (payload bytes, CMS DER)."""
+    def sign(self, payload: dict[str, Any], *, detached: bool = True) -> tuple[bytes, bytes]:
+        """Sign the canonical payload on the operator's token: (payload bytes, CMS DER).
+
+        Detached for audit entries (the log holds the payload); attached for receipts, which
+        travel alone: `openssl cms -verify` then prints what was signed."""
         data = canonical(payload)
+        options = [pkcs7.PKCS7Options.Binary]
+        if detached:
+            options.append(pkcs7.PKCS7Options.DetachedSignature)
         cms = (pkcs7.PKCS7SignatureBuilder().set_data(data)
                .add_signer(self.cert, self.key.signer(), hashes.SHA256())  # type: ignore[arg-type]
-               .sign(serialization.Encoding.DER,
-                     [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]))
+               .sign(serialization.Encoding.DER, options))
         return data, cms

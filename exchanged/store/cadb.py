@@ -79,7 +79,10 @@ def open_db(path: Path, *, create: bool = False) -> sqlite_utils.Database:
         raise StoreError(f"no CA database at {path}: run `exchanged ca init` first, or give "
                          "the right --dir", code="no-ca")
     try:
-        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        # check_same_thread=False: the daemon reaches the database from worker threads, one
+        # at a time (a trio CapacityLimiter(1) per database serialises every call).
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
+                               check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")

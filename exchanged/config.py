@@ -1,0 +1,114 @@
+"""The node's configuration: one typed `Config`, read from TOML (see conf/exchanged.toml)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exchanged.errors import ExchangedError
+
+UNIT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+class ConfigError(ExchangedError):
+    code = "config"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another unit's node this node may exchange with (A13: nothing else is accepted)."""
+
+    unit: str
+    host: str
+    port: int
+    name: str  # the peer node certificate's CN
+    org: str  # the peer node certificate's O (the unit's name)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_document_bytes: int = 2 * 1024**3
+    read_timeout: float = 30.0
+    handshake_timeout: float = 15.0
+    drain_timeout: float = 20.0
+    max_connections: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    unit: str
+    name: str
+    data_dir: Path
+    listen_host: str
+    listen_port: int
+    module: str | None
+    key: str  # pkcs11: URI of the node key
+    cert: Path  # the node certificate (+ intermediates), PEM
+    pin_file: str | None
+    ca: tuple[Path, ...]
+    crls: tuple[Path, ...]
+    peers: dict[str, Peer] = field(default_factory=dict)
+    limits: Limits = Limits()
+    alert_command: tuple[str, ...] = ()
+    control_socket: Path | None = None
+    source: Path | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.control_socket or self.data_dir / "control.sock"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Config:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no configuration file {p}") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read {p}: {e}") from None
+        try:
+            return cls.from_dict(data, base=p.parent, source=p)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{p}: bad, unknown or missing setting: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base: Path, source: Path | None = None
+                  ) -> Config:
+        node, p11, trust = data["node"], data["pkcs11"], data["trust"]
+        unit = str(node["unit"])
+        if not UNIT_RE.match(unit):
+            raise ConfigError(f"unit id {unit!r}: lower-case letters, digits and '-' only")
+        host, port = _address(str(node["listen"]))
+        peers = {}
+        for peer_unit, spec in data.get("peers", {}).items():
+            if not UNIT_RE.match(peer_unit):
+                raise ConfigError(f"peer unit id {peer_unit!r}: lower-case letters, digits, '-'")
+            phost, pport = _address(str(spec["address"]))
+            peers[peer_unit] = Peer(peer_unit, phost, pport, str(spec["name"]), str(spec["org"]))
+        lim = data.get("limits", {})
+        limits = Limits(**{k: type(getattr(Limits, k))(v) for k, v in lim.items()})
+
+        def path(v: str) -> Path:
+            return (base / v).resolve()
+
+        alert = node.get("alert_command", [])
+        return cls(
+            unit=unit, name=str(node.get("name", unit)), data_dir=path(node["data_dir"]),
+            listen_host=host, listen_port=port, module=p11.get("module"), key=str(p11["key"]),
+            cert=path(p11["cert"]), pin_file=str(path(p11["pin_file"])) if p11.get("pin_file")
+            else None, ca=tuple(path(c) for c in trust["ca"]),
+            crls=tuple(path(c) for c in trust.get("crls", [])), peers=peers, limits=limits,
+            alert_command=tuple(str(a) for a in alert),
+            control_socket=path(node["control_socket"]) if node.get("control_socket") else None,
+            source=source)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,650 @@
+"""The node's store: its outbox, its inbox (the unit's exchange box), and the document blobs.
+
+A node keeps everything in its data directory:
+
+- `node.db`    one SQLite file, WAL mode, synchronous=FULL, foreign keys on (as the CA's);
+- `blobs/ab/abcdef…`   document packages, one immutable file each, named by the SHA-256 (lower-case
+      hex) of its content, in a sub-directory named by the first two hex digits;
+- `blobs/.tmp-*.part`  blobs being written; left behind only by a crash, removed by
+      `NodeStore.sweep_temp()` at startup.
+
+Durability (design decision 7, "nothing acknowledged is ever lost"): a blob is written to a
+temporary file in `blobs/`, fsynced, renamed into place and its directory fsynced
+(`BlobWriter.commit`), and only then is the row that names it committed (`enqueue`, `receive`
+refuse a blob that is not in place). The sender is acknowledged only after that commit returns.
+A crash at any point leaves either no row, or a row whose blob is complete; at worst a temporary
+file or an unreferenced complete blob, both harmless. Blobs are immutable and idempotent: the same
+content gets the same name, and committing a blob that already exists only checks the existing
+file (and replaces it if it had been corrupted).
+
+Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log keeps ISO strings):
+
+- meta(key, value)          schema version and `kind` = "node"
+- audit, audit_head         the node's hash-chained audit log (exchanged/store/audit.py)
+- roles, suspensions        who holds which role on this node (exchanged/roles.py)
+- outbox(id, doc_id UNIQUE, recipient, metadata, urgency, package_sha256, size, state,
+      created_at, updated_at, attempts, next_attempt_at, last_error, delivered_at,
+      delivery_receipt, signed_for_at, signed_for_receipt, reject_code, reject_message)
+      state: queued -> sending -> delivered -> signed-for; sending -> queued (schedule_retry,
+      recover); queued/sending -> failed (gave up); sending/delivered -> rejected (final, with
+      the peer's code and message); failed -> queued (requeue, by an operator)
+- inbox(id, sender, doc_id, metadata, urgency, package_sha256, size, state, received_at,
+      updated_at, delivery_receipt, signed_for_at, signed_for_receipt, signed_for_by)
+      UNIQUE(sender, doc_id); state: received -> signed-for (-> registered -> distributed,
+      reserved for the registry)
+
+`metadata` is canonical JSON; `urgency` is its "urgency" as a rank (0 extra-urgent, 1 urgent,
+2 normal) so that `due()` sorts in SQL. Receipts are the raw bytes the peer sent (CMS).
+
+Atomicity with the audit log: every mutating method runs in one transaction of its own, or —
+when called while the connection is already in a transaction — inside the caller's, under a
+SAVEPOINT (so a refused change leaves the caller's transaction as it was). A change and its
+audit entry therefore commit together like this:
+
+    with store.transaction():                 # cadb.Transaction: BEGIN IMMEDIATE ... COMMIT
+        store.mark_delivered(doc_id, receipt)
+        store.audit.append(action="document-delivered", obj=doc_id)
+
+The connection may be used from a worker thread (`trio.to_thread`), one thread at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import sqlite_utils
+
+from exchanged.roles import Roles
+from exchanged.store.audit import AuditLog, canonical
+from exchanged.store.cadb import StoreError, Transaction, one, rows
+
+SCHEMA_VERSION = 1
+DB_NAME = "node.db"
+BLOBS = "blobs"
+TEMP_PREFIX = ".tmp-"
+TEMP_SUFFIX = ".part"
+BLOB_MODE = 0o440  # immutable: nobody writes a blob after it is in place
+
+MAX_BLOB_SIZE = 1 << 30  # default limit of one package (1 GiB)
+CHUNK = 1 << 20  # read size when hashing a blob file
+
+URGENCY = {"extra-urgent": 0, "urgent": 1, "normal": 2}
+OUT_STATES = ("queued", "sending", "delivered", "signed-for", "rejected", "failed")
+IN_STATES = ("received", "signed-for", "registered", "distributed")
+
+BACKOFF_BASE = 2.0  # seconds
+BACKOFF_CAP = 600.0  # seconds
+MAX_ATTEMPTS = 1000
+MAX_AGE = 7 * 86400.0  # seconds since enqueue after which the node gives up
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL UNIQUE, recipient TEXT NOT NULL,
+    metadata TEXT NOT NULL, urgency INTEGER NOT NULL CHECK (urgency IN (0, 1, 2)),
+    package_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN
+        ('queued','sending','delivered','signed-for','rejected','failed')),
+    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, last_error TEXT,
+    delivered_at REAL, delivery_receipt BLOB, signed_for_at REAL, signed_for_receipt BLOB,
+    reject_code TEXT, reject_message TEXT);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL,
+    metadata TEXT NOT NULL, urgency INTEGER NOT NULL CHECK (urgency IN (0, 1, 2)),
+    package_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('received','signed-for','registered','distributed')),
+    received_at REAL NOT NULL, updated_at REAL NOT NULL, delivery_receipt BLOB,
+    signed_for_at REAL, signed_for_receipt BLOB, signed_for_by TEXT,
+    UNIQUE (sender, doc_id));
+CREATE INDEX IF NOT EXISTS inbox_doc ON inbox(doc_id);
+CREATE INDEX IF NOT EXISTS inbox_state ON inbox(state);
+"""
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def backoff_delay(attempts: int, rng: random.Random, *, base: float = BACKOFF_BASE,
+                  cap: float = BACKOFF_CAP) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(attempts-1))]
+    after the `attempts`-th failed attempt."""
+    ceiling = min(cap, base * 2.0 ** min(max(attempts - 1, 0), 60))
+    return rng.uniform(0.0, ceiling)
+
+
+class BlobWriter:
+    """Streams one blob into a temporary file while hashing it; `commit()` puts it in place.
+
+    Memory does not grow with the blob's size. Use as a context manager: leaving the block
+    without `commit()` (by an exception or not) removes the temporary file."""
+
+    def __init__(self, blobs: Path, max_size: int) -> None:
+        self._blobs = blobs
+        self.max_size = max_size
+        self.size = 0
+        self.sha256: str | None = None  # set by commit()
+        self._hash = hashlib.sha256()
+        try:
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=blobs)
+        except OSError as e:
+            raise StoreError(f"cannot create a blob file in {blobs}: {e.strerror}",
+                             code="io") from None
+        self.temp = Path(name)
+        self._file: Any = os.fdopen(fd, "wb")
+        self._open = True
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Append `chunk`; over `max_size` the blob is abandoned (StoreError "too-large")."""
+        if not self._open:
+            raise StoreError("this blob writer is already committed or aborted", code="closed")
+        n = memoryview(chunk).nbytes
+        if self.size + n > self.max_size:
+            self.abort()
+            raise StoreError(f"the document is larger than the limit of {self.max_size} bytes",
+                             code="too-large")
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            self.abort()
+            raise StoreError(f"cannot write blob file {self.temp}: {e.strerror}",
+                             code="io") from None
+        self._hash.update(chunk)
+        self.size += n
+
+    def commit(self, expect_sha256: str | None = None) -> str:
+        """fsync the data, rename it to blobs/ab/<sha256>, fsync the directory; returns the
+        SHA-256. With `expect_sha256`, content that does not match it is abandoned
+        (StoreError "hash-mismatch")."""
+        if not self._open:
+            raise StoreError("this blob writer is already committed or aborted", code="closed")
+        digest = self._hash.hexdigest()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            os.fchmod(self._file.fileno(), BLOB_MODE)
+            self._file.close()
+            if expect_sha256 is not None and expect_sha256 != digest:
+                raise StoreError(f"the content's SHA-256 is {digest}, not the announced "
+                                 f"{expect_sha256}: it was damaged in transit; send it again",
+                                 code="hash-mismatch")
+            final = self._blobs / digest[:2] / digest
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                fsync_dir(self._blobs)
+            if final.exists() and final.stat().st_size == self.size \
+                    and sha256_file(final) == digest:
+                self.temp.unlink()  # already in place and intact: nothing to do
+            else:  # new, or the file in place is damaged: (re)place it atomically
+                os.replace(self.temp, final)
+                fsync_dir(final.parent)
+        except OSError as e:
+            self.abort()
+            raise StoreError(f"cannot store blob {digest}: {e.strerror or e}", code="io") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        self.sha256 = digest
+        return digest
+
+    def abort(self) -> None:
+        """Abandon the blob and remove its temporary file; harmless to call twice."""
+        self._open = False
+        if not self._file.closed:
+            self._file.close()
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.sha256 is None:
+            self.abort()
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutItem:
+    """An outbox document ready to be sent (what `due()` returns)."""
+
+    doc_id: str
+    recipient: str
+    metadata: dict[str, Any]
+    package_sha256: str
+    size: int
+    urgency: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+
+
+def _urgency(metadata: dict[str, Any]) -> int:
+    if not isinstance(metadata, dict):
+        raise StoreError("document metadata must be a JSON object", code="bad-metadata")
+    value = metadata.get("urgency", "normal")
+    if value not in URGENCY:
+        raise StoreError(f"unknown urgency {value!r} (one of {', '.join(URGENCY)})",
+                         code="bad-metadata")
+    return URGENCY[value]
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    row["metadata"] = json.loads(row["metadata"])
+    row["urgency"] = next(k for k, v in URGENCY.items() if v == row["urgency"])
+    return row
+
+
+class NodeStore:
+    """A node's outbox, inbox, blobs, audit log and roles (see the module's docstring)."""
+
+    def __init__(self, db: sqlite_utils.Database, datadir: Path, *,
+                 max_attempts: int = MAX_ATTEMPTS, max_age: float = MAX_AGE,
+                 rng: random.Random | None = None) -> None:
+        self.db = db
+        self.datadir = datadir
+        self.blobs = datadir / BLOBS
+        self.audit = AuditLog(db)
+        self.max_attempts = max_attempts
+        self.max_age = max_age
+        self.rng = rng or random.Random()
+
+    @classmethod
+    def open(cls, datadir: Path, *, create: bool = True, max_attempts: int = MAX_ATTEMPTS,
+             max_age: float = MAX_AGE, rng: random.Random | None = None) -> NodeStore:
+        """Open the store in `datadir` (with `create`, make it if it is not there).
+
+        `max_attempts` failed attempts or `max_age` seconds after enqueue, a document is given
+        up ('failed'). `rng` is the jitter's source (tests pass a seeded one)."""
+        datadir = Path(datadir)
+        path = datadir / DB_NAME
+        if not create and not path.exists():
+            raise StoreError(f"no node store at {path}: initialise the node first, or give the "
+                             "right data directory", code="no-store")
+        try:
+            if create:
+                datadir.mkdir(parents=True, exist_ok=True)
+                if not (datadir / BLOBS).is_dir():
+                    (datadir / BLOBS).mkdir()
+                    fsync_dir(datadir)
+            conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
+                                   check_same_thread=False)
+        except OSError as e:
+            raise StoreError(f"cannot create the node store in {datadir}: {e.strerror}",
+                             code="io") from None
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = sqlite_utils.Database(conn)
+            if create:
+                conn.executescript(_SCHEMA)
+                AuditLog.create(db)
+                Roles.create(db)
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES "
+                             "('schema_version', ?), ('kind', 'node')", [str(SCHEMA_VERSION)])
+            found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                                 ).fetchone()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"the node database {path} cannot be read ({e}); restore it from "
+                             "a backup", code="corrupt-db") from None
+        version = found[0] if found else None
+        if version != str(SCHEMA_VERSION):
+            conn.close()
+            raise StoreError(f"the node database {path} has schema version {version}; this "
+                             f"exchanged expects {SCHEMA_VERSION}", code="schema")
+        if not (datadir / BLOBS).is_dir():
+            conn.close()
+            raise StoreError(f"the blob directory {datadir / BLOBS} is missing: restore it "
+                             "from a backup", code="missing-blob")
+        return cls(db, datadir, max_attempts=max_attempts, max_age=max_age, rng=rng)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> NodeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def transaction(self) -> Transaction:
+        """`with store.transaction():` groups changes and audit entries into one commit."""
+        return Transaction(self.db)
+
+    @contextmanager
+    def _change(self) -> Iterator[None]:
+        """A transaction of our own, or a savepoint inside the caller's."""
+        if not self.db.conn.in_transaction:
+            with Transaction(self.db):
+                yield
+            return
+        self.db.execute("SAVEPOINT nodedb")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO nodedb")
+            self.db.execute("RELEASE nodedb")
+            raise
+        self.db.execute("RELEASE nodedb")
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def blob_writer(self, max_size: int = MAX_BLOB_SIZE) -> BlobWriter:
+        """A writer for a new blob of at most `max_size` bytes."""
+        return BlobWriter(self.blobs, max_size)
+
+    def blob_path(self, sha256: str) -> Path:
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise StoreError(f"{sha256!r} is not a SHA-256 (64 lower-case hex digits)",
+                             code="bad-hash")
+        return self.blobs / sha256[:2] / sha256
+
+    def check_blob(self, sha256: str) -> None:
+        """Re-hash a blob; StoreError "missing-blob" or "corrupt-blob" if it is not intact."""
+        path = self.blob_path(sha256)
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            raise StoreError(f"blob file {path} is missing: restore {self.blobs} from a "
+                             "backup, or ask the sender to send the document again",
+                             code="missing-blob") from None
+        if actual != sha256:
+            raise StoreError(f"blob file {path} no longer matches its SHA-256 (its content "
+                             f"hashes to {actual}: disk damage or tampering): restore it from a "
+                             "backup, or ask the sender to send the document again",
+                             code="corrupt-blob")
+
+    def sweep_temp(self, older_than: float = 0.0) -> int:
+        """Remove temporary blob files left by a crash (call at startup); with `older_than`,
+        only those not modified for that many seconds. Returns how many were removed."""
+        removed = 0
+        limit = time.time() - older_than
+        for p in self.blobs.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+            try:
+                if older_than <= 0 or p.stat().st_mtime < limit:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _require_blob(self, sha256: str, size: int) -> None:
+        path = self.blob_path(sha256)
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreError(f"blob {sha256} is not stored (expected at {path}): commit the "
+                             "package's blob before recording the document",
+                             code="missing-blob") from None
+        if actual != size:
+            raise StoreError(f"blob {sha256} has {actual} bytes, not the {size} given",
+                             code="size-mismatch")
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    def enqueue(self, *, doc_id: str, recipient: str, metadata: dict[str, Any],
+                package_sha256: str, size: int) -> bool:
+        """Queue a document whose package blob is already committed; due at once.
+
+        Idempotent by `doc_id`: True if queued now, False if it was already there with the
+        same package and recipient; anything else under that id is StoreError "id-conflict"."""
+        urgency = _urgency(metadata)
+        self._require_blob(package_sha256, size)
+        with self._change():
+            old = one(self.db, "SELECT recipient, package_sha256, size FROM outbox "
+                      "WHERE doc_id = ?", [doc_id])
+            if old is not None:
+                if (old["recipient"], old["package_sha256"], old["size"]) \
+                        != (recipient, package_sha256, size):
+                    raise StoreError(f"document id {doc_id} is already used for a different "
+                                     f"document (to {old['recipient']}, package "
+                                     f"{old['package_sha256']}); give the new one its own id",
+                                     code="id-conflict")
+                return False
+            now = time.time()
+            self.db.execute(
+                "INSERT INTO outbox (doc_id, recipient, metadata, urgency, package_sha256, "
+                "size, state, created_at, updated_at, attempts, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, 0, ?)",
+                [doc_id, recipient, canonical(metadata).decode(), urgency, package_sha256,
+                 size, now, now, now])
+        return True
+
+    def due(self, now: float, limit: int = 100) -> list[OutItem]:
+        """Queued documents whose time has come: most urgent first, then oldest first."""
+        found = rows(self.db,
+                     "SELECT doc_id, recipient, metadata, package_sha256, size, urgency, "
+                     "attempts, created_at, next_attempt_at FROM outbox "
+                     "WHERE state = 'queued' AND next_attempt_at <= ? "
+                     "ORDER BY urgency, created_at, id LIMIT ?", [now, limit])
+        return [OutItem(**_decode(r)) for r in found]
+
+    def next_due_time(self) -> float | None:
+        """When the next queued document falls due (possibly in the past); None if none."""
+        found = self.db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'queued'"
+                                ).fetchone()
+        return None if found[0] is None else float(found[0])
+
+    def _move_out(self, doc_id: str, action: str, allowed: tuple[str, ...], new: str,
+                  **cols: Any) -> dict[str, Any]:
+        """Check the item's state is one of `allowed`, then set `new` and `cols`; returns the
+        row as it was. Call inside `_change()`."""
+        row = one(self.db, "SELECT * FROM outbox WHERE doc_id = ?", [doc_id])
+        if row is None:
+            raise StoreError(f"no document {doc_id} in the outbox", code="not-found")
+        if row["state"] not in allowed:
+            raise StoreError(f"cannot {action} document {doc_id}: it is {row['state']}, not "
+                             f"{' or '.join(allowed)}", code="bad-state")
+        sets = {"state": new, "updated_at": time.time(), **cols}
+        self.db.execute(f"UPDATE outbox SET {', '.join(f'{k} = ?' for k in sets)} "
+                        "WHERE doc_id = ?", [*sets.values(), doc_id])
+        return row
+
+    def mark_sending(self, doc_id: str) -> None:
+        """queued -> sending: the node is about to transmit it."""
+        with self._change():
+            self._move_out(doc_id, "send", ("queued",), "sending")
+
+    def mark_delivered(self, doc_id: str, receipt: bytes | None) -> None:
+        """sending -> delivered: the recipient's node acknowledged it (with its receipt)."""
+        with self._change():
+            self._move_out(doc_id, "mark delivered", ("sending",), "delivered",
+                           delivered_at=time.time(), delivery_receipt=receipt,
+                           next_attempt_at=None)
+
+    def mark_signed_for(self, doc_id: str, receipt: bytes) -> None:
+        """delivered -> signed-for: a receiver signed for it (their signed receipt)."""
+        with self._change():
+            self._move_out(doc_id, "mark signed for", ("delivered",), "signed-for",
+                           signed_for_at=time.time(), signed_for_receipt=receipt)
+
+    def mark_rejected(self, doc_id: str, code: str, message: str) -> None:
+        """sending/delivered -> rejected (final): the recipient refused it; `code` and
+        `message` are the recipient's, kept for the sender to see."""
+        with self._change():
+            self._move_out(doc_id, "mark rejected", ("sending", "delivered"), "rejected",
+                           reject_code=code, reject_message=message, next_attempt_at=None)
+
+    def schedule_retry(self, doc_id: str, error: str, now: float) -> float | None:
+        """An attempt failed (queued or sending -> queued): count it, record `error`, and
+        schedule the next one with exponential backoff and full jitter; returns its time.
+        After `max_attempts` attempts or `max_age` seconds the document is 'failed' and
+        None is returned."""
+        with self._change():
+            row = one(self.db, "SELECT attempts, created_at FROM outbox WHERE doc_id = ?",
+                      [doc_id])
+            attempts = (row["attempts"] if row else 0) + 1
+            if row is not None and (attempts >= self.max_attempts
+                                    or now - row["created_at"] >= self.max_age):
+                self._move_out(doc_id, "retry", ("queued", "sending"), "failed",
+                               attempts=attempts, last_error=error, next_attempt_at=None)
+                return None
+            at = now + backoff_delay(attempts, self.rng)
+            self._move_out(doc_id, "retry", ("queued", "sending"), "queued",
+                           attempts=attempts, last_error=error, next_attempt_at=at)
+        return at
+
+    def requeue(self, doc_id: str, now: float) -> None:
+        """failed -> queued (an operator's decision): due at `now`, attempts counted afresh,
+        and `max_age` counted from now."""
+        with self._change():
+            self._move_out(doc_id, "requeue", ("failed",), "queued", attempts=0,
+                           next_attempt_at=now, created_at=now)
+
+    def recover(self, now: float | None = None) -> int:
+        """At startup: documents left 'sending' by a crash go back to 'queued', due now (the
+        recipient recognises a repeat by its id). Not counted as a failed attempt. Returns
+        how many."""
+        now = time.time() if now is None else now
+        with self._change():
+            cur = self.db.execute("UPDATE outbox SET state = 'queued', next_attempt_at = ?, "
+                                  "updated_at = ?, last_error = 'interrupted by a restart' "
+                                  "WHERE state = 'sending'", [now, now])
+            return int(cur.rowcount)
+
+    def outbox(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every outbox row (optionally in one state), oldest first."""
+        if state is not None and state not in OUT_STATES:
+            raise StoreError(f"unknown outbox state {state!r} (one of {', '.join(OUT_STATES)})",
+                             code="bad-state")
+        where, params = ("WHERE state = ?", [state]) if state else ("", [])
+        return [_decode(r) for r in rows(self.db, f"SELECT * FROM outbox {where} ORDER BY id",
+                                         params)]
+
+    def out_item(self, doc_id: str) -> dict[str, Any]:
+        row = one(self.db, "SELECT * FROM outbox WHERE doc_id = ?", [doc_id])
+        if row is None:
+            raise StoreError(f"no document {doc_id} in the outbox", code="not-found")
+        return _decode(row)
+
+    # -- inbox ----------------------------------------------------------------------------------
+
+    def receive(self, *, doc_id: str, sender: str, metadata: dict[str, Any],
+                package_sha256: str, size: int, delivery_receipt: bytes | None = None) -> bool:
+        """Record a received document whose package blob is already committed.
+
+        True if new; False if this (sender, doc_id) was already received with the same
+        package (acknowledge it again: `in_item()` has the stored delivery receipt); a
+        different package under it is StoreError "id-conflict"."""
+        urgency = _urgency(metadata)
+        self._require_blob(package_sha256, size)
+        with self._change():
+            old = one(self.db, "SELECT package_sha256 FROM inbox WHERE sender = ? AND "
+                      "doc_id = ?", [sender, doc_id])
+            if old is not None:
+                if old["package_sha256"] != package_sha256:
+                    raise StoreError(f"{sender} already sent a different document under the id "
+                                     f"{doc_id}; it must give the new one its own id",
+                                     code="id-conflict")
+                return False
+            now = time.time()
+            self.db.execute(
+                "INSERT INTO inbox (sender, doc_id, metadata, urgency, package_sha256, size, "
+                "state, received_at, updated_at, delivery_receipt) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?)",
+                [sender, doc_id, canonical(metadata).decode(), urgency, package_sha256, size,
+                 now, now, delivery_receipt])
+        return True
+
+    def _in_row(self, doc_id: str, sender: str | None) -> dict[str, Any]:
+        if sender is None:
+            found = rows(self.db, "SELECT * FROM inbox WHERE doc_id = ?", [doc_id])
+        else:
+            found = rows(self.db, "SELECT * FROM inbox WHERE doc_id = ? AND sender = ?",
+                         [doc_id, sender])
+        if not found:
+            raise StoreError(f"no document {doc_id} in the inbox"
+                             + (f" from {sender}" if sender else ""), code="not-found")
+        if len(found) > 1:
+            raise StoreError(f"{len(found)} senders sent a document {doc_id} (from "
+                             f"{', '.join(r['sender'] for r in found)}): say which sender",
+                             code="ambiguous")
+        return found[0]
+
+    def in_item(self, doc_id: str, sender: str | None = None) -> dict[str, Any]:
+        """The inbox row of `doc_id` (ids are the senders', so give `sender` if two senders
+        used the same id: StoreError "ambiguous")."""
+        return _decode(self._in_row(doc_id, sender))
+
+    def mark_in_signed_for(self, doc_id: str, receipt: bytes, by_serial: str, *,
+                           sender: str | None = None) -> None:
+        """received -> signed-for: a receiver (certificate serial `by_serial`) signed for it;
+        `receipt` is their signed receipt, to be sent back to the sender."""
+        with self._change():
+            row = self._in_row(doc_id, sender)
+            if row["state"] != "received":
+                raise StoreError(f"cannot sign for document {doc_id}: it is {row['state']}, "
+                                 "not received", code="bad-state")
+            now = time.time()
+            self.db.execute("UPDATE inbox SET state = 'signed-for', signed_for_at = ?, "
+                            "signed_for_receipt = ?, signed_for_by = ?, updated_at = ? "
+                            "WHERE id = ?", [now, receipt, by_serial, now, row["id"]])
+
+    def inbox(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every inbox row (optionally in one state), oldest first."""
+        if state is not None and state not in IN_STATES:
+            raise StoreError(f"unknown inbox state {state!r} (one of {', '.join(IN_STATES)})",
+                             code="bad-state")
+        where, params = ("WHERE state = ?", [state]) if state else ("", [])
+        return [_decode(r) for r in rows(self.db, f"SELECT * FROM inbox {where} ORDER BY id",
+                                         params)]
+
+    # -- overview -------------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """{"outbox": {state: count}, "inbox": {state: count}, "blobs": n, "blob_bytes": b};
+        every state is listed; blobs counts the distinct packages the rows name."""
+        out: dict[str, Any] = {}
+        for table, states in (("outbox", OUT_STATES), ("inbox", IN_STATES)):
+            counts = dict.fromkeys(states, 0)
+            for state, n in self.db.execute(f"SELECT state, COUNT(*) FROM {table} "
+                                            "GROUP BY state"):
+                counts[state] = n
+            out[table] = counts
+        n, total = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM (SELECT package_sha256, size FROM "
+            "outbox UNION SELECT package_sha256, size FROM inbox)").fetchone()
+        out["blobs"], out["blob_bytes"] = int(n), int(total)
+        return out
+
+
+__all__ = ["BlobWriter", "NodeStore", "OutItem", "StoreError", "backoff_delay", "math"]
