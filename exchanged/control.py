@@ -225,7 +225,7 @@ async def _export(node: Node, req: dict[str, Any]) -> dict[str, Any]:
             files.append(f.name)
         (dest / "metadata.json").write_text(json.dumps(manifest.metadata.to_dict(), indent=2,
                                                        ensure_ascii=False) + "\n")
-        for name in ("delivery_receipt", "signed_receipt"):
+        for name in ("delivery_receipt", "signed_for_receipt"):
             if item.get(name):
                 (dest / f"{name}.cms").write_bytes(item[name])
                 files.append(f"{name}.cms")

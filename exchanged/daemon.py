@@ -480,7 +480,8 @@ class Node:
         await self._send(tls, conn.send(proto.DeliverReceipt(r["doc_id"], r["receipt"])))
         answer = await self._response(tls, conn)
         await self.db(self.store.mark_receipt_returned, r["doc_id"],
-                      isinstance(answer, proto.ReceiptAccepted))
+                      isinstance(answer, proto.ReceiptAccepted), sender=r["sender"],
+                      error=getattr(answer, "message", None) or "refused")
 
     async def _response(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection) -> Any:
         while True:

@@ -3,8 +3,8 @@
 A node keeps everything in its data directory:
 
 - `node.db`    one SQLite file, WAL mode, synchronous=FULL, foreign keys on (as the CA's);
-- `blobs/ab/abcdef…`   document packages, one immutable file each, named by the SHA-256 (lower-case
-      hex) of its content, in a sub-directory named by the first two hex digits;
+- `blobs/ab/abcdef…`   document packages, one immutable file each (mode 0440), named by the
+      SHA-256 (lower-case hex) of its content, in a sub-directory named by its first two digits;
 - `blobs/.tmp-*.part`  blobs being written; left behind only by a crash, removed by
       `NodeStore.sweep_temp()` at startup.
 
@@ -23,15 +23,20 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
 - audit, audit_head         the node's hash-chained audit log (exchanged/store/audit.py)
 - roles, suspensions        who holds which role on this node (exchanged/roles.py)
 - outbox(id, doc_id UNIQUE, recipient, metadata, urgency, package_sha256, size, state,
-      created_at, updated_at, attempts, next_attempt_at, last_error, delivered_at,
+      created_at, queued_at, updated_at, attempts, next_attempt_at, last_error, delivered_at,
       delivery_receipt, signed_for_at, signed_for_receipt, reject_code, reject_message)
       state: queued -> sending -> delivered -> signed-for; sending -> queued (schedule_retry,
       recover); queued/sending -> failed (gave up); sending/delivered -> rejected (final, with
-      the peer's code and message); failed -> queued (requeue, by an operator)
+      the peer's code and message); failed -> queued (requeue, by an operator).
+      `attempts` and `max_age` count from `queued_at` (the enqueue, or the last requeue).
 - inbox(id, sender, doc_id, metadata, urgency, package_sha256, size, state, received_at,
-      updated_at, delivery_receipt, signed_for_at, signed_for_receipt, signed_for_by)
+      updated_at, delivery_receipt, signed_for_at, signed_for_receipt, signed_for_by,
+      receipt_attempts, receipt_next_at, receipt_error, receipt_returned_at)
       UNIQUE(sender, doc_id); state: received -> signed-for (-> registered -> distributed,
-      reserved for the registry)
+      reserved for the registry). The signed-for receipt goes back to the sender
+      store-and-forward too: `receipts_to_return()` lists those not yet accepted by the sender
+      whose `receipt_next_at` has come; `mark_receipt_returned()` records the sender's answer
+      (a refusal is retried with the same backoff as documents, never given up).
 
 `metadata` is canonical JSON; `urgency` is its "urgency" as a rank (0 extra-urgent, 1 urgent,
 2 normal) so that `due()` sorts in SQL. Receipts are the raw bytes the peer sent (CMS).
@@ -52,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -101,11 +105,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     package_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN
         ('queued','sending','delivered','signed-for','rejected','failed')),
-    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    created_at REAL NOT NULL, queued_at REAL NOT NULL, updated_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, last_error TEXT,
     delivered_at REAL, delivery_receipt BLOB, signed_for_at REAL, signed_for_receipt BLOB,
     reject_code TEXT, reject_message TEXT);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, recipient, next_attempt_at);
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL,
     metadata TEXT NOT NULL, urgency INTEGER NOT NULL CHECK (urgency IN (0, 1, 2)),
@@ -113,7 +117,11 @@ CREATE TABLE IF NOT EXISTS inbox (
     state TEXT NOT NULL CHECK (state IN ('received','signed-for','registered','distributed')),
     received_at REAL NOT NULL, updated_at REAL NOT NULL, delivery_receipt BLOB,
     signed_for_at REAL, signed_for_receipt BLOB, signed_for_by TEXT,
+    receipt_attempts INTEGER NOT NULL DEFAULT 0, receipt_next_at REAL, receipt_error TEXT,
+    receipt_returned_at REAL,
     UNIQUE (sender, doc_id));
+CREATE INDEX IF NOT EXISTS inbox_receipts ON inbox(sender, receipt_next_at)
+    WHERE receipt_next_at IS NOT NULL AND receipt_returned_at IS NULL;
 CREATE INDEX IF NOT EXISTS inbox_doc ON inbox(doc_id);
 CREATE INDEX IF NOT EXISTS inbox_state ON inbox(state);
 """
@@ -443,25 +451,36 @@ class NodeStore:
             now = time.time()
             self.db.execute(
                 "INSERT INTO outbox (doc_id, recipient, metadata, urgency, package_sha256, "
-                "size, state, created_at, updated_at, attempts, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, 0, ?)",
+                "size, state, created_at, queued_at, updated_at, attempts, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, 0, ?)",
                 [doc_id, recipient, canonical(metadata).decode(), urgency, package_sha256,
-                 size, now, now, now])
+                 size, now, now, now, now])
         return True
 
-    def due(self, now: float, limit: int = 100) -> list[OutItem]:
-        """Queued documents whose time has come: most urgent first, then oldest first."""
+    def due(self, now: float, limit: int = 100, *, recipient: str | None = None
+            ) -> list[OutItem]:
+        """Queued documents (for `recipient`, or all) whose time has come: most urgent
+        first, then oldest first."""
+        where, params = ("AND recipient = ? ", [recipient]) if recipient is not None else ("", [])
         found = rows(self.db,
                      "SELECT doc_id, recipient, metadata, package_sha256, size, urgency, "
                      "attempts, created_at, next_attempt_at FROM outbox "
-                     "WHERE state = 'queued' AND next_attempt_at <= ? "
-                     "ORDER BY urgency, created_at, id LIMIT ?", [now, limit])
+                     f"WHERE state = 'queued' {where}AND next_attempt_at <= ? "
+                     "ORDER BY urgency, created_at, id LIMIT ?", [*params, now, limit])
         return [OutItem(**_decode(r)) for r in found]
 
-    def next_due_time(self) -> float | None:
-        """When the next queued document falls due (possibly in the past); None if none."""
-        found = self.db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'queued'"
-                                ).fetchone()
+    def next_due_time(self, *, recipient: str | None = None) -> float | None:
+        """When something next falls due to go to `recipient` (or anyone): a queued document,
+        or a signed-for receipt to return (see `receipts_to_return`). Possibly in the past;
+        None if nothing is waiting."""
+        out_where, in_where, params = "", "", []
+        if recipient is not None:
+            out_where, in_where, params = "AND recipient = ?", "AND sender = ?", [recipient]
+        found = self.db.execute(
+            "SELECT MIN(t) FROM ("
+            f"SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'queued' {out_where} "
+            "UNION ALL SELECT MIN(receipt_next_at) FROM inbox WHERE receipt_next_at IS NOT NULL "
+            f"AND receipt_returned_at IS NULL {in_where})", [*params, *params]).fetchone()
         return None if found[0] is None else float(found[0])
 
     def _move_out(self, doc_id: str, action: str, allowed: tuple[str, ...], new: str,
@@ -510,11 +529,11 @@ class NodeStore:
         After `max_attempts` attempts or `max_age` seconds the document is 'failed' and
         None is returned."""
         with self._change():
-            row = one(self.db, "SELECT attempts, created_at FROM outbox WHERE doc_id = ?",
+            row = one(self.db, "SELECT attempts, queued_at FROM outbox WHERE doc_id = ?",
                       [doc_id])
             attempts = (row["attempts"] if row else 0) + 1
             if row is not None and (attempts >= self.max_attempts
-                                    or now - row["created_at"] >= self.max_age):
+                                    or now - row["queued_at"] >= self.max_age):
                 self._move_out(doc_id, "retry", ("queued", "sending"), "failed",
                                attempts=attempts, last_error=error, next_attempt_at=None)
                 return None
@@ -528,7 +547,7 @@ class NodeStore:
         and `max_age` counted from now."""
         with self._change():
             self._move_out(doc_id, "requeue", ("failed",), "queued", attempts=0,
-                           next_attempt_at=now, created_at=now)
+                           next_attempt_at=now, queued_at=now, last_error=None)
 
     def recover(self, now: float | None = None) -> int:
         """At startup: documents left 'sending' by a crash go back to 'queued', due now (the
@@ -608,7 +627,7 @@ class NodeStore:
     def mark_in_signed_for(self, doc_id: str, receipt: bytes, by_serial: str, *,
                            sender: str | None = None) -> None:
         """received -> signed-for: a receiver (certificate serial `by_serial`) signed for it;
-        `receipt` is their signed receipt, to be sent back to the sender."""
+        `receipt` is their signed receipt, due at once to be returned to the sender."""
         with self._change():
             row = self._in_row(doc_id, sender)
             if row["state"] != "received":
@@ -616,8 +635,43 @@ class NodeStore:
                                  "not received", code="bad-state")
             now = time.time()
             self.db.execute("UPDATE inbox SET state = 'signed-for', signed_for_at = ?, "
-                            "signed_for_receipt = ?, signed_for_by = ?, updated_at = ? "
-                            "WHERE id = ?", [now, receipt, by_serial, now, row["id"]])
+                            "signed_for_receipt = ?, signed_for_by = ?, updated_at = ?, "
+                            "receipt_next_at = ? WHERE id = ?",
+                            [now, receipt, by_serial, now, now, row["id"]])
+
+    def receipts_to_return(self, sender: str | None = None, now: float | None = None,
+                           limit: int = 100) -> list[dict[str, Any]]:
+        """Signed-for receipts that `sender` (or any sender) has not accepted yet and whose
+        time has come, oldest first: [{"doc_id", "sender", "receipt", "attempts"}]."""
+        now = time.time() if now is None else now
+        where, params = ("AND sender = ? ", [sender]) if sender is not None else ("", [])
+        return rows(self.db,
+                    "SELECT doc_id, sender, signed_for_receipt AS receipt, "
+                    "receipt_attempts AS attempts FROM inbox WHERE receipt_next_at IS NOT NULL "
+                    f"AND receipt_returned_at IS NULL {where}AND receipt_next_at <= ? "
+                    "ORDER BY receipt_next_at, id LIMIT ?", [*params, now, limit])
+
+    def mark_receipt_returned(self, doc_id: str, accepted: bool, *, sender: str | None = None,
+                              error: str = "refused by the sender",
+                              now: float | None = None) -> float | None:
+        """The sender's answer to a returned signed-for receipt. Accepted: done (None).
+        Otherwise it is tried again after the documents' backoff; returns when."""
+        now = time.time() if now is None else now
+        with self._change():
+            row = self._in_row(doc_id, sender)
+            if row["receipt_next_at"] is None or row["receipt_returned_at"] is not None:
+                raise StoreError(f"document {doc_id} has no signed-for receipt waiting to be "
+                                 "returned", code="bad-state")
+            if accepted:
+                self.db.execute("UPDATE inbox SET receipt_returned_at = ?, receipt_error = NULL,"
+                                " updated_at = ? WHERE id = ?", [now, now, row["id"]])
+                return None
+            attempts = row["receipt_attempts"] + 1
+            at = now + backoff_delay(attempts, self.rng)
+            self.db.execute("UPDATE inbox SET receipt_attempts = ?, receipt_next_at = ?, "
+                            "receipt_error = ?, updated_at = ? WHERE id = ?",
+                            [attempts, at, error, now, row["id"]])
+        return at
 
     def inbox(self, state: str | None = None) -> list[dict[str, Any]]:
         """Every inbox row (optionally in one state), oldest first."""
@@ -647,4 +701,4 @@ class NodeStore:
         return out
 
 
-__all__ = ["BlobWriter", "NodeStore", "OutItem", "StoreError", "backoff_delay", "math"]
+__all__ = ["BlobWriter", "NodeStore", "OutItem", "StoreError", "backoff_delay"]
