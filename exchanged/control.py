@@ -216,14 +216,14 @@ async def _export(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=node.config.data_dir, prefix=".export-"))
     try:
-        manifest, _ = await trio.to_thread.run_sync(lambda: pkg.read(
+        received = await trio.to_thread.run_sync(lambda: pkg.read(
             node.store.blob_path(item["package_sha256"]), work, issuer=node.ca_cert,
-            max_size=node.config.limits.max_document_bytes))
+            max_file_size=node.config.limits.max_document_bytes))
         files = []
         for f in work.iterdir():
             shutil.copyfile(f, dest / f.name)
             files.append(f.name)
-        (dest / "metadata.json").write_text(json.dumps(manifest.metadata.to_dict(), indent=2,
+        (dest / "metadata.json").write_text(json.dumps(received.metadata.to_dict(), indent=2,
                                                        ensure_ascii=False) + "\n")
         for name in ("delivery_receipt", "signed_for_receipt"):
             if item.get(name):

@@ -43,6 +43,8 @@ from exchanged.transport.tlskey import make_context, peer_certificate_chain
 log = logging.getLogger("exchanged")
 T = TypeVar("T")
 CHUNK = 64 * 1024
+# Refusals that say "not now" rather than "never": the document is sent again later.
+TRANSIENT = frozenset({"busy", "timeout", "internal-error", "truncated"})
 
 
 class Node:
@@ -234,13 +236,14 @@ class Node:
             await trio.aclose_forcefully(stream)
             return
         try:
-            await self._serve_requests(tls, peer)
+            await self._serve_requests(tls, peer, peer_certificate_chain(tls._ssl_object)[0])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             await trio.aclose_forcefully(tls)
 
-    async def _serve_requests(self, tls: trio.SSLStream[Any], peer: Peer) -> None:
+    async def _serve_requests(self, tls: trio.SSLStream[Any], peer: Peer,
+                              leaf: x509.Certificate) -> None:
         limits = self.config.limits
         conn = proto.ServerConnection(max_body_size=limits.max_document_bytes)
         writer = None
@@ -279,7 +282,7 @@ class Node:
                     await trio.to_thread.run_sync(writer.write, event.data)
                 elif isinstance(event, proto.BodyEnd):
                     assert writer is not None and submit is not None
-                    answer = await self._received(peer, submit, event, writer)
+                    answer = await self._received(peer, leaf, submit, event, writer)
                     writer, submit = None, None
                     self.active_transfers -= 1
                     await self._send(tls, conn.send(answer))
@@ -297,8 +300,8 @@ class Node:
             with trio.fail_after(self.config.limits.read_timeout):
                 await tls.send_all(data)
 
-    async def _received(self, peer: Peer, submit: proto.SubmitDocument, end: proto.BodyEnd,
-                        writer: Any) -> proto.Acknowledge | proto.Reject:
+    async def _received(self, peer: Peer, leaf: x509.Certificate, submit: proto.SubmitDocument,
+                        end: proto.BodyEnd, writer: Any) -> proto.Acknowledge | proto.Reject:
         """A whole package has arrived: check it, store it, acknowledge with a signed receipt."""
         doc = submit.doc_id
         if not end.digest_ok:
@@ -308,14 +311,19 @@ class Node:
         sha = await self.db(writer.commit)
         workdir = Path(tempfile.mkdtemp(dir=self.config.data_dir, prefix=".unpack-"))
         try:
-            manifest, signer = await trio.to_thread.run_sync(
+            received = await trio.to_thread.run_sync(
                 lambda: pkg.read(self.store.blob_path(sha), workdir, issuer=self.ca_cert,
-                                 max_size=self.config.limits.max_document_bytes))
+                                 max_file_size=self.config.limits.max_document_bytes,
+                                 expected_recipient=self.config.unit))
         except ExchangedError as e:
             return await self._refuse(peer, doc, _reason(e.code), str(e))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        meta = manifest.metadata
+        meta = received.metadata
+        if received.signer != leaf:  # signed by the very node that is talking to us
+            return await self._refuse(peer, doc, "wrong-sender", "the package is signed by "
+                                      f"{received.signer.subject.rfc4514_string()}, not by the "
+                                      "node that sent it")
         if meta.doc_id != doc or meta.sender != peer.unit or meta.recipient != self.config.unit:
             return await self._refuse(peer, doc, "bad-form",
                                       f"the package is {meta.doc_id} from {meta.sender} to "
@@ -461,6 +469,10 @@ class Node:
         await self.db(self._record_answer, item, answer)
 
     def _record_answer(self, item: Any, answer: Any) -> None:
+        if isinstance(answer, proto.Reject) and answer.code in TRANSIENT:
+            self.store.schedule_retry(item.doc_id, f"{answer.code}: {answer.message}",
+                                      time.time())
+            return
         with self.store.transaction():
             if isinstance(answer, proto.Acknowledge):
                 self.store.mark_delivered(item.doc_id, answer.receipt)

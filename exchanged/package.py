@@ -58,14 +58,15 @@ Errors are `PackageError` (an `ExchangedError`) with these codes:
 ``bad-form``        metadata invalid, or the editable file is not an allowed kind (N4)
 ``not-pdf``         the PDF scan is not a PDF (N4)
 ``classified``      a classified document to or from another unit (A38)
-``too-large``       a file over ``max_file_size`` (or the ustar limit)
+``too-large``       a file over ``max_file_size`` (or the ustar limit), a manifest or
+                    signature over 64 KiB
 ``bad-package``     not a well-formed package: truncated, extra/odd members, bad manifest
 ``bad-signature``   the manifest's signature does not verify against the CA certificate
 ``digest-mismatch`` a file's size or SHA-256 differs from the signed manifest
 ``wrong-sender``    the sender is not ``expected_sender``, or the signer is not the sender
 ``wrong-recipient`` the recipient is not ``expected_recipient``
 ``key-mismatch``    `build`: the certificate is not for the token key
-``unreadable``      `build` and the sniffers: an input path that is not a readable regular file
+``unreadable``      a path given (files, package) that is not a readable regular file
 ``file-changed``    `build`: an input file changed while it was being packaged
 ==================  ===============================================================
 """

@@ -119,6 +119,11 @@ REASON_CODES: Final[Mapping[str, int]] = MappingProxyType({
     "classified": 422,
     "digest-mismatch": 422,
     "bad-receipt": 422,
+    # The package itself: malformed, its signature, or sent by or to the wrong unit.
+    "bad-package": 422,
+    "bad-signature": 422,
+    "wrong-sender": 403,
+    "wrong-recipient": 422,
     "headers-too-large": 431,
     "internal-error": 500,
     "not-implemented": 501,
