@@ -177,7 +177,9 @@ def main() -> int:
         d.stop()
 
 
-def run(d: Demo) -> int:
+def setup(d: Demo) -> dict[str, str]:
+    """Tokens, the CA, certificates for both nodes and a receiver, both configurations (the
+    daemons are not started). Returns the office node's serial and both configuration paths."""
     d.say("Tokens: the CA's, its three officials', two nodes', and office's receiver's")
     out = d.run(["bash", str(ROOT / "softhsm-setup.sh"), str(d.tok), "ca", "admin", "officer",
                  "auditor", "finance-node", "office-node", "receiver"], quiet=True)
@@ -206,6 +208,13 @@ def run(d: Demo) -> int:
              {"office": (pb, "node-office", "General Office Archives")})
     d.config("office", "General Office Archives", "office-node", pb,
              {"finance": (pa, "node-finance", "Finance Bureau")})
+    return {"office_serial": office_serial, "finance": str(d.work / "finance" / "exchanged.toml"),
+            "office": str(d.work / "office" / "exchanged.toml")}
+
+
+def run(d: Demo) -> int:
+    net = setup(d)
+    office_serial = net["office_serial"]
     d.start("finance")
     d.start("office")
 
