@@ -118,11 +118,11 @@ class Demo:
             tmp.replace(self.work / unit / "ca.crl")
 
     def start(self, unit: str) -> None:
-        log = open(self.work / unit / "daemon.log", "ab")
         cfg = str(self.work / unit / "exchanged.toml")
-        self.daemons[unit] = subprocess.Popen(EXCHANGED + ["serve", "--config", cfg],
-                                              cwd=self.work, env=self.env, stdout=log,
-                                              stderr=subprocess.STDOUT)
+        with open(self.work / unit / "daemon.log", "ab") as log:  # the child keeps its own fd
+            self.daemons[unit] = subprocess.Popen(EXCHANGED + ["serve", "--config", cfg],
+                                                  cwd=self.work, env=self.env, stdout=log,
+                                                  stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.daemons[unit].poll() is not None:

@@ -1,0 +1,213 @@
+"""The daemon through its real parts: SoftHSM keys on both sides, TLS on loopback sockets,
+SQLite on disk, openssl s_client as an independent peer, SIGKILL at random moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from demo_network import Demo, setup  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = Demo(tmp_path_factory.mktemp("net"))
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        paths = setup(d)
+    for unit in ("finance", "office"):  # tests want short timeouts
+        cfg = d.work / unit / "exchanged.toml"
+        cfg.write_text(cfg.read_text().replace("read_timeout = 10", "read_timeout = 2"))
+    yield d, paths
+    d.stop()
+
+
+@pytest.fixture
+def demo(net):  # type: ignore[no-untyped-def]
+    d, paths = net
+    yield d, paths
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        d.stop()
+    d.daemons.clear()
+
+
+def port_of(d: Demo, unit: str) -> int:
+    text = (d.work / unit / "exchanged.toml").read_text()
+    return int(re.search(r'listen = "127.0.0.1:(\d+)"', text).group(1))  # type: ignore[union-attr]
+
+
+def s_client(d: Demo, unit: str, data: bytes, *, as_token: str = "finance-node",
+             timeout: float = 20) -> str:
+    """openssl s_client with a key on a token (the pkcs11 engine), as an independent peer."""
+    pin = d.work / f"{as_token}.engine-pin"
+    pin.write_text((d.tok / f"{as_token}.pin").read_text().strip())
+    pin.chmod(0o600)
+    conf = d.work / "openssl-engine.cnf"
+    from exchanged.pki.token import default_module
+    conf.write_text(f"openssl_conf = init\n[init]\nengines = e\n[e]\npkcs11 = p\n[p]\n"
+                    f"engine_id = pkcs11\nMODULE_PATH = {default_module()}\ninit = 0\n")
+    env = {**d.env, "OPENSSL_CONF": str(conf)}
+    p = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port_of(d, unit)}",
+                        "-engine", "pkcs11", "-keyform", "engine", "-key",
+                        f"pkcs11:token={as_token};object=me;type=private?pin-source={pin}",
+                        "-cert", str(d.work / f"{as_token}.pem"), "-CAfile",
+                        str(d.work / "ca" / "ca.pem"), "-quiet"],
+                       input=data, env=env, capture_output=True, timeout=timeout)
+    return p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")
+
+
+def audit_rows(d: Demo, unit: str, action: str) -> list[tuple]:  # type: ignore[type-arg]
+    conn = sqlite3.connect(d.work / unit / "data" / "node.db")
+    try:
+        return conn.execute("SELECT action, object, outcome, details FROM audit WHERE action = ?",
+                            [action]).fetchall()
+    finally:
+        conn.close()
+
+
+def test_sd_notify_ready_watchdog_and_stopping(demo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    d, _ = demo
+    sock_path = tmp_path / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(sock_path))
+    s.settimeout(30)
+    d.env.update(NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="2000000")
+    try:
+        with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+            d.start("office")
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while not ("READY=1" in seen and "WATCHDOG=1" in seen) and time.monotonic() < deadline:
+            seen += s.recv(4096).decode().splitlines()
+        assert "READY=1" in seen and "WATCHDOG=1" in seen, seen
+        assert any(line.startswith("STATUS=unit office listening") for line in seen), seen
+        d.daemons["office"].send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen and time.monotonic() < deadline:
+            seen += s.recv(4096).decode().splitlines()
+        assert "STOPPING=1" in seen
+        assert d.daemons["office"].wait(20) == 0
+    finally:
+        del d.env["NOTIFY_SOCKET"], d.env["WATCHDOG_USEC"]
+        s.close()
+
+
+def test_openssl_s_client_as_an_independent_peer(demo) -> None:  # type: ignore[no-untyped-def]
+    d, _ = demo
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        d.start("office")
+    out = s_client(d, "office", b"GET /v1/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert "HTTP/1.1 200" in out and '"unit": "office"' in out.replace('":"', '": "'), out
+
+
+def test_malformed_and_oversized_requests_get_clear_errors(demo) -> None:  # type: ignore[no-untyped-def]
+    d, _ = demo
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        d.start("office")
+    assert "HTTP/1.1 400" in s_client(d, "office", b"\x00\x01garbage\r\n\r\n")
+    doc = "0b1e8a9e-7d4c-4c83-9a55-6d0a4b1d2e3f"
+    big = (f"POST /v1/documents/{doc} HTTP/1.1\r\nHost: x\r\n"
+           "Content-Type: application/vnd.exchanged.package\r\n"
+           f"Content-Length: {10**13}\r\nX-Exchanged-Sha256: {'0' * 64}\r\n\r\n").encode()
+    out = s_client(d, "office", big)
+    assert "HTTP/1.1 413" in out and "too-large" in out
+    truncated = big.replace(str(10**13).encode(), b"1000") + b"x" * 10
+    out = s_client(d, "office", truncated)
+    assert "HTTP/1.1 408" in out or "HTTP/1.1 400" in out, out  # silent after 10 of 1000 bytes
+    import hashlib
+    not_a_package = big.replace(str(10**13).encode(), b"4").replace(
+        b"0" * 64, hashlib.sha256(b"abcd").hexdigest().encode()) + b"abcd"
+    out = s_client(d, "office", not_a_package)
+    assert "HTTP/1.1 422" in out and "bad-package" in out, out
+    # Nothing of that reached the exchange box.
+    conn = sqlite3.connect(d.work / "office" / "data" / "node.db")
+    assert conn.execute("SELECT count(*) FROM inbox WHERE doc_id = ?", [doc]).fetchone()[0] == 0
+    conn.close()
+    assert audit_rows(d, "office", "document-rejected")
+
+
+def test_a_person_certificate_is_refused_and_audited(demo) -> None:  # type: ignore[no-untyped-def]
+    d, _ = demo
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        d.start("office")
+    out = s_client(d, "office", b"GET /v1/ping HTTP/1.1\r\nHost: x\r\n\r\n", as_token="receiver")
+    assert "HTTP/1.1 200" not in out
+    time.sleep(0.5)
+    rows = audit_rows(d, "office", "peer-refused")
+    assert any("peer-wrong-key-usage" in r[3] for r in rows), rows
+
+
+def _send_many(d: Demo, cfg: str, n: int) -> list[str]:
+    (d.work / "m.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(20000) + b"\n%%EOF\n")
+    (d.work / "m.txt").write_text("body\n")
+    from exchanged import control
+    from exchanged.config import Config
+    sock = Config.load(cfg).socket_path
+    return [control.request(sock, "send", to="office", title=f"doc {i}",
+                            pdf=str(d.work / "m.pdf"), editable=str(d.work / "m.txt"))["doc_id"]
+            for i in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["office", "finance"])
+def test_nothing_is_lost_when_a_daemon_is_killed(demo, victim: str) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the receiver (or the sender) at random moments while documents are in flight;
+    after restarts every document arrives exactly once, its digest intact."""
+    d, paths = demo
+    quiet = __import__("contextlib").redirect_stdout(__import__("io").StringIO())
+    with quiet:
+        d.start("finance")
+        d.start("office")
+    before = subprocess.run([sys.executable, "-m", "exchanged", "inbox", "--config",
+                             paths["office"], "--json"], env=d.env, capture_output=True,
+                            text=True, check=True)
+    known = {i["doc_id"] for i in json.loads(before.stdout)}
+    ids = _send_many(d, paths["finance"], 200)
+    rng = random.Random(42 if victim == "office" else 7)
+    for k in range(4):
+        time.sleep(rng.uniform(0.2, 1.5))
+        if k == 0:  # the first kill lands while documents are still in flight
+            conn = sqlite3.connect(d.work / "finance" / "data" / "node.db")
+            delivered = conn.execute("SELECT count(*) FROM outbox WHERE state = 'delivered' "
+                                     "AND doc_id IN (%s)" % ",".join("?" * len(ids)),
+                                     ids).fetchone()[0]
+            conn.close()
+            assert delivered < len(ids)
+        d.daemons[victim].kill()
+        d.daemons[victim].wait()
+        with quiet:
+            d.start(victim)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        out = json.loads(subprocess.run(
+            [sys.executable, "-m", "exchanged", "outbox", "--config", paths["finance"],
+             "--json"], env=d.env, capture_output=True, text=True, check=True).stdout)
+        states = {i["doc_id"]: i["state"] for i in out if i["doc_id"] in ids}
+        if all(s == "delivered" for s in states.values()) and len(states) == len(ids):
+            break
+        time.sleep(0.5)
+    assert all(s == "delivered" for s in states.values()), states
+    inbox = json.loads(subprocess.run(
+        [sys.executable, "-m", "exchanged", "inbox", "--config", paths["office"], "--json"],
+        env=d.env, capture_output=True, text=True, check=True).stdout)
+    got = [i for i in inbox if i["doc_id"] not in known]
+    assert sorted(i["doc_id"] for i in got) == sorted(ids)  # each exactly once
+    sent = {i["doc_id"]: i["package_sha256"] for i in out}
+    from exchanged.store.nodedb import NodeStore
+    with NodeStore.open(d.work / "office" / "data", create=False) as store:
+        for i in got:
+            assert i["package_sha256"] == sent[i["doc_id"]]
+            store.check_blob(i["package_sha256"])  # the bytes on disk still hash right

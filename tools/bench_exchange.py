@@ -1,0 +1,549 @@
+#!/usr/bin/env python3
+"""Benchmark: two units' nodes (`exchanged serve`) on loopback, each figure printed beside a
+reference measured in the same run, on the same machine, with the same token key:
+
+1. New TLS connections per second (full handshake, mutual authentication, one tiny HTTP GET
+   each) from `openssl s_time -new -www`, against the daemon and against `openssl s_server`
+   holding the same node key on the same SoftHSM token (the pkcs11 engine); with an empty CRL,
+   then with a 100,000-entry CRL published to both (`s_server -crl_check`).
+2. 1 MiB documents end to end (submitted to the sending node until the last one is delivered:
+   packaged and signed on the token, stored durably on both sides, acknowledged with a signed
+   receipt), in MiB/s, beside the same bytes piped through `openssl s_client` into
+   `openssl s_server`.
+3. Small documents per second with full durability and receipts, beside what bounds them: the
+   rate of fsync'd small-file writes on this filesystem and of token signatures.
+4. The receiving (and the sending) daemon's peak resident memory while a 1,000 MB document
+   passes, beside the document's size.
+
+`s_time` cannot take a key from an engine, so the TLS client holds a *software* EC P-256 key
+made by openssl for a test-only node certificate issued by the same CA (that key never lived on
+a token); both servers see the same client. Documents are submitted through the daemon's
+control socket, exactly as `exchanged send` does, without starting a Python per document.
+
+Usage: tools/bench-exchange [--quick] [--big-mb MB] [--rounds N] [--seconds S] [--docs N]
+       [--small N] [--crl-entries N] [--workdir DIR] [--keep]
+Everything it starts (daemons, s_server) is stopped on the way out, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from demo_network import Demo, free_port  # noqa: E402
+
+from exchanged import control  # noqa: E402
+from exchanged.pki.pin import PinSource  # noqa: E402
+from exchanged.pki.token import Token, default_module  # noqa: E402
+from exchanged.pki.uri import parse  # noqa: E402
+
+MiB = 1024 * 1024
+REASONS = ["unspecified", "keyCompromise", "superseded", "affiliationChanged",
+           "cessationOfOperation"]
+CLIENT = ("node-bench-client", "Bench Client (test only)")
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port (from /proc: no probe connection)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(line.split()[1] == want and line.split()[3] == "0A" for line in f)
+
+
+def proc_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:,.1f} MiB"
+
+
+class Sampler(threading.Thread):
+    """Samples VmRSS of some processes every 20 ms; keeps the maximum of each."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.peak = pids, {k: 0 for k in pids}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            for k, pid in self.pids.items():
+                with contextlib.suppress(OSError, KeyError):
+                    self.peak[k] = max(self.peak[k], proc_kib(pid, "VmRSS"))
+
+
+def write_pdf(path: Path, size: int) -> None:
+    """A PDF as the package's sniffer wants it: a header, a zero-filled body, a trailer."""
+    head, tail = b"%PDF-1.4\n%bench\n", b"\n%%EOF\n"
+    with open(path, "wb") as f:
+        f.write(head)
+        left = size - len(head) - len(tail)
+        zeros = bytes(16 * MiB)
+        while left > 0:
+            n = min(left, len(zeros))
+            f.write(zeros[:n] if n < len(zeros) else zeros)
+            left -= n
+        f.write(tail)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.a = args
+        self.work = work
+        self.d = Demo(work)
+        self.servers: list[subprocess.Popen[bytes]] = []
+        self.notes: list[str] = []
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        d, w = self.d, self.work
+        out = d.run(["bash", str(ROOT / "softhsm-setup.sh"), str(d.tok), "ca", "admin",
+                     "officer", "auditor", "finance-node", "office-node"], quiet=True)
+        d.env["SOFTHSM2_CONF"] = re.search(r"SOFTHSM2_CONF=(\S+)", out).group(1)  # type: ignore[union-attr]
+        os.environ["SOFTHSM2_CONF"] = d.env["SOFTHSM2_CONF"]
+        people = []
+        for role, name, div in (("admin", "Zhang Wei", "IT"), ("officer", "Wang Fang",
+                                                               "Security"),
+                                ("auditor", "Chen Jing", "Audit")):
+            people += [f"--{role}", f"pkcs11:token={role};object=me", f"--{role}-name", name,
+                       f"--{role}-division", div, f"--{role}-pin-file", d.pin(role)]
+        d.x("ca", "init", "--dir", "ca", "--key", "pkcs11:token=ca;object=ca", "--name",
+            "Bench Root CA", "--unit", "General Office", *people, "--ca-pin-file", d.pin("ca"),
+            quiet=True)
+        d.issue("finance-node", "node", "node-finance", "Finance Bureau", "--ip", "127.0.0.1")
+        d.issue("office-node", "node", "node-office", "General Office Archives", "--ip",
+                "127.0.0.1")
+        # The TLS client for s_time: a software key (s_time takes no engine key), a test-only
+        # node certificate from the same CA, configured as one of office's peers.
+        d.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+               "-out", "client.key"], quiet=True)
+        d.run(["openssl", "req", "-new", "-key", "client.key", "-subj", f"/CN={CLIENT[0]}",
+               "-out", "client.csr"], quiet=True)
+        rid = json.loads(d.x("ca", "request", "submit", "--dir", "ca", "--csr", "client.csr",
+                             "--profile", "node", "--name", CLIENT[0], "--unit", CLIENT[1],
+                             "--ip", "127.0.0.1", "--json", quiet=True))["id"]
+        d.x("ca", "request", "approve", "--dir", "ca", str(rid), *d.op("officer"), quiet=True)
+        d.x("ca", "issue", "--dir", "ca", str(rid), *d.op("officer"), "--ca-pin-file",
+            d.pin("ca"), "-o", "client.pem", quiet=True)
+        # openssl's pkcs11 engine: module from the config; the PIN from a file without newline.
+        pin = w / "engine.pin"
+        pin.write_text(Path(d.pin("office-node")).read_text().strip())
+        pin.chmod(0o600)
+        (w / "openssl.cnf").write_text(f"""openssl_conf = openssl_init
+[openssl_init]
+engines = engine_section
+[engine_section]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+MODULE_PATH = {default_module()}
+init = 0
+""")
+        self.engine_key = f"pkcs11:token=office-node;object=me;type=private?pin-source={pin}"
+        self.ossl_env = {**d.env, "OPENSSL_CONF": str(w / "openssl.cnf")}
+
+        self.pa, self.pb = free_port(), free_port()
+        d.config("finance", "Finance Bureau", "finance-node", self.pa,
+                 {"office": (self.pb, "node-office", "General Office Archives")})
+        d.config("office", "General Office Archives", "office-node", self.pb,
+                 {"finance": (self.pa, "node-finance", "Finance Bureau"),
+                  "bench-client": (free_port(), CLIENT[0], CLIENT[1])})
+        d.start("finance")
+        d.start("office")
+        self.sock_a = w / "finance" / "data" / "control.sock"
+        self.sock_b = w / "office" / "data" / "control.sock"
+
+    def stop(self) -> None:
+        for p in self.servers:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.d.stop()
+
+    def daemon_log_problems(self, unit: str) -> list[str]:
+        text = (self.work / unit / "daemon.log").read_text(errors="replace")
+        return [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln]
+
+    # -- openssl -------------------------------------------------------------------------------
+
+    def s_server(self, port: int, *extra: str, stdout: Any = subprocess.DEVNULL
+                 ) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-engine", "pkcs11",
+             "-keyform", "engine", "-key", self.engine_key, "-cert",
+             str(self.work / "office-node.pem"), "-CAfile", str(self.work / "ca" / "ca.pem"),
+             "-Verify", "1", "-verify_return_error", "-verify_quiet", "-quiet", *extra],
+            cwd=self.work, env=self.ossl_env, stdin=subprocess.DEVNULL, stdout=stdout,
+            stderr=open(self.work / f"s_server-{port}.log", "ab"))
+        self.servers.append(p)
+        deadline = time.monotonic() + 20
+        while not listening(port):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench: openssl s_server did not start:\n" +
+                                 (self.work / f"s_server-{port}.log").read_text()[-2000:])
+            time.sleep(0.02)
+        return p
+
+    def s_time(self, port: int, path: str) -> tuple[float, int, int]:
+        """connections/s (by wall clock around s_time), connections, bytes read per conn."""
+        argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time",
+                str(self.a.seconds), "-www", path, "-cert", str(self.work / "client.pem"),
+                "-key", str(self.work / "client.key")]
+        t = time.perf_counter()
+        p = subprocess.run(argv, cwd=self.work, env=self.d.env, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        m = re.search(r"(\d+) connections in \d+ real seconds, (\d+) bytes read per connection",
+                      p.stdout)
+        if p.returncode != 0 or not m:
+            raise SystemExit(f"bench: s_time failed ({p.returncode}):\n{p.stdout[-1500:]}\n"
+                             f"{p.stderr[-1500:]}")
+        n, per = int(m.group(1)), int(m.group(2))
+        if per == 0:
+            raise SystemExit(f"bench: the server on port {port} answered no connection "
+                             "(0 bytes read per connection): the handshakes were refused")
+        return n / wall, n, per
+
+    # -- 1. handshakes -----------------------------------------------------------------------
+
+    def handshakes(self, label: str, crl_args: list[str]) -> None:
+        port = free_port()
+        srv = self.s_server(port, "-www", *crl_args)
+        ours, theirs = [], []
+        try:
+            for _ in range(self.a.rounds):  # interleaved, so a drift hits both
+                ours.append(self.s_time(self.pb, "/v1/ping"))
+                theirs.append(self.s_time(port, "/"))
+        finally:
+            srv.terminate()
+            srv.wait(10)
+        o, t = max(ours), max(theirs)
+        print(f"  exchanged serve, {label:27} {o[0]:8.1f} conn/s   ({o[1]} in the best "
+              f"round; {o[2]} bytes read per connection)")
+        print(f"  openssl s_server, {label:25} {t[0]:8.1f} conn/s   ({t[1]} in the best "
+              f"round; {t[2]} bytes read per connection)")
+        print(f"  ratio exchanged/openssl {'':21} {o[0] / t[0]:8.2f}   (rounds: exchanged "
+              f"{', '.join(f'{r[0]:.0f}' for r in ours)}; openssl "
+              f"{', '.join(f'{r[0]:.0f}' for r in theirs)})")
+        self.rates = getattr(self, "rates", {})
+        self.rates[label] = (o[0], t[0])
+
+    def big_crl(self) -> Path:
+        """Revoke N random serials in the CA database and publish the CRL to both nodes."""
+        rng = random.Random(1)
+        now = dt.datetime.now(dt.UTC)
+        db = sqlite3.connect(str(self.work / "ca" / "ca.db"))
+        db.executemany(
+            "INSERT INTO certificates (serial, profile, subject, not_before, not_after, pem, "
+            "status, issued_at, revoked_at, reason) VALUES (?, 'node', 'CN=x', '', '', '', "
+            "'revoked', '', ?, ?)",
+            [(format(rng.getrandbits(150) | (1 << 150), "x"),
+              (now - dt.timedelta(seconds=rng.randrange(86400 * 365))).strftime(
+                  "%Y-%m-%dT%H:%M:%SZ"), REASONS[i % len(REASONS)])
+             for i in range(self.a.crl_entries)])
+        db.commit()
+        db.close()
+        t = time.perf_counter()
+        self.d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", self.d.pin("ca"), quiet=True)
+        t_crl = time.perf_counter() - t
+        crl = self.work / "ca" / "ca.crl"
+        before = {u: self.status(u)["peers"]["crl_generation"] for u in ("finance", "office")}
+        rss0 = proc_kib(self.d.daemons["office"].pid, "VmRSS")
+        self.d.publish_crl()
+        t = time.perf_counter()
+        deadline = time.monotonic() + 120
+        while any(self.status(u)["peers"]["crl_generation"] <= before[u] for u in before):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the daemons did not reload the CRL within 120 s")
+            time.sleep(0.2)
+        t_seen = time.perf_counter() - t
+        rss1 = proc_kib(self.d.daemons["office"].pid, "VmRSS")
+        out = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", str(crl), "-noout",
+                              "-text"], capture_output=True, text=True, check=True).stdout
+        entries = out.count("Serial Number:")
+        print(f"  (CRL of {entries:,} entries, {crl.stat().st_size:,} bytes, made by "
+              f"`exchanged ca crl` in {t_crl:.1f} s; both daemons reloaded it {t_seen:.1f} s "
+              f"after it was published; office's RSS {mib(rss0)} -> {mib(rss1)})")
+        return crl
+
+    def status(self, unit: str) -> dict[str, Any]:
+        return control.request(self.sock_a if unit == "finance" else self.sock_b, "status")
+
+    # -- 2, 3. documents ---------------------------------------------------------------------
+
+    def send(self, pdf: Path, txt: Path, title: str) -> str:
+        ans = control.request(self.sock_a, "send", to="office", title=title, pdf=str(pdf),
+                              editable=str(txt), urgency="normal", classification="internal",
+                              number=None, deadline=None, paper_original=False, doc_id=None)
+        return str(ans["doc_id"])
+
+    def wait_delivered(self, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        """Until none of `ids` is queued or sending; then each must be delivered."""
+        want = set(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [i for s in ("queued", "sending")
+                       for i in control.request(self.sock_a, "outbox", state=s)["items"]
+                       if i["doc_id"] in want]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {len(pending)} document(s) not delivered within "
+                                 f"{timeout:.0f} s; e.g. {pending[0]}")
+            time.sleep(0.2)
+        items = [control.request(self.sock_a, "outbox-show", doc_id=i)["item"] for i in ids]
+        bad = [i for i in items if i["state"] != "delivered" or not i.get("delivery_receipt")]
+        if bad:
+            raise SystemExit(f"bench: not delivered: {bad[0]['doc_id']} is {bad[0]['state']}: "
+                             f"{bad[0].get('last_error')}")
+        retried = [i for i in items if i.get("attempts", 1) > 1]
+        if retried:
+            self.notes.append(f"{len(retried)} of {len(items)} document(s) needed more than one "
+                              f"attempt (e.g. {retried[0]['attempts']} attempts, last error "
+                              f"{retried[0].get('last_error')!r})")
+        return items
+
+    def timed_sends(self, n: int, pdf: Path, txt: Path, title: str) -> float:
+        """Seconds from the first submission to the last delivery (the daemon's own clock)."""
+        t0 = time.time()
+        ids = [self.send(pdf, txt, f"{title} {i}") for i in range(n)]
+        items = self.wait_delivered(ids, timeout=120 + 2 * n)
+        return max(float(i["updated_at"]) for i in items) - t0
+
+    def documents(self) -> None:
+        w, a = self.work, self.a
+        pdf, txt = w / "doc-1mib.pdf", w / "doc.txt"
+        write_pdf(pdf, MiB - 64)
+        txt.write_bytes(b"Notice on the budget for 2027.\n" * 2)  # 62 bytes: 1 MiB in all
+        size = pdf.stat().st_size + txt.stat().st_size
+        self.wait_delivered([self.send(pdf, txt, "warm-up")], timeout=60)
+
+        ref = w / "ref.bin"
+        with open(ref, "wb") as f:
+            for _ in range(a.docs):
+                f.write(pdf.read_bytes() + txt.read_bytes())
+        ours, theirs = [], []
+        for _ in range(a.rounds):
+            ours.append(self.timed_sends(a.docs, pdf, txt, "1 MiB"))
+            port = free_port()
+            srv = self.s_server(port, "-naccept", "1")  # echoes what it reads to /dev/null
+            t = time.perf_counter()
+            with open(ref, "rb") as stdin:
+                subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                                "-cert", str(w / "client.pem"), "-key", str(w / "client.key"),
+                                "-quiet", "-no_ign_eof"], stdin=stdin, cwd=w, env=self.d.env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                srv.wait(120)
+            theirs.append(time.perf_counter() - t)
+            if srv.returncode != 0:
+                raise SystemExit(f"bench: s_server exited {srv.returncode}")
+        total = a.docs * size / MiB
+        o, t = min(ours), min(theirs)
+        print(f"\n{a.docs} documents of 1 MiB ({size:,} bytes: a PDF + a 62-byte text), "
+              f"end to end, best of {a.rounds}")
+        print(f"  exchanged, submit -> all delivered        {total / o:8.1f} MiB/s  "
+              f"({a.docs / o:.1f} documents/s, {o:.2f} s)")
+        print(f"  openssl s_client | s_server, same bytes   {total / t:8.1f} MiB/s  "
+              f"({t:.2f} s, one connection, nothing stored)")
+        print(f"  ratio exchanged/openssl                   {t / o:8.2f}")
+
+        small_pdf, small_txt = w / "small.pdf", w / "small.txt"
+        write_pdf(small_pdf, 1024)
+        small_txt.write_bytes(b"A short notice.\n")
+        ssize = small_pdf.stat().st_size + small_txt.stat().st_size
+        rates = [a.small / self.timed_sends(a.small, small_pdf, small_txt, "small")
+                 for _ in range(a.rounds)]
+        fs, sig = self.fsync_rate(), self.sign_rate()
+        print(f"\n{a.small} small documents ({ssize:,} bytes each), full durability and "
+              f"receipts, best of {a.rounds}")
+        print(f"  exchanged, submit -> all delivered        {max(rates):8.1f} documents/s  "
+              f"(rounds: {', '.join(f'{r:.1f}' for r in rates)})")
+        print(f"  reference: write + fsync a 1 KiB file     {fs:8.1f} /s (same filesystem)")
+        print(f"  reference: ECDSA P-256 token signatures   {sig:8.1f} /s (SoftHSM, "
+              "python-pkcs11)")
+        print("  (each document: packaged and signed on finance's token, fsynced into its "
+              "store;\n   sent; fsynced into office's store; a delivery receipt signed on "
+              "office's token;\n   the receipt recorded at finance)")
+
+    def fsync_rate(self) -> float:
+        path, data, n = self.work / "fsync.tmp", os.urandom(1024), 0
+        t = time.perf_counter()
+        while time.perf_counter() - t < 2:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            n += 1
+        rate = n / (time.perf_counter() - t)
+        path.unlink()
+        return rate
+
+    def sign_rate(self) -> float:
+        token = Token.open(parse("pkcs11:token=office-node"),
+                           PinSource("node", "X", self.d.pin("office-node")))
+        try:
+            key = token.key_from_uri(parse("pkcs11:token=office-node;object=me"))
+            n, t = 0, time.perf_counter()
+            while time.perf_counter() - t < 2:
+                key.sign(b"x" * 64)
+                n += 1
+            return n / (time.perf_counter() - t)
+        finally:
+            token.close()
+
+    # -- 4. memory ---------------------------------------------------------------------------
+
+    def memory(self) -> None:
+        w = self.work
+        big, txt = w / "big.pdf", w / "doc.txt"
+        size = self.a.big_mb * 1000 * 1000 - txt.stat().st_size
+        write_pdf(big, size)
+        pids = {u: self.d.daemons[u].pid for u in ("office", "finance")}
+        base = {u: proc_kib(p, "VmRSS") for u, p in pids.items()}
+        hwm0 = {u: proc_kib(p, "VmHWM") for u, p in pids.items()}
+        reset = True
+        for p in pids.values():  # "5": reset the peak RSS (VmHWM) to the current RSS
+            try:
+                Path(f"/proc/{p}/clear_refs").write_text("5")
+            except OSError:
+                reset = False
+        sampler = Sampler(pids)
+        sampler.start()
+        try:
+            t0 = time.time()
+            doc = self.send(big, txt, "big")
+            t_sent = time.time() - t0
+            item = self.wait_delivered([doc], timeout=1800)[0]
+            t_done = float(item["updated_at"]) - t0
+        finally:
+            sampler.halt.set()
+            sampler.join()
+        hwm = {u: proc_kib(p, "VmHWM") for u, p in pids.items()}
+        total = size + txt.stat().st_size
+        print(f"\nPeak memory while a {total / 1e6:,.0f} MB document ({total:,} bytes) passes")
+        for u, role in (("office", "receiving"), ("finance", "sending")):
+            how = "VmHWM, reset just before" if reset else \
+                f"VmHWM since start (could not reset; it was {mib(hwm0[u])} before)"
+            print(f"  {role} daemon ({u}): peak RSS {mib(hwm[u]):>11} ({how}); "
+                  f"{mib(base[u])} before; highest 20 ms sample {mib(sampler.peak[u])}")
+        print(f"  reference: the document itself            {total / MiB:8,.1f} MiB; receiving "
+              f"peak / document = {hwm['office'] * 1024 / total:.3f}")
+        print(f"  (submitted in {t_sent:.1f} s: packaged, signed, stored at finance; "
+              f"delivered {t_done:.1f} s after submission: {total / MiB / t_done:.1f} MiB/s "
+              "end to end)")
+        big.unlink()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round of 3 s, 5 and 20 documents, a 200 MB document")
+    ap.add_argument("--big-mb", type=int, help="size of the big document in MB (default 1000, "
+                    "--quick 200; the package limit is 1 GiB per file)")
+    ap.add_argument("--rounds", type=int, help="rounds per figure, best kept (default 3)")
+    ap.add_argument("--seconds", type=int, help="s_time seconds per round (default 10)")
+    ap.add_argument("--docs", type=int, help="1 MiB documents per round (default 20)")
+    ap.add_argument("--small", type=int, help="small documents per round (default 100)")
+    ap.add_argument("--crl-entries", type=int, default=100_000)
+    ap.add_argument("--workdir", help="work here (default: a new temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    q = a.quick
+    a.big_mb = a.big_mb or (200 if q else 1000)
+    a.rounds = a.rounds or (1 if q else 3)
+    a.seconds = a.seconds or (3 if q else 10)
+    a.docs = a.docs or (5 if q else 20)
+    a.small = a.small or (20 if q else 100)
+    if a.big_mb * 1000 * 1000 >= 1024**3:
+        ap.error("--big-mb: a PDF of the package is at most 1 GiB (1073 MB)")
+
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench-exchange-"))
+    work.mkdir(parents=True, exist_ok=True)
+    b = Bench(a, work)
+    ver = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.machine())
+    print(f"exchanged exchange benchmark: {os.cpu_count()} CPU(s) by nproc "
+          f"({len(os.sched_getaffinity(0))} usable), {cpu}; all traffic on loopback "
+          f"127.0.0.1; {ver}; Python {platform.python_version()}; node keys EC P-256 on SoftHSM "
+          "tokens; client and servers share the machine", flush=True)
+    setup_log = io.StringIO()
+    t_start = time.perf_counter()
+    try:
+        try:
+            with contextlib.redirect_stdout(setup_log):
+                b.setup()
+        except BaseException:
+            print(setup_log.getvalue(), file=sys.stderr)
+            raise
+        print(f"\nNew TLS connections per second: full handshake (TLS 1.3, mutual auth, the "
+              f"server key on the token), one small HTTP GET each;\nclient `openssl s_time -new "
+              f"-www` with a software key (s_time takes no engine key), {a.seconds} s per "
+              f"round, best of {a.rounds}", flush=True)
+        b.handshakes("empty CRL", ["-crl_check", "-CRLform", "DER", "-CRL",
+                                   str(work / "ca" / "ca.crl")])
+        crl = b.big_crl()
+        b.handshakes(f"{a.crl_entries // 1000}k-entry CRL",
+                     ["-crl_check", "-CRLform", "DER", "-CRL", str(crl)])
+        r = b.rates
+        (e0, o0), (e1, o1) = list(r.values())
+        print(f"  100k CRL / empty CRL: exchanged {e1 / e0:.2f}, openssl {o1 / o0:.2f}",
+              flush=True)
+        b.documents()
+        b.memory()
+        for unit in ("finance", "office"):
+            problems = b.daemon_log_problems(unit)
+            if problems:
+                b.notes.append(f"{unit}'s daemon logged {len(problems)} warning(s)/error(s), "
+                               f"e.g. {problems[0]}")
+        for note in b.notes:
+            print(f"  note: {note}")
+        print(f"\n(total {time.perf_counter() - t_start:.0f} s; work directory {work}"
+              f"{'' if a.keep else ', removed'})")
+    finally:
+        with contextlib.redirect_stdout(io.StringIO()):
+            b.stop()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main())
