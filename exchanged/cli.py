@@ -561,10 +561,25 @@ def cmd_send(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
+def _readable(item: dict[str, Any]) -> str:
+    """An outbox/inbox entry for people: times in UTC, receipts by size, metadata spread out."""
+    lines = []
+    for k, v in item.items():
+        if k == "metadata" and isinstance(v, dict):
+            lines += [f"  {mk:16} {mv}" for mk, mv in v.items()]
+            continue
+        if k.endswith("_at") and isinstance(v, int | float):
+            v = dt.datetime.fromtimestamp(v, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        elif k.endswith("receipt") and isinstance(v, str):
+            v = f"signed receipt, {len(v) * 3 // 4:,} bytes (--json for the CMS)"
+        lines.append(f"{k:18} {v if v is not None else ''}")
+    return "\n".join(lines)
+
+
 def cmd_outbox(args: argparse.Namespace, stack: ExitStack) -> int:
     if args.id:
         item = _ask(args, "outbox-show", doc_id=args.id)["item"]
-        _emit(args, item, lambda d: "\n".join(f"{k:18} {v}" for k, v in d.items()))
+        _emit(args, item, _readable)
         return 0
     items = _ask(args, "outbox", state=args.state)["items"]
     _emit(args, items, lambda r: _table(r, ["doc_id", "recipient", "state", "attempts",
@@ -580,8 +595,7 @@ def cmd_inbox(args: argparse.Namespace, stack: ExitStack) -> int:
 
 def cmd_inbox_show(args: argparse.Namespace, stack: ExitStack) -> int:
     item = _ask(args, "inbox-show", doc_id=args.id)["item"]
-    _emit(args, item, lambda d: "\n".join(f"{k:18} {v}" for k, v in d.items()
-                                          if not k.endswith("receipt")))
+    _emit(args, item, _readable)
     return 0
 
 

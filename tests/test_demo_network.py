@@ -17,6 +17,7 @@ def test_demo_network_end_to_end(tmp_path: Path) -> None:
     assert out.count("CMS Verification successful") == 2  # delivery and signed-for receipts
     assert '"type":"delivery"' in out and '"type":"signed-for"' in out
     assert "state              signed-for" in out
+    assert "signed receipt," in out  # shown by size, not as a wall of base64
     assert "is revoked (keyCompromise)" in out
     assert out.count("(exit 0)") == 2  # both daemons stopped cleanly on SIGTERM
     # Each daemon's log shows what happened, never a PIN.
