@@ -123,29 +123,31 @@ async def _send(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         classification=req.get("classification") or "internal",
         deadline=req.get("deadline"), paper_original=bool(req.get("paper_original")),
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    tmp = Path(tempfile.mkstemp(dir=node.config.data_dir, prefix=".send-")[1])
     try:
-        await node.tok(pkg.build, meta, Path(req["pdf"]), Path(req["editable"]), key=node.key,
-                       cert=node.cert, out_path=tmp)
-        sha, size = await node.db(_blob_from_file, node, tmp)
+        sha, size = await node.tok(_package, node, meta, Path(req["pdf"]),
+                                   Path(req["editable"]))
     except ExchangedError as e:
         await node.audit("document-send", meta.doc_id, outcome="refused",
                          details={"recipient": to, "code": e.code, "error": str(e)})
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
     await node.db(_enqueue, node, meta, sha, size)
     node.poke(to)
     return {"doc_id": meta.doc_id, "sha256": sha, "size": size}
 
 
-def _blob_from_file(node: Node, path: Path) -> tuple[str, int]:
-    with node.store.blob_writer(max_size=node.config.limits.max_document_bytes) as w, \
-            open(path, "rb") as f:
-        while chunk := f.read(65536):
-            w.write(chunk)
-        sha = w.commit()
-    return sha, path.stat().st_size
+def _package(node: Node, meta: Any, pdf: Path, editable: Path) -> tuple[str, int]:
+    """Build the package (signed on the node token) and store it as a blob: (sha256, size)."""
+    tmp = Path(tempfile.mkstemp(dir=node.config.data_dir, prefix=".send-")[1])
+    try:
+        pkg.build(meta, pdf, editable, key=node.key, cert=node.cert, out_path=tmp)
+        with node.store.blob_writer(max_size=node.config.limits.max_document_bytes) as w, \
+                open(tmp, "rb") as f:
+            while chunk := f.read(65536):
+                w.write(chunk)
+            sha = w.commit()
+        return sha, tmp.stat().st_size
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _enqueue(node: Node, meta: Any, sha: str, size: int) -> None:
@@ -213,26 +215,33 @@ async def _export(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     doc, dest = req["doc_id"], Path(req["dir"])
     item = await node.db(node.store.in_item, doc)
     await node.db(node.store.check_blob, item["package_sha256"])
+    files = await trio.to_thread.run_sync(_export_files, node, item, dest)
+    await node.audit("document-exported", doc, details={"dir": str(dest)})
+    return {"doc_id": doc, "dir": str(dest), "files": files}
+
+
+def _export_files(node: Node, item: dict[str, Any], dest: Path) -> list[str]:
+    """Unpack (and so re-check) the package into DEST, with its metadata and receipts."""
     dest.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=node.config.data_dir, prefix=".export-"))
     try:
-        received = await trio.to_thread.run_sync(lambda: pkg.read(
-            node.store.blob_path(item["package_sha256"]), work, issuer=node.ca_cert,
-            max_file_size=node.config.limits.max_document_bytes))
+        received = pkg.read(node.store.blob_path(item["package_sha256"]), work,
+                            issuer=node.ca_cert,
+                            max_file_size=node.config.limits.max_document_bytes)
         files = []
         for f in work.iterdir():
             shutil.copyfile(f, dest / f.name)
             files.append(f.name)
         (dest / "metadata.json").write_text(json.dumps(received.metadata.to_dict(), indent=2,
                                                        ensure_ascii=False) + "\n")
+        files.append("metadata.json")
         for name in ("delivery_receipt", "signed_for_receipt"):
             if item.get(name):
                 (dest / f"{name}.cms").write_bytes(item[name])
                 files.append(f"{name}.cms")
+        return sorted(files)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    await node.audit("document-exported", doc, details={"dir": str(dest)})
-    return {"doc_id": doc, "dir": str(dest), "files": sorted(files + ["metadata.json"])}
 
 
 HANDLERS = {"status": _status, "send": _send, "outbox": _outbox, "inbox": _inbox,

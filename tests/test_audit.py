@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CaSetup
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import CaSetup
 from exchanged.store.audit import AuditLog, entry_hash, verify_rows
 
 

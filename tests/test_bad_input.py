@@ -1,4 +1,4 @@
-"""Bad input gets one clear line on stderr, a non-zero exit, and leaves the CA database as it was."""
+"""Bad input gets one clear line on stderr, a non-zero exit, and leaves the CA as it was."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import CaSetup, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-
-from conftest import CaSetup, Result
 
 
 def refused(ca: CaSetup, fn: Callable[[], Result], *words: str) -> Result:

@@ -8,12 +8,12 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+from conftest import CaSetup
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import CaSetup
 from exchanged.pki import profiles
 
 

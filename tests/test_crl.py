@@ -6,12 +6,12 @@ import datetime as dt
 import subprocess
 from pathlib import Path
 
+from conftest import Tokens, uid
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import Tokens, uid
 from exchanged.pki import crl, profiles
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token

@@ -181,9 +181,9 @@ def test_nothing_is_lost_when_a_daemon_is_killed(demo, victim: str) -> None:  # 
         time.sleep(rng.uniform(0.2, 1.5))
         if k == 0:  # the first kill lands while documents are still in flight
             conn = sqlite3.connect(d.work / "finance" / "data" / "node.db")
+            marks = ",".join("?" * len(ids))
             delivered = conn.execute("SELECT count(*) FROM outbox WHERE state = 'delivered' "
-                                     "AND doc_id IN (%s)" % ",".join("?" * len(ids)),
-                                     ids).fetchone()[0]
+                                     f"AND doc_id IN ({marks})", ids).fetchone()[0]
             conn.close()
             assert delivered < len(ids)
         d.daemons[victim].kill()

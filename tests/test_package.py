@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Tokens, uid
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,7 +28,6 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Tokens, uid
 from exchanged import package
 from exchanged.errors import ExchangedError
 from exchanged.package import Manifest, Metadata, PackageError, sniff_editable, sniff_pdf

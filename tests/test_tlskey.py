@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import ROOT, Tokens, uid
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute
 
-from conftest import ROOT, Tokens, uid
 from exchanged.errors import ExchangedError
 from exchanged.pki import profiles
 from exchanged.pki.pin import PinSource

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pkcs11
 import pytest
+from conftest import TOKEN_LABELS, Tokens, uid
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from pkcs11 import Attribute, ObjectClass
 
-from conftest import TOKEN_LABELS, Tokens, uid
 from exchanged.errors import ExchangedError
 from exchanged.pki.pin import PinSource
-from exchanged.pki.token import OPENSC_PATHS, Token, default_module, find_token, load_module
+from exchanged.pki.token import OPENSC_PATHS, Token, find_token, load_module
 from exchanged.pki.uri import parse
 
 
@@ -29,7 +30,7 @@ def test_ec_key_signs_and_verifies(tokens: Tokens) -> None:
         assert key.key_type == "ec" and key.public_key.curve.name == "secp256r1"
         sig = key.sign(b"document")
         key.public_key.verify(sig, b"document", ec.ECDSA(hashes.SHA256()))
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidSignature):
             key.public_key.verify(sig, b"documenT", ec.ECDSA(hashes.SHA256()))
 
 

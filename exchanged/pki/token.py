@@ -384,7 +384,8 @@ class TokenKey:
             return utils.encode_dss_signature(int.from_bytes(raw[:half], "big"),
                                               int.from_bytes(raw[half:], "big"))
         if pss:
-            mech = {"sha256": Mechanism.SHA256_RSA_PKCS_PSS, "sha384": Mechanism.SHA384_RSA_PKCS_PSS,
+            mech = {"sha256": Mechanism.SHA256_RSA_PKCS_PSS,
+                    "sha384": Mechanism.SHA384_RSA_PKCS_PSS,
                     "sha512": Mechanism.SHA512_RSA_PKCS_PSS}[hash_name]
             mgf = {"sha256": pkcs11.MGF.SHA256, "sha384": pkcs11.MGF.SHA384,
                    "sha512": pkcs11.MGF.SHA512}[hash_name]

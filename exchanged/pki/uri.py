@@ -87,7 +87,8 @@ class Pkcs11Uri:
 
 
 def parse(text: str) -> Pkcs11Uri:
-    """Parse a `pkcs11:` URI; unknown path attributes are an error (a typo must not widen a match)."""
+    """Parse a `pkcs11:` URI. Unknown path attributes are an error: a typo must not widen a
+    match."""
     if not text.startswith("pkcs11:"):
         raise UriError(f"not a pkcs11: URI: {text!r} (expected e.g. pkcs11:token=ca;object=ca-key)")
     body = text[len("pkcs11:"):]
@@ -99,7 +100,8 @@ def parse(text: str) -> Pkcs11Uri:
         if not eq:
             raise UriError(f"pkcs11: URI attribute without '=': {part!r}")
         if name not in PATH_ATTRS:
-            raise UriError(f"unknown pkcs11: URI attribute {name!r} (known: {', '.join(PATH_ATTRS)})")
+            raise UriError(f"unknown pkcs11: URI attribute {name!r} "
+                           f"(known: {', '.join(PATH_ATTRS)})")
         if name in attrs or (name == "id" and key_id is not None):
             raise UriError(f"pkcs11: URI attribute {name!r} given twice")
         raw = unquote_to_bytes(value)
