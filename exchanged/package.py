@@ -99,7 +99,8 @@ from cryptography.x509.oid import NameOID
 from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, verify_detached
 from exchanged.pki.operator import attr, canonical
-from exchanged.pki.token import TokenKey
+from exchanged.pki.token import TokenKey, spki_der
+from exchanged.store.files import fsync_dir
 
 __all__ = [
     "CLASSIFICATIONS", "CLASSIFIED", "DEFAULT_MAX_FILE_SIZE", "EDITABLE_KINDS", "FORMAT",
@@ -647,19 +648,6 @@ def _check_classified(m: Metadata) -> None:
                            f"it to {m.recipient}", code="classified")
 
 
-def _spki(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
           editable_path: str | os.PathLike[str], *, key: TokenKey, cert: x509.Certificate,
           out_path: str | os.PathLike[str],
@@ -674,7 +662,7 @@ def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
     if not isinstance(metadata, Metadata):
         raise TypeError("metadata must be a Metadata")
     _check_classified(metadata)
-    if _spki(key.public_key) != _spki(cert.public_key()):
+    if spki_der(key.public_key) != spki_der(cert.public_key()):
         raise PackageError(f"the certificate {cert.subject.rfc4514_string()} is not for token "
                            f"key {key.label!r}", code="key-mismatch")
     with contextlib.ExitStack() as stack:
@@ -739,7 +727,7 @@ def _write_atomically(out: Path, mtime: int,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,7 +977,7 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
         for tmp, path in zip([pdf_tmp, ed_tmp, *evidence], final, strict=True):
             os.replace(tmp, path)
         temps.clear()
-        _fsync_dir(dest)
+        fsync_dir(dest)
         return Received(manifest, signer, *final)
     finally:
         for path in temps:

@@ -44,8 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +122,7 @@ class Bench:
         self.d = Demo(work)
         self.servers: list[subprocess.Popen[bytes]] = []
         self.notes: list[str] = []
+        self.rates: dict[str, tuple[float, float]] = {}
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -131,8 +130,10 @@ class Bench:
         d, w = self.d, self.work
         out = d.run(["bash", str(ROOT / "softhsm-setup.sh"), str(d.tok), "ca", "admin",
                      "officer", "auditor", "finance-node", "office-node"], quiet=True)
-        d.env["SOFTHSM2_CONF"] = re.search(r"SOFTHSM2_CONF=(\S+)", out).group(1)  # type: ignore[union-attr]
-        os.environ["SOFTHSM2_CONF"] = d.env["SOFTHSM2_CONF"]
+        conf = re.search(r"SOFTHSM2_CONF=(\S+)", out)
+        if conf is None:
+            raise SystemExit(f"bench: softhsm-setup.sh printed no SOFTHSM2_CONF:\n{out}")
+        d.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"] = conf.group(1)
         people = []
         for role, name, div in (("admin", "Zhang Wei", "IT"), ("officer", "Wang Fang",
                                                                "Security"),
@@ -267,7 +268,6 @@ init = 0
         print(f"  ratio exchanged/openssl {'':21} {o[0] / t[0]:8.2f}   (rounds: exchanged "
               f"{', '.join(f'{r[0]:.0f}' for r in ours)}; openssl "
               f"{', '.join(f'{r[0]:.0f}' for r in theirs)})")
-        self.rates = getattr(self, "rates", {})
         self.rates[label] = (o[0], t[0])
 
     def big_crl(self) -> Path:
@@ -549,7 +549,9 @@ def main() -> int:
         print(f"\nNew TLS connections per second: full handshake (TLS 1.3, mutual auth, the "
               f"server key on the token), one small HTTP GET each;\nclient `openssl s_time -new "
               f"-www` with a software key (s_time takes no engine key), {a.seconds} s per "
-              f"round, best of {a.rounds}", flush=True)
+              f"round, best of {a.rounds};\nopenssl s_server: the same token key through the "
+              "pkcs11 engine, -Verify 1 -crl_check with the CRL file the daemon has",
+              flush=True)
         b.handshakes("empty CRL", ["-crl_check", "-CRLform", "DER", "-CRL",
                                    str(work / "ca" / "ca.crl")])
         crl = b.big_crl()

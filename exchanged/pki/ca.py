@@ -29,11 +29,12 @@ from exchanged.pki import crl as crlmod
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
 from exchanged.pki.operator import Operator, attr, person_of
-from exchanged.pki.token import TokenKey
+from exchanged.pki.token import TokenKey, spki_der
 from exchanged.roles import ADMIN, AUDITOR, OFFICER, Roles, act
 from exchanged.store import cadb
 from exchanged.store.audit import AuditLog
 from exchanged.store.cadb import Transaction, one, rows
+from exchanged.store.files import write_atomic
 
 CONFIG = "ca.toml"
 DB = "ca.db"
@@ -183,8 +184,8 @@ class CA:
         (d / CRL_DIR).mkdir(exist_ok=True)
         config = Config(key=str(ca_key.uri.public()), module=module, crl_url=crl_url,
                         crl_hours=crl_hours, cert_days=cert_days)
-        _write_atomic(d / CONFIG, config.dump().encode())
-        _write_atomic(d / CA_CERT, pem(root).encode())
+        write_atomic(d / CONFIG, config.dump().encode())
+        write_atomic(d / CA_CERT, pem(root).encode())
         db = cadb.open_db(d / DB, create=True)
         audit = AuditLog(db)
         at = _iso(start)
@@ -433,7 +434,7 @@ class CA:
                 return s
 
     def _check_ca_key(self, ca_key: TokenKey) -> None:
-        if _spki(ca_key.public_key) != _spki(self.cert.public_key()):
+        if spki_der(ca_key.public_key) != spki_der(self.cert.public_key()):
             raise CaError(f"key {ca_key.label!r} on token {ca_key.token.label!r} is not this "
                           "CA's key", code="wrong-ca-key")
 
@@ -521,7 +522,7 @@ class CA:
             der = crlmod.build(key=ca_key, issuer=self.cert, entries=entries, number=number,
                                this_update=this_update, next_update=next_update)
             path = self.dir / CRL_DIR / f"{number}.crl"
-            _write_atomic(path, der)
+            write_atomic(path, der)
             self.db["crls"].insert({"number": number, "this_update": _iso(this_update),
                                     "next_update": _iso(next_update), "entries": len(entries),
                                     "path": path.name, "sha256": hashlib.sha256(der).hexdigest()})
@@ -530,7 +531,7 @@ class CA:
                               details={"entries": len(entries), "next_update":
                                        _iso(next_update)})
             self.audit.checkpoint(lambda m: ca_key.sign(m), self.cert)
-        _write_atomic(self.dir / LATEST_CRL, der)
+        write_atomic(self.dir / LATEST_CRL, der)
         return number, path
 
 
@@ -548,30 +549,5 @@ def _form_dict(form: profiles.Form) -> dict[str, Any]:
             "reason": form.reason, "dns": list(form.dns), "ip": list(form.ip)}
 
 
-def _spki(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def _key_sha256(key: Any) -> str:
-    return hashlib.sha256(_spki(key)).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: the file is either old or new, never torn."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CaError(f"cannot write {path}: {e.strerror}; nothing was changed",
-                      code="io") from None
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return hashlib.sha256(spki_der(key)).hexdigest()

@@ -222,10 +222,10 @@ class Token:
 
     def store_certificate(self, cert: x509.Certificate, *, label: str | None = None) -> TokenKey:
         """Store `cert` beside the private key whose public key it carries (same id and label)."""
-        want = _spki(cert.public_key())
+        want = spki_der(cert.public_key())
         with self.lock:
             for key in self.keys():
-                if _spki(key.public_key) == want:
+                if spki_der(key.public_key) == want:
                     break
             else:
                 raise TokenError(f"token {self.label!r} holds no private key for this "
@@ -494,7 +494,8 @@ def _to_crypto_public(obj: Any) -> Any:
     raise TokenError(f"unsupported key type on token: {kt}")
 
 
-def _spki(public_key: Any) -> bytes:
+def spki_der(public_key: Any) -> bytes:
+    """A public key as DER SubjectPublicKeyInfo: how keys are compared."""
     return public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return]
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 

@@ -79,14 +79,8 @@ def open_db(path: Path, *, create: bool = False) -> sqlite_utils.Database:
         raise StoreError(f"no CA database at {path}: run `exchanged ca init` first, or give "
                          "the right --dir", code="no-ca")
     try:
-        # check_same_thread=False: the daemon reaches the database from worker threads, one
-        # at a time (a trio CapacityLimiter(1) per database serialises every call).
-        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
-                               check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        db = sqlite_utils.Database(conn)
+        db = connect(path)
+        conn = db.conn
         if create:
             conn.executescript(_SCHEMA)
             AuditLog.create(db)
@@ -101,6 +95,18 @@ def open_db(path: Path, *, create: bool = False) -> sqlite_utils.Database:
         raise StoreError(f"the CA database {path} has schema version {version}; this "
                          f"exchanged expects {SCHEMA_VERSION}", code="schema")
     return db
+
+
+def connect(path: Path) -> sqlite_utils.Database:
+    """A connection as every store of ours wants it: WAL, synchronous=FULL (a committed
+    transaction survives power loss), foreign keys on, transactions managed by us."""
+    # check_same_thread=False: the daemon reaches its database from worker threads, one at a
+    # time (a trio CapacityLimiter(1) per database serialises every call).
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return sqlite_utils.Database(conn)
 
 
 def _meta(db: sqlite_utils.Database, key: str) -> str | None:

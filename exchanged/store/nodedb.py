@@ -74,7 +74,8 @@ import sqlite_utils
 
 from exchanged.roles import Roles
 from exchanged.store.audit import AuditLog, canonical
-from exchanged.store.cadb import StoreError, Transaction, one, rows
+from exchanged.store.cadb import StoreError, Transaction, connect, one, rows
+from exchanged.store.files import fsync_dir
 
 SCHEMA_VERSION = 1
 DB_NAME = "node.db"
@@ -128,15 +129,6 @@ CREATE INDEX IF NOT EXISTS inbox_state ON inbox(state);
 
 
 # -- files ------------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -312,16 +304,15 @@ class NodeStore:
                 if not (datadir / BLOBS).is_dir():
                     (datadir / BLOBS).mkdir()
                     fsync_dir(datadir)
-            conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
-                                   check_same_thread=False)
+            db = connect(path)
+            conn = db.conn
         except OSError as e:
             raise StoreError(f"cannot create the node store in {datadir}: {e.strerror}",
                              code="io") from None
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"the node database {path} cannot be read ({e}); restore it from "
+                             "a backup", code="corrupt-db") from None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            db = sqlite_utils.Database(conn)
             if create:
                 conn.executescript(_SCHEMA)
                 AuditLog.create(db)
