@@ -725,3 +725,11 @@ class OutboxMachine(RuleBasedStateMachine):
 OutboxMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30,
                                            deadline=None, database=None)
 TestOutboxModel = OutboxMachine.TestCase
+
+
+def test_a_corrupted_database_file_is_a_clear_error(tmp_path: Path) -> None:
+    """Regression: opening moved into cadb.connect, whose pragmas read the file first."""
+    (tmp_path / "node.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError) as e:
+        NodeStore.open(tmp_path)
+    assert e.value.code == "corrupt-db" and "restore it from a backup" in str(e.value)
