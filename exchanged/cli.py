@@ -449,6 +449,20 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     if args.bundle:
         report = evidence.verify(Path(args.bundle), trusted)
         where = args.bundle
+    elif args.node_config:
+        # A node's log, checked against the node certificate whose token signs its
+        # checkpoints. Read-only, beside the running daemon (WAL readers do not block it).
+        from exchanged.store.audit import AuditLog
+        from exchanged.store.cadb import connect
+        cfg = _node_config(argparse.Namespace(config=args.node_config))
+        path = cfg.data_dir / "node.db"
+        if not path.exists():
+            raise ExchangedError(f"no node database at {path}", code="no-store")
+        db = connect(path)
+        stack.callback(db.conn.close)
+        signer = trusted or x509.load_pem_x509_certificates(cfg.cert.read_bytes())[0]
+        report = AuditLog(db).verify(signer)
+        where = str(path)
     else:
         ca = _ca(stack, args)
         _auditor(stack, args, ca, "audit-verify")
@@ -849,6 +863,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", help="an evidence bundle directory (offline check)")
     ca_dir(p)
     p.add_argument("--ca", help="your own copy of the certificate that signs checkpoints")
+    p.add_argument("--node-config", metavar="FILE",
+                   help="check a node's audit log instead (the node's configuration file)")
     p.add_argument("--operator", help="pkcs11: URI of your (auditor) key; for the live log")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(asub, "export", cmd_audit_export, "write an evidence bundle for one matter "

@@ -211,3 +211,49 @@ def test_nothing_is_lost_when_a_daemon_is_killed(demo, victim: str) -> None:  # 
         for i in got:
             assert i["package_sha256"] == sent[i["doc_id"]]
             store.check_blob(i["package_sha256"])  # the bytes on disk still hash right
+
+
+def test_alert_reload_and_the_nodes_audit_log(demo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An arriving document runs the alert command (N3); SIGHUP reloads the peer table, after
+    which finance is refused (A13); the node's audit log records it all and verifies."""
+    d, paths = demo
+    cfg = d.work / "office" / "exchanged.toml"
+    original = cfg.read_text()
+    marker = tmp_path / "alert.txt"
+    cfg.write_text(original.replace(
+        "[pkcs11]", f'alert_command = ["sh", "-c", "echo $EXCHANGED_TITLE >> {marker}"]\n\n'
+                    "[pkcs11]", 1))
+    quiet = __import__("contextlib").redirect_stdout(__import__("io").StringIO())
+    try:
+        with quiet:
+            d.start("finance")
+            d.start("office")
+        _send_many(d, paths["finance"], 1)
+        d.wait_for("the alert", lambda: marker.exists() and "doc 0" in marker.read_text())
+        # Drop finance from office's peers and reload: finance is refused from now on.
+        cfg.write_text(cfg.read_text().split("[peers.finance]")[0])
+        d.daemons["office"].send_signal(signal.SIGHUP)
+        d.wait_for("the reload", lambda: audit_rows(d, "office", "config-reload"))
+        _send_many(d, paths["finance"], 1)
+        d.wait_for("office to refuse finance", lambda: any(
+            "not a configured peer" in r[3] for r in audit_rows(d, "office", "peer-refused")))
+    finally:
+        cfg.write_text(original)
+    with quiet:
+        d.stop()
+    d.daemons.clear()
+    for unit in ("office", "finance"):  # stopping signs a checkpoint on the node token
+        r = subprocess.run([sys.executable, "-m", "exchanged", "audit", "verify",
+                            "--node-config", str(d.work / unit / "exchanged.toml")],
+                           env=d.env, capture_output=True, text=True)
+        assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    assert audit_rows(d, "office", "document-received")
+    assert audit_rows(d, "finance", "document-sent")
+    conn = sqlite3.connect(d.work / "office" / "data" / "node.db")
+    conn.execute("UPDATE audit SET outcome = 'ok' WHERE action = 'peer-refused'")
+    conn.commit()
+    conn.close()
+    r = subprocess.run([sys.executable, "-m", "exchanged", "audit", "verify", "--node-config",
+                        str(d.work / "office" / "exchanged.toml")], env=d.env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "tampered" in r.stderr
