@@ -342,15 +342,45 @@ def cmd_ca_show(args: argparse.Namespace, stack: ExitStack) -> int:
 
 # -- roles -----------------------------------------------------------------------------------
 
+def _node_role(args: argparse.Namespace, stack: ExitStack, action: str, obj: str,
+               cert: x509.Certificate | None = None, **extra: Any) -> dict[str, Any]:
+    """A role change at a node: signed here, on the operator's token, and sent to the daemon,
+    which checks the signature, the person and the rules (exchanged.roles) and applies it."""
+    import base64
+    op = _operator(stack, args)
+    payload = {"action": action, "object": obj, "actor": op.serial,
+               "at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "node": _node_config(args).unit, **extra}
+    _, cms = op.sign(payload, detached=False)
+    pem_text = cert.public_bytes(serialization.Encoding.PEM).decode() if cert else None
+    return _ask(args, "role", request=base64.b64encode(cms).decode(), cert=pem_text)
+
+
+def _person_cert(path: str) -> x509.Certificate:
+    return _load_certs(path, "the person's certificate")[0]
+
+
 def cmd_role_list(args: argparse.Namespace, stack: ExitStack) -> int:
-    ca = _ca(stack, args)
-    _emit(args, ca.roles.list(args.status), lambda r: _table(
+    if args.config:
+        items = _ask(args, "role-list", status=args.status)["items"]
+    else:
+        items = _ca(stack, args).roles.list(args.status)
+    _emit(args, items, lambda r: _table(
         r, ["id", "role", "division", "status", "suspended", "person", "granted_by",
             "reviewed_by"]))
     return 0
 
 
 def cmd_role_grant(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.config:
+        from exchanged.pki.operator import person_of
+        cert = _person_cert(args.serial)
+        rid = _node_role(args, stack, "role-grant", person_of(cert.subject), cert,
+                         grant=args.role, division=args.division or "",
+                         holder_serial=format(cert.serial_number, "x"))["id"]
+        _emit(args, {"id": rid, "status": "pending"}, lambda d: f"role grant {d['id']} "
+              f"({args.role}) is pending an auditor's review")
+        return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
     _, cert = ca.person_for(args.serial)
@@ -362,6 +392,11 @@ def cmd_role_grant(args: argparse.Namespace, stack: ExitStack) -> int:
 
 
 def cmd_role_review(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.config:
+        _node_role(args, stack, "role-approve" if args.approve else "role-refuse",
+                   str(args.id), reason=args.reason or "")
+        print(f"role grant {args.id} {'approved' if args.approve else 'refused'}")
+        return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
     with camod.Transaction(ca.db):
@@ -371,6 +406,10 @@ def cmd_role_review(args: argparse.Namespace, stack: ExitStack) -> int:
 
 
 def cmd_role_revoke(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.config:
+        _node_role(args, stack, "role-revoke", str(args.id), reason=args.reason)
+        print(f"role {args.id} revoked")
+        return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
     with camod.Transaction(ca.db):
@@ -380,6 +419,12 @@ def cmd_role_revoke(args: argparse.Namespace, stack: ExitStack) -> int:
 
 
 def cmd_role_suspend(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.config:
+        from exchanged.pki.operator import person_of
+        person = person_of(_person_cert(args.serial).subject)
+        _node_role(args, stack, f"person-{args.action}", person, reason=args.reason)
+        print(f"{person}: rights {'suspended' if args.action == 'suspend' else 'restored'}")
+        return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
     person, _ = ca.person_for(args.serial)
@@ -803,22 +848,27 @@ def build_parser() -> argparse.ArgumentParser:
     ca_dir(p); p.add_argument("serial"); p.add_argument("--out", "-o")  # noqa: E702
 
     # role
+    def role_node(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="act on a node's roles (its configuration file) "
+                                        "instead of the CA's")
+
     role = sub.add_parser("role", help="roles: grant, review, revoke, suspend, resume, list")
     rosub = role.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = cmd(rosub, "list", cmd_role_list, "who holds which role")
-    ca_dir(p)
+    ca_dir(p); role_node(p)  # noqa: E702
     p.add_argument("--status", choices=("pending", "active", "rejected", "revoked"))
     json_opt(p)
     p = cmd(rosub, "grant", cmd_role_grant, "an administrator proposes a role for the holder "
             "of a certificate; it takes effect when an auditor approves it")
-    ca_dir(p)
-    p.add_argument("serial", help="serial of the person's certificate")
+    ca_dir(p); role_node(p)  # noqa: E702
+    p.add_argument("serial", help="serial of the person's certificate (at a node: the "
+                                  "certificate file)")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--division", help="for receiver and deputy-receiver")
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (administrator) key")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(rosub, "review", cmd_role_review, "an auditor approves or refuses a pending grant")
-    ca_dir(p)
+    ca_dir(p); role_node(p)  # noqa: E702
     p.add_argument("id", type=int)
     verdict = p.add_mutually_exclusive_group(required=True)
     verdict.add_argument("--approve", action="store_true")
@@ -827,7 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
     _add_pin(p, "operator")
     p = cmd(rosub, "revoke", cmd_role_revoke, "an administrator takes a role away, at once")
-    ca_dir(p)
+    ca_dir(p); role_node(p)  # noqa: E702
     p.add_argument("id", type=int)
     p.add_argument("--reason", required=True)
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (administrator) key")
@@ -836,8 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("resume", "an auditor lifts a suspension")):
         p = cmd(rosub, action, cmd_role_suspend, helptext)
         p.set_defaults(action=action)
-        ca_dir(p)
-        p.add_argument("serial", help="serial of one of the person's certificates")
+        ca_dir(p); role_node(p)  # noqa: E702
+        p.add_argument("serial", help="serial of one of the person's certificates (at a node: "
+                                      "a certificate file)")
         p.add_argument("--reason", required=True)
         p.add_argument("--operator", required=True, help="pkcs11: URI of your key")
         _add_pin(p, "operator")

@@ -56,6 +56,8 @@ class Config:
     alert_command: tuple[str, ...] = ()
     control_socket: Path | None = None
     source: Path | None = None
+    # The node's first administrator and auditor ("CN=...,O=..."), declared once (A8).
+    roles: dict[str, str] = field(default_factory=dict)
 
     @property
     def socket_path(self) -> Path:
@@ -104,7 +106,7 @@ class Config:
             crls=tuple(path(c) for c in trust.get("crls", [])), peers=peers, limits=limits,
             alert_command=tuple(str(a) for a in alert),
             control_socket=path(node["control_socket"]) if node.get("control_socket") else None,
-            source=source)
+            source=source, roles={str(k): str(v) for k, v in data.get("roles", {}).items()})
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from cryptography import x509
 
 from exchanged import package as pkg
 from exchanged.errors import ExchangedError
 from exchanged.pki import verify
 from exchanged.pki.cms import CmsError, cms_content, verify_detached
+from exchanged.pki.operator import person_of
+from exchanged.roles import DEPUTY, RECEIVER, SignedOperator
 
 if TYPE_CHECKING:
     from exchanged.daemon import Node
@@ -196,13 +199,16 @@ async def _sign_for(node: Node, req: dict[str, Any]) -> dict[str, Any]:
             "sender": item["sender"], "recipient": node.config.unit}
     if any(payload.get(k) != v for k, v in want.items()):
         raise ControlError("the receipt is for another document", code="bad-receipt")
-    await node.db(_record_sign_for, node, doc, receipt, signer, payload)
+    await node.db(_record_sign_for, node, doc, receipt, signer, payload,
+                  cms_content(receipt))
     node.poke(item["sender"])
     return {"doc_id": doc, "by": signer.subject.rfc4514_string()}
 
 
 def _record_sign_for(node: Node, doc: str, receipt: bytes, signer: Any,
-                     payload: dict[str, Any]) -> None:
+                     payload: dict[str, Any], signed: bytes) -> None:
+    # Only a designated receiver (or deputy) of this unit signs for documents (A11, A20).
+    node.roles.require(SignedOperator(signer, signed, receipt), RECEIVER, DEPUTY)
     with node.store.transaction():
         node.store.mark_in_signed_for(doc, receipt, format(signer.serial_number, "x"))
         node.store.audit.append(action="document-signed-for", obj=doc,
@@ -244,9 +250,63 @@ def _export_files(node: Node, item: dict[str, Any], dest: Path) -> list[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# -- roles at this node (the same rules as at the CA: exchanged.roles) -------------------------
+
+REQUEST_MAX_AGE = 300  # seconds: a signed role request older (or newer) than this is refused
+
+
+async def _role(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    """A role change signed on the operator's token by the CLI; checked and applied here."""
+    cms = base64.b64decode(req["request"])
+    try:
+        signed = cms_content(cms)
+        signer = verify_detached(cms, signed, node.ca_cert)
+    except CmsError as e:
+        raise ControlError(f"the signed request does not verify: {e}",
+                           code="bad-signature") from None
+    op = SignedOperator(signer, signed, cms)
+    payload = op.request
+    if payload.get("node") != node.config.unit:
+        raise ControlError(f"the request is addressed to node {payload.get('node')!r}",
+                           code="bad-request")
+    at = dt.datetime.fromisoformat(str(payload["at"]).replace("Z", "+00:00"))
+    if abs((dt.datetime.now(dt.UTC) - at).total_seconds()) > REQUEST_MAX_AGE:
+        raise ControlError("the signed request is stale (or from the future): sign it again",
+                           code="stale")
+    grantee = None
+    if req.get("cert"):
+        grantee = x509.load_pem_x509_certificate(req["cert"].encode())
+    return await node.db(_apply_role, node, op, payload, grantee)
+
+
+def _apply_role(node: Node, op: SignedOperator, p: dict[str, Any],
+                grantee: x509.Certificate | None) -> dict[str, Any]:
+    roles, action, obj = node.roles, p["action"], p["object"]
+    with node.store.transaction():
+        if action == "role-grant":
+            if grantee is None or person_of(grantee.subject) != obj:
+                raise ControlError("a grant carries the grantee's certificate", code="bad-request")
+            return {"id": roles.grant(op, grantee, p["grant"], p.get("division") or "")}
+        if action in ("role-approve", "role-refuse"):
+            roles.review(op, int(obj), action == "role-approve", p.get("reason") or "")
+        elif action == "role-revoke":
+            roles.revoke(op, int(obj), p.get("reason") or "")
+        elif action == "person-suspend":
+            roles.suspend(op, obj, p.get("reason") or "")
+        elif action == "person-resume":
+            roles.resume(op, obj, p.get("reason") or "")
+        else:
+            raise ControlError(f"unknown role action {action!r}", code="bad-request")
+    return {"id": obj}
+
+
+async def _role_list(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    return {"items": await node.db(node.roles.list, req.get("status"))}
+
+
 HANDLERS = {"status": _status, "send": _send, "outbox": _outbox, "inbox": _inbox,
             "inbox-show": _inbox_show, "outbox-show": _out_show, "sign-for": _sign_for,
-            "export": _export}
+            "export": _export, "role": _role, "role-list": _role_list}
 
 
 # -- the command line's side -----------------------------------------------------------------

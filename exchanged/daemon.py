@@ -29,11 +29,13 @@ from cryptography import x509
 from exchanged import package as pkg
 from exchanged.config import Config, Peer
 from exchanged.errors import ExchangedError
+from exchanged.pki import verify
 from exchanged.pki.cms import CmsError, cms_content, verify_detached
 from exchanged.pki.operator import Operator, canonical
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token
 from exchanged.pki.uri import parse
+from exchanged.roles import Roles
 from exchanged.sdnotify import Notifier
 from exchanged.store.nodedb import NodeStore
 from exchanged.transport import protocol as proto
@@ -86,11 +88,22 @@ class Node:
         self.key = self.token.key_from_uri(uri)
         self.signer = Operator(self.key, self.cert)
         self.peers = PeerCheck(self.trusted, list(c.crls), c.peers)
+        self.roles = Roles(self.store.db, self.store.audit, self.person_status)
+        with self.store.transaction():
+            if self.roles.bootstrap_declared(c.roles, f"configuration {c.source}"):
+                log.info("roles declared in the configuration: %s", c.roles)
         common = dict(key_uri=uri, pin=pin, cert_chain=chain, trusted=self.trusted,
                       module=c.module)
         self.server_ctx = make_context(server=True, **common)  # type: ignore[arg-type]
         self.client_ctx = make_context(server=False, **common)  # type: ignore[arg-type]
         self.audit_event("node-start", self.config.unit, details={"requeued": requeued})
+
+    def person_status(self, cert: x509.Certificate) -> None:
+        """An operator at this node: a person certificate of our CA, good per our CRLs."""
+        try:
+            verify.validate(cert, trusted=self.trusted, crls=self.peers.crls, purpose="person")
+        except verify.ValidationError as e:
+            raise ExchangedError(f"operator certificate refused: {e}", code=e.code) from None
 
     def close(self) -> None:
         try:

@@ -25,9 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from exchanged.errors import ExchangedError
-from exchanged.pki.operator import Operator, person_of
+from exchanged.pki.operator import Operator, attr, person_of
 from exchanged.store.audit import AuditLog, canonical
 
 ADMIN, OFFICER, AUDITOR, LIAISON = "administrator", "security-officer", "auditor", "liaison"
@@ -65,15 +66,39 @@ def act(audit: AuditLog, op: Operator, role: str | None, action: str, obj: str,
     """Sign an act on the operator's token and append it to the audit log (inside the caller's
     transaction). The entry's `details` are exactly the bytes signed, so
     `openssl cms -verify -content details` checks them."""
-    at = _now()
-    payload, cms = op.sign({"action": action, "object": obj, "at": at, "actor": op.serial,
-                            "role": role, **(extra or {})})
-    details = json.loads(payload)
+    presigned = getattr(op, "presigned", None)
+    if presigned is not None:  # signed elsewhere (the operator's own machine), checked here
+        payload, cms = presigned
+        details = json.loads(payload)
+        if details.get("action") != action or details.get("object") != obj:
+            raise RoleError(f"the signed request is for {details.get('action')} of "
+                            f"{details.get('object')!r}, not {action} of {obj!r}",
+                            code="bad-request")
+        at = str(details["at"])
+    else:
+        at = _now()
+        payload, cms = op.sign({"action": action, "object": obj, "at": at,
+                                "actor": op.serial, "role": role, **(extra or {})})
+        details = json.loads(payload)
     # The log stores canonical JSON too, so the stored details are byte for byte what was signed.
     assert canonical(details) == payload
     return audit.append(action=action, obj=obj, actor=op.serial,
                         actor_subject=op.cert.subject.rfc4514_string(), role=role,
                         outcome=outcome, details=details, signature=cms, at=at)
+
+
+class SignedOperator:
+    """An operator who signed a request on their own machine (the CLI holds their token; the
+    daemon holds the database): their certificate, and the request exactly as signed.
+    `act()` records that signature instead of making one."""
+
+    def __init__(self, cert: x509.Certificate, payload: bytes, cms: bytes) -> None:
+        self.cert = cert
+        self.serial = format(cert.serial_number, "x")
+        self.person = person_of(cert.subject)
+        self.name = attr(cert.subject, NameOID.COMMON_NAME)
+        self.presigned = (payload, cms)
+        self.request: dict[str, Any] = json.loads(payload)
 
 
 class Roles:
@@ -150,6 +175,28 @@ class Roles:
                 "holder_subject": op.cert.subject.rfc4514_string(), "role": role,
                 "division": "", "status": "active", "granted_by": None, "granted_at": _now(),
                 "grant_seq": seq, "reviewed_by": None, "reviewed_at": None})
+
+    def bootstrap_declared(self, people: dict[str, str], source: str) -> bool:
+        """A node's first administrator and auditor, declared by whoever installed it (A8) in
+        its configuration: persons ("CN=...,O=..."), applied once, while no role exists.
+        Unsigned (there is no one to sign yet) but audited; everything after goes through
+        grant and review."""
+        if self.db.execute("SELECT 1 FROM roles LIMIT 1").fetchone() or not people:
+            return False
+        if set(people) - {ADMIN, AUDITOR}:
+            raise RoleError("only the administrator and the auditor are declared; other "
+                            "roles are granted and reviewed", code="bad-role")
+        if len(set(people.values())) != len(people):
+            raise RoleError("the administrator and the auditor must be different persons (A5)",
+                            code="separation")
+        for role, person in people.items():
+            seq = self.audit.append(action="role-bootstrap", obj=person, role=role,
+                                    details={"grant": role, "source": source})
+            self.db["roles"].insert({
+                "person": person, "holder_serial": "", "holder_subject": person, "role": role,
+                "division": "", "status": "active", "granted_by": None, "granted_at": _now(),
+                "grant_seq": seq, "reviewed_by": None, "reviewed_at": None})
+        return True
 
     def grant(self, admin: Operator, grantee: x509.Certificate, role: str,
               division: str = "") -> int:

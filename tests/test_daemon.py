@@ -257,3 +257,49 @@ def test_alert_reload_and_the_nodes_audit_log(demo, tmp_path: Path) -> None:  # 
                         str(d.work / "office" / "exchanged.toml")], env=d.env,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "tampered" in r.stderr
+
+
+def test_roles_at_a_node_follow_the_same_rules(demo) -> None:  # type: ignore[no-untyped-def]
+    """Role changes at a node are signed by the operator's token in the CLI and checked by the
+    daemon with exchanged.roles: separation, no self-grant, auditor review, suspension."""
+    d, paths = demo
+    quiet = __import__("contextlib").redirect_stdout(__import__("io").StringIO())
+    with quiet:
+        d.start("finance")
+        d.start("office")
+    cfg = paths["office"]
+
+    def role(*args: str, ok: bool = True) -> str:
+        return d.x("role", *args, "--config", cfg, ok=ok, quiet=True)
+
+    admin, auditor, receiver = d.op("admin"), d.op("auditor"), d.op("receiver")
+    listed = json.loads(d.x("ca", "list", "--dir", "ca", "--json", quiet=True))
+    for name, file in (("Zhang Wei", "admin.pem"), ("Chen Jing", "auditor.pem")):
+        serial = next(c["serial"] for c in listed if f"CN={name}," in c["subject"])
+        d.x("ca", "show", "--dir", "ca", serial, "-o", file, quiet=True)
+    # The administrator cannot make himself anything; nor the auditor an administrator (A5).
+    assert "cannot grant a role to themselves" in role(
+        "grant", "admin.pem", "--role", "liaison", *admin, ok=False)
+    assert "may never be held with it" in role(
+        "grant", "auditor.pem", "--role", "administrator", *admin, ok=False)
+    # Someone who is not an administrator cannot grant at all.
+    assert "not an active administrator" in role(
+        "grant", "receiver.pem", "--role", "receiver", "--division", "Registry", *receiver,
+        ok=False)
+    # A grant is pending until the auditor approves it; the administrator cannot approve it.
+    grant = json.loads(role("grant", "receiver.pem", "--role", "deputy-receiver", "--division",
+                            "Registry", *admin, "--json"))["id"]
+    assert "not an active auditor" in role("review", str(grant), "--approve", *admin, ok=False)
+    role("review", str(grant), "--approve", *auditor)
+    # Liu Yang can sign for documents; suspended (A39), she cannot, at once.
+    [doc] = _send_many(d, paths["finance"], 1)
+    d.wait_for("the document at office", lambda: d.item("office", "inbox", doc))
+    role("suspend", "receiver.pem", "--reason", "key reported lost", *auditor)
+    out = d.x("inbox", "sign-for", doc, "--config", cfg, *receiver, ok=False, quiet=True)
+    assert "suspended" in out
+    role("resume", "receiver.pem", "--reason", "key found", *auditor)
+    d.x("inbox", "sign-for", doc, "--config", cfg, *receiver, quiet=True)
+    # Every one of those acts is in office's audit log, signed by whoever did it.
+    for action in ("role-grant", "role-approve", "person-suspend", "person-resume",
+                   "document-signed-for"):
+        assert audit_rows(d, "office", action), action

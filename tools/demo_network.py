@@ -103,6 +103,10 @@ class Demo:
                  f'pin_file = "{self.pin(token)}"', "", "[trust]",
                  f'ca = ["{self.work}/ca/ca.pem"]', f'crls = ["{d}/ca.crl"]', "", "[limits]",
                  "read_timeout = 10", "drain_timeout = 5"]
+        # The node's first administrator and auditor, declared by its installer (A8); every
+        # other role is granted by the administrator and approved by the auditor.
+        lines += ["", "[roles]", 'administrator = "CN=Zhang Wei,O=General Office"',
+                  'auditor = "CN=Chen Jing,O=General Office"']
         for peer, (pport, pname, porg) in peers.items():
             lines += ["", f"[peers.{peer}]", f'address = "127.0.0.1:{pport}"',
                       f'name = "{pname}"', f'org = "{porg}"']
@@ -232,6 +236,15 @@ def run(d: Demo) -> int:
     d.wait_for("delivery", lambda: d.item("finance", "outbox", doc).get("state") == "delivered")
     d.x("outbox", "--config", cfg_a)
     d.x("inbox", "--config", cfg_b)
+
+    d.say("Liu Yang may sign for documents only once she is office's designated receiver: "
+          "granted by the administrator, approved by the auditor")
+    d.x("inbox", "sign-for", doc, "--config", cfg_b, *d.op("receiver"), ok=False)
+    grant = json.loads(d.x("role", "grant", "--config", cfg_b, "receiver.pem", "--role",
+                           "receiver", "--division", "Secretariat", *d.op("admin"), "--json"))
+    d.x("role", "review", "--config", cfg_b, str(grant["id"]), "--approve", "--reason",
+        "designated by the head of the secretariat", *d.op("auditor"))
+    d.x("role", "list", "--config", cfg_b)
 
     d.say("Office's receiver signs for it with her personal token; the receipt goes back")
     d.x("inbox", "sign-for", doc, "--config", cfg_b, *d.op("receiver"))
