@@ -249,9 +249,9 @@ class Node:
             await trio.aclose_forcefully(stream)
             return
         except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-            log.warning("TLS handshake with %s failed: %s", addr, e or type(e).__name__)
+            log.warning("TLS handshake with %s failed: %s", addr, _describe(e))
             await self.audit("tls-failed", addr, outcome="refused",
-                             details={"error": str(e) or type(e).__name__})
+                             details={"error": _describe(e)})
             await trio.aclose_forcefully(stream)
             return
         try:
@@ -450,7 +450,7 @@ class Node:
                 sock = await trio.open_tcp_stream(peer.host, peer.port)
             tls, _ = await self._handshake(sock, server=False, expect=unit)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, PeerRefused) as e:
-            err = f"cannot reach {unit} at {peer.host}:{peer.port}: {e or type(e).__name__}"
+            err = f"cannot reach {unit} at {peer.host}:{peer.port}: {_describe(e)}"
             if isinstance(e, PeerRefused):
                 log.warning("refusing %s: %s", unit, e)
                 await self.audit("peer-refused", unit, outcome="refused",
@@ -468,7 +468,7 @@ class Node:
                 if conn.state is not proto.State.IDLE:
                     break
         except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError) as e:
-            log.warning("delivery to %s interrupted: %s", unit, e or type(e).__name__)
+            log.warning("delivery to %s interrupted: %s", unit, _describe(e))
         finally:
             await trio.aclose_forcefully(tls)
 
@@ -541,6 +541,13 @@ class Node:
     async def _control(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         from exchanged import control
         await control.serve(self, task_status=task_status)
+
+
+def _describe(e: BaseException) -> str:
+    """What went wrong, never an empty string: trio's BrokenResourceError says nothing itself;
+    the SSL error that caused it does (e.g. "certificate verify failed")."""
+    return str(e) or (f"{type(e).__name__}: {_describe(e.__cause__)}" if e.__cause__
+                      else type(e).__name__)
 
 
 def _addr(stream: trio.SocketStream) -> str:
