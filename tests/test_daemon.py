@@ -303,3 +303,21 @@ def test_roles_at_a_node_follow_the_same_rules(demo) -> None:  # type: ignore[no
     for action in ("role-grant", "role-approve", "person-suspend", "person-resume",
                    "document-signed-for"):
         assert audit_rows(d, "office", action), action
+
+
+def test_send_refuses_a_pdf_that_is_not_a_pdf_and_classified_documents(demo) -> None:  # type: ignore[no-untyped-def]
+    d, paths = demo
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        d.start("finance")
+    (d.work / "fake.pdf").write_text("I am a text file with a .pdf name\n")
+    (d.work / "ok.txt").write_text("text\n")
+    (d.work / "real.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
+    base = ["send", "--config", paths["finance"], "--to", "office", "--title", "t",
+            "--editable", "ok.txt"]
+    out = d.x(*base, "--pdf", "fake.pdf", ok=False, quiet=True)
+    assert out.startswith("exchanged: error:") and out.count("\n") == 0 and "not a PDF" in out
+    out = d.x(*base, "--pdf", "real.pdf", "--classification", "secret", ok=False, quiet=True)
+    assert "A38" in out and out.count("\n") == 0
+    outbox = json.loads(d.x("outbox", "--config", paths["finance"], "--json", quiet=True))
+    assert not [i for i in outbox if i["metadata"]["title"] == "t"]  # nothing was queued
+    assert len(audit_rows(d, "finance", "document-send")) >= 2  # both refusals on record
