@@ -53,13 +53,8 @@ def port_of(d: Demo, unit: str) -> int:
 def s_client(d: Demo, unit: str, data: bytes, *, as_token: str = "finance-node",
              timeout: float = 20) -> str:
     """openssl s_client with a key on a token (the pkcs11 engine), as an independent peer."""
-    pin = d.work / f"{as_token}.engine-pin"
-    pin.write_text((d.tok / f"{as_token}.pin").read_text().strip())
-    pin.chmod(0o600)
-    conf = d.work / "openssl-engine.cnf"
-    from exchanged.pki.token import default_module
-    conf.write_text(f"openssl_conf = init\n[init]\nengines = e\n[e]\npkcs11 = p\n[p]\n"
-                    f"engine_id = pkcs11\nMODULE_PATH = {default_module()}\ninit = 0\n")
+    from exchanged.transport.tlskey import openssl_cli_engine
+    conf, pin = openssl_cli_engine(d.work / f"engine-{as_token}", d.tok / f"{as_token}.pin")
     env = {**d.env, "OPENSSL_CONF": str(conf)}
     p = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port_of(d, unit)}",
                         "-engine", "pkcs11", "-keyform", "engine", "-key",

@@ -9,7 +9,6 @@ import os
 import ssl
 import subprocess
 import sys
-import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,12 +28,11 @@ from pkcs11 import Attribute
 from exchanged.errors import ExchangedError
 from exchanged.pki import profiles
 from exchanged.pki.pin import PinSource
-from exchanged.pki.token import Token, default_module
+from exchanged.pki.token import Token
 from exchanged.pki.uri import parse
 from exchanged.transport import tlskey
-from exchanged.transport.tlskey import make_context, peer_certificate_chain
+from exchanged.transport.tlskey import make_context, openssl_cli_engine, peer_certificate_chain
 
-ENGINE_SO = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 TIMEOUT = 10
 
 
@@ -101,22 +99,7 @@ def pki(tokens: Tokens, tmp_path_factory: pytest.TempPathFactory) -> Pki:
         node_uri, other_uri = str(node_key.uri), str(other_key.uri)
     (d / "ca.pem").write_bytes(pem([ca]))
     (d / "other.pem").write_bytes(pem([other_cert]))
-    nonl = d / "other.pin"  # libp11 reads a pin-source file verbatim: no trailing newline
-    nonl.write_text(Path(tokens.pin("other")).read_text().strip())
-    nonl.chmod(0o600)
-    conf = d / "openssl-pkcs11.cnf"
-    conf.write_text(textwrap.dedent(f"""\
-        openssl_conf = openssl_init
-        [openssl_init]
-        engines = engine_section
-        [engine_section]
-        pkcs11 = pkcs11_section
-        [pkcs11_section]
-        engine_id = pkcs11
-        dynamic_path = {ENGINE_SO}
-        MODULE_PATH = {default_module()}
-        init = 0
-        """))
+    conf, nonl = openssl_cli_engine(d / "engine", tokens.pin("other"))
     p = Pki(d, tokens, ca, node_uri, node_cert, other_uri, other_cert, conf, nonl)
     p.server = make_context(server=True, key_uri=node_uri, pin=pin(tokens, "node"),
                             cert_chain=[node_cert], trusted=[ca])

@@ -35,8 +35,9 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 from exchanged.pki import ca as camod  # noqa: E402
 from exchanged.pki import crl, profiles  # noqa: E402
 from exchanged.pki.pin import PinSource  # noqa: E402
-from exchanged.pki.token import Token, default_module  # noqa: E402
+from exchanged.pki.token import Token  # noqa: E402
 from exchanged.pki.uri import parse  # noqa: E402
+from exchanged.transport.tlskey import openssl_cli_engine  # noqa: E402
 
 REASONS = [None, "keyCompromise", "superseded", "affiliationChanged", "cessationOfOperation"]
 
@@ -106,19 +107,8 @@ def main() -> int:
             f.write(f"R\t{exp}\t{rev}\t{format(e.serial, 'X')}\tunknown\t/CN=x{e.serial}\n")
     (ossl / "index.txt.attr").write_text("unique_subject = no\n")
     (ossl / "crlnumber").write_text("02\n")
-    engine_pin = ossl / "pin"  # libp11 reads pin-source files verbatim: no trailing newline
-    engine_pin.write_text(pin_file.read_text().strip())
-    engine_pin.chmod(0o600)
-    (ossl / "openssl.cnf").write_text(f"""
-openssl_conf = openssl_init
-[openssl_init]
-engines = engine_section
-[engine_section]
-pkcs11 = pkcs11_section
-[pkcs11_section]
-engine_id = pkcs11
-MODULE_PATH = {default_module()}
-init = 0
+    engine_conf, engine_pin = openssl_cli_engine(ossl, pin_file)
+    (ossl / "openssl.cnf").write_text(engine_conf.read_text() + f"""
 [ca]
 default_ca = bench
 [bench]

@@ -55,8 +55,9 @@ from demo_network import Demo, free_port  # noqa: E402
 
 from exchanged import control  # noqa: E402
 from exchanged.pki.pin import PinSource  # noqa: E402
-from exchanged.pki.token import Token, default_module  # noqa: E402
+from exchanged.pki.token import Token  # noqa: E402
 from exchanged.pki.uri import parse  # noqa: E402
+from exchanged.transport.tlskey import openssl_cli_engine  # noqa: E402
 
 MiB = 1024 * 1024
 REASONS = ["unspecified", "keyCompromise", "superseded", "affiliationChanged",
@@ -159,24 +160,12 @@ class Bench:
         d.x("ca", "issue", "--dir", "ca", str(rid), *d.op("officer"), "--ca-pin-file",
             d.pin("ca"), "-o", "client.pem", quiet=True)
         # openssl's pkcs11 engine: module from the config; the PIN from a file without newline.
-        pin = w / "engine.pin"
-        pin.write_text(Path(d.pin("office-node")).read_text().strip())
-        pin.chmod(0o600)
-        (w / "openssl.cnf").write_text(f"""openssl_conf = openssl_init
-[openssl_init]
-engines = engine_section
-[engine_section]
-pkcs11 = pkcs11_section
-[pkcs11_section]
-engine_id = pkcs11
-MODULE_PATH = {default_module()}
-init = 0
-""")
+        conf, pin = openssl_cli_engine(w, d.pin("office-node"))
         # What s_server -WWW answers to GET /ping: about the size of the daemon's pong.
         (w / "ping").write_text('{"unit": "office", "time": "2026-01-01T00:00:00Z", '
                                 '"note": "a reference answer of about a pong\'s size"}\n')
         self.engine_key = f"pkcs11:token=office-node;object=me;type=private?pin-source={pin}"
-        self.ossl_env = {**d.env, "OPENSSL_CONF": str(w / "openssl.cnf")}
+        self.ossl_env = {**d.env, "OPENSSL_CONF": str(conf)}
 
         self.pa, self.pb = free_port(), free_port()
         d.config("finance", "Finance Bureau", "finance-node", self.pa,

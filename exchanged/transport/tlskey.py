@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from exchanged.errors import ExchangedError
 from exchanged.pki.pin import PinSource
+from exchanged.pki.token import default_module
 from exchanged.pki.uri import Pkcs11Uri
 from exchanged.pki.uri import parse as parse_uri
 
@@ -542,7 +543,6 @@ def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
     if uri.object is None and uri.id is None:
         raise TlsKeyError("the TLS key URI names no key: add object=LABEL or id=...",
                           code="bad-uri")
-    from exchanged.pki.token import default_module
     module = uri.module_path or module or default_module()
     chain = _certs(cert_chain, "certificate chain")
     anchors = _certs(trusted, "trusted CA certificates")
@@ -609,3 +609,21 @@ def peer_certificate_chain(connection: Any, *, verified: bool = False) -> list[x
     if not ders or ders[0] != leaf:
         ders.insert(0, leaf)  # a server's view of the client chain may omit the leaf
     return [x509.load_der_x509_certificate(d) for d in ders]
+
+
+def openssl_cli_engine(directory: Path, pin_file: str | os.PathLike[str], *,
+                       module: str | None = None) -> tuple[Path, Path]:
+    """What the `openssl` command needs to use a token key (tests, benchmarks, operators
+    checking a node by hand): an OPENSSL_CONF that loads the pkcs11 engine with our module,
+    and a copy of the PIN file for the key URI's `pin-source=` — libp11 reads that file
+    verbatim, so the copy has no trailing newline. Returns (config path, pin-source path)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pin_copy = directory / "engine.pin"
+    pin_copy.write_text(Path(pin_file).read_text().rstrip("\r\n"))
+    pin_copy.chmod(0o600)
+    conf = directory / "openssl-engine.cnf"
+    conf.write_text("openssl_conf = openssl_init\n[openssl_init]\nengines = engine_section\n"
+                    "[engine_section]\npkcs11 = pkcs11_section\n[pkcs11_section]\n"
+                    f"engine_id = pkcs11\nMODULE_PATH = {module or default_module()}\n"
+                    "init = 0\n")
+    return conf, pin_copy
