@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +63,13 @@ async def serve(node: Node, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> N
 
 
 async def _client(node: Node, stream: trio.SocketStream) -> None:
+    try:
+        await _converse(node, stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the local command went away (Ctrl-C): nothing to answer
+
+
+async def _converse(node: Node, stream: trio.SocketStream) -> None:
     buf = b""
     async with stream:
         while True:
@@ -105,8 +113,12 @@ async def _dispatch(node: Node, line: bytes) -> dict[str, Any]:
         return {"ok": True, **(await handler(node, req))}
     except ExchangedError as e:
         return {"ok": False, "code": e.code, "error": str(e)}
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         return {"ok": False, "code": "bad-request", "error": f"bad request: {e}"}
+    except Exception as e:  # a local request must never take the daemon down
+        import logging
+        logging.getLogger("exchanged").exception("control request failed")
+        return {"ok": False, "code": "internal-error", "error": f"{type(e).__name__}: {e}"}
 
 
 async def _status(node: Node, req: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +264,8 @@ def _export_files(node: Node, item: dict[str, Any], dest: Path) -> list[str]:
 
 # -- roles at this node (the same rules as at the CA: exchanged.roles) -------------------------
 
-REQUEST_MAX_AGE = 300  # seconds: a signed role request older (or newer) than this is refused
+REQUEST_MAX_AGE = 300  # seconds: a signed role request older than this is refused
+CLOCK_SKEW = 30  # seconds a request may seem to come from the future (clocks differ)
 
 
 async def _role(node: Node, req: dict[str, Any]) -> dict[str, Any]:
@@ -270,19 +283,30 @@ async def _role(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         raise ControlError(f"the request is addressed to node {payload.get('node')!r}",
                            code="bad-request")
     at = dt.datetime.fromisoformat(str(payload["at"]).replace("Z", "+00:00"))
-    if abs((dt.datetime.now(dt.UTC) - at).total_seconds()) > REQUEST_MAX_AGE:
+    age = (dt.datetime.now(dt.UTC) - at).total_seconds()
+    if not -CLOCK_SKEW <= age <= REQUEST_MAX_AGE:
         raise ControlError("the signed request is stale (or from the future): sign it again",
                            code="stale")
     grantee = None
     if req.get("cert"):
         grantee = x509.load_pem_x509_certificate(req["cert"].encode())
-    return await node.db(_apply_role, node, op, payload, grantee)
+        if format(grantee.serial_number, "x") != payload.get("holder_serial"):
+            raise ControlError("the certificate sent is not the one the request names",
+                               code="bad-request")
+    return await node.db(_apply_role, node, op, payload, grantee, hashlib.sha256(cms).digest())
 
 
 def _apply_role(node: Node, op: SignedOperator, p: dict[str, Any],
-                grantee: x509.Certificate | None) -> dict[str, Any]:
+                grantee: x509.Certificate | None, digest: bytes) -> dict[str, Any]:
     roles, action, obj = node.roles, p["action"], p["object"]
     with node.store.transaction():
+        # Each signed request is applied once: a replay (say, of an old resume after a new
+        # suspension) is refused. The digests live beside the roles, in the same transaction.
+        if node.store.db.execute("SELECT 1 FROM role_requests WHERE sha256 = ?",
+                                 [digest]).fetchone():
+            raise ControlError("this signed request was already applied: sign a new one",
+                               code="replay")
+        node.store.db.execute("INSERT INTO role_requests VALUES (?, ?)", [digest, p["at"]])
         if action == "role-grant":
             if grantee is None or person_of(grantee.subject) != obj:
                 raise ControlError("a grant carries the grantee's certificate", code="bad-request")

@@ -31,7 +31,7 @@ from exchanged.config import Config, Peer
 from exchanged.errors import ExchangedError
 from exchanged.pki import verify
 from exchanged.pki.cms import CmsError, cms_content, verify_detached
-from exchanged.pki.operator import Operator, canonical
+from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token
 from exchanged.pki.uri import parse
@@ -256,8 +256,12 @@ class Node:
             return
         try:
             await self._serve_requests(tls, peer, peer_certificate_chain(tls._ssl_object)[0])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
+        except Exception as e:  # one peer's failure must never take the whole node down
+            log.error("connection from %s (%s) failed: %s", peer.unit, addr, _describe(e))
+            await self.audit("connection-failed", peer.unit, outcome="failed",
+                             details={"error": _describe(e)})
         finally:
             await trio.aclose_forcefully(tls)
 
@@ -294,9 +298,9 @@ class Node:
                         self.config.unit, dt.datetime.now(dt.UTC))))
                 elif isinstance(event, proto.SubmitDocument):
                     submit = event
-                    self.active_transfers += 1
                     writer = await self.db(self.store.blob_writer,
                                            max_size=limits.max_document_bytes)
+                    self.active_transfers += 1
                 elif isinstance(event, proto.BodyChunk):
                     assert writer is not None
                     pending += event.data
@@ -314,7 +318,7 @@ class Node:
                     await self._send(tls, conn.send(answer))
                 elif isinstance(event, proto.DeliverReceipt):
                     await self._send(tls, conn.send(await self._signed_for(peer, event)))
-                if conn.must_close or self.stopping:
+                if conn.must_close or (self.stopping and writer is None):
                     return
         finally:
             if writer is not None:
@@ -360,7 +364,11 @@ class Node:
                            "sender": peer.unit, "recipient": self.config.unit,
                            "received_at": received_at}
         _, receipt = await self.tok(self.signer.sign, receipt_payload, detached=False)
-        new = await self.db(self._store_received, doc, peer, meta, sha, receipt, received_at)
+        try:
+            new = await self.db(self._store_received, doc, peer, meta, sha, receipt,
+                                received_at)
+        except ExchangedError as e:
+            return await self._refuse(peer, doc, _reason(e.code), str(e))
         if new:
             log.info("received %s from %s: %r (%s)", doc, peer.unit, meta.title, meta.urgency)
             self._alert(meta)
@@ -388,14 +396,25 @@ class Node:
                           ) -> proto.ReceiptAccepted | proto.Reject:
         """The recipient's receiver signed for one of our documents: check, keep."""
         try:
-            payload = json.loads(cms_content(event.receipt))
-            signer = verify_detached(event.receipt, canonical(payload), self.ca_cert)
-        except (CmsError, ValueError) as e:
+            content = cms_content(event.receipt)
+            signer = verify_detached(event.receipt, content, self.ca_cert)
+            payload = json.loads(content)
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
+        except (CmsError, ValueError, RecursionError) as e:
             return proto.Reject("bad-receipt", f"the receipt does not verify: {e}")
-        if payload.get("doc_id") != event.doc_id or payload.get("recipient") != peer.unit:
-            return proto.Reject("bad-receipt", "the receipt is for another document or unit")
+        if payload.get("type") != "signed-for" or payload.get("doc_id") != event.doc_id \
+                or payload.get("recipient") != peer.unit:
+            return proto.Reject("bad-receipt", "the receipt is not a signed-for receipt of "
+                                "this document by this unit")
         try:
-            await self.db(self._store_signed_for, event.doc_id, event.receipt, signer, payload)
+            # A person of the recipient unit, with a certificate good now, signed it.
+            self.person_status(signer)
+            if _org(signer) != peer.org:
+                raise ExchangedError(f"the receipt is signed by {signer.subject.rfc4514_string()}"
+                                     f", not by someone of {peer.org}", code="bad-receipt")
+            await self.db(self._store_signed_for, event.doc_id, event.receipt, signer, payload,
+                          peer)
         except ExchangedError as e:
             return proto.Reject("unknown-document" if e.code == "not-found" else "bad-receipt",
                                 str(e))
@@ -403,7 +422,11 @@ class Node:
         return proto.ReceiptAccepted(event.doc_id)
 
     def _store_signed_for(self, doc: str, receipt: bytes, signer: x509.Certificate,
-                          payload: dict[str, Any]) -> None:
+                          payload: dict[str, Any], peer: Peer) -> None:
+        item = self.store.out_item(doc)
+        if item["recipient"] != peer.unit or payload.get("sha256") != item["package_sha256"]:
+            raise ExchangedError(f"{doc} was not sent to {peer.unit} with that content",
+                                 code="bad-receipt")
         with self.store.transaction():
             self.store.mark_signed_for(doc, receipt)
             self.store.audit.append(action="document-signed-for", obj=doc,
@@ -448,7 +471,11 @@ class Node:
         try:
             with trio.fail_after(self.config.limits.handshake_timeout):
                 sock = await trio.open_tcp_stream(peer.host, peer.port)
-            tls, _ = await self._handshake(sock, server=False, expect=unit)
+            try:
+                tls, _ = await self._handshake(sock, server=False, expect=unit)
+            except BaseException:
+                await trio.aclose_forcefully(sock)
+                raise
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, PeerRefused) as e:
             err = f"cannot reach {unit} at {peer.host}:{peer.port}: {_describe(e)}"
             if isinstance(e, PeerRefused):
@@ -467,8 +494,10 @@ class Node:
                 await self._send_one(tls, conn, item)
                 if conn.state is not proto.State.IDLE:
                     break
-        except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError) as e:
+        except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError,
+                ExchangedError) as e:
             log.warning("delivery to %s interrupted: %s", unit, _describe(e))
+            await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
         finally:
             await trio.aclose_forcefully(tls)
 
@@ -548,6 +577,11 @@ def _describe(e: BaseException) -> str:
     the SSL error that caused it does (e.g. "certificate verify failed")."""
     return str(e) or (f"{type(e).__name__}: {_describe(e.__cause__)}" if e.__cause__
                       else type(e).__name__)
+
+
+def _org(cert: x509.Certificate) -> str:
+    found = cert.subject.get_attributes_for_oid(x509.oid.NameOID.ORGANIZATION_NAME)
+    return str(found[0].value) if found else ""
 
 
 def _addr(stream: trio.SocketStream) -> str:

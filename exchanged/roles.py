@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS roles (
     reviewed_by TEXT, reviewed_at TEXT, review_seq INTEGER, review_reason TEXT,
     revoked_by TEXT, revoked_at TEXT, revoke_seq INTEGER);
 CREATE INDEX IF NOT EXISTS roles_person ON roles(person, status);
+CREATE TABLE IF NOT EXISTS role_requests (
+    sha256 BLOB PRIMARY KEY, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS suspensions (
     person TEXT PRIMARY KEY, since TEXT NOT NULL, by TEXT NOT NULL, seq INTEGER NOT NULL,
     reason TEXT NOT NULL);

@@ -320,6 +320,7 @@ class CA:
         self._refuse_self_review(req, op)
         action = "request-approve" if outcome == "approved" else "request-reject"
         with Transaction(self.db):
+            self._still(rid, "pending")  # another officer may have decided meanwhile
             seq = act(self.audit, op, role, action, str(rid),
                       {"reason": reason, "key_sha256": req["key_sha256"],
                        "profile": req["profile"]})
@@ -371,6 +372,7 @@ class CA:
             crl_url=self.config.crl_url, csr=csr).sign(ca_key.signer(), hashes.SHA256())
         at = _iso(start)
         with Transaction(self.db):
+            self._still(req["id"], "approved")  # issued once, even by two officers at once
             seq = act(self.audit, op, OFFICER, "certificate-issue", serial_hex(serial),
                       {"request": req["id"], "sha256": cert.fingerprint(hashes.SHA256()).hex()})
             _insert_cert(self.db, cert, req["id"], req["profile"], at, op.serial, seq)
@@ -403,6 +405,8 @@ class CA:
         form.check(prev["profile"])
         req_csr = csrmod.load(csr_data, source)
         csrmod.check(req_csr, source)
+        if prev["profile"] == "node":
+            profiles.sans(form, req_csr)  # refuses odd names now, before anything is written
         # The holder must not approve their own re-issue.
         self._refuse_self_review({"id": f"re-issue of {serial}", "name": form.name,
                                   "unit": form.unit,
@@ -425,6 +429,13 @@ class CA:
                 "decided_at": at, "decision_reason": reason, "decision_seq": seq,
                 "supersedes": serial}).last_pk
         return self._issue(self.request(int(rid)), ca_key, op, supersede=serial)
+
+    def _still(self, rid: int, status: str) -> None:
+        """Inside a transaction: the request is still in `status` (no race with a peer)."""
+        row = one(self.db, "SELECT status FROM requests WHERE id = ?", [rid])
+        if row is None or row["status"] != status:
+            raise CaError(f"request {rid} is {row['status'] if row else 'gone'} now, not "
+                          f"{status}: another officer acted first", code="bad-state")
 
     def _fresh_serial(self) -> int:
         while True:

@@ -199,7 +199,11 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
         if row["prev"] != prev:
             findings.append(Finding(seq, "does not link to the entry before it: an entry was "
                                          "deleted, inserted or reordered"))
-        if entry_hash(row) != row["hash"]:
+        try:
+            edited = entry_hash(row) != row["hash"]
+        except (TypeError, ValueError):  # a column rewritten to the wrong type
+            edited = True
+        if edited:
             findings.append(Finding(seq, "its content does not match its hash: the entry was "
                                          "edited"))
         if row["action"] == "checkpoint":
@@ -227,8 +231,12 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
 
 
 def _checkpoint_ok(row: dict[str, Any], public_key: Any) -> bool:
-    details = json.loads(row["details"])
-    if details.get("head") != row["prev"] or row["signature"] is None:
+    try:
+        details = json.loads(row["details"])
+        if not isinstance(details, dict) or details.get("head") != row["prev"] or \
+                not isinstance(row["signature"], bytes):
+            return False
+    except (TypeError, ValueError, RecursionError):
         return False
     message = checkpoint_message(row["seq"], row["at"], row["prev"])
     try:

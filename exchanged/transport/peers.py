@@ -91,32 +91,37 @@ class PeerCheck:
         key = b"".join(c.fingerprint(hashes.SHA256()) for c in chain)
         with self._lock:
             cached = self._cache.get(key)
+            generation = self.generation
         if cached is None or now >= cached.until:
             cached = self._judge(chain, now)
             with self._lock:
-                self._cache[key] = cached
+                if self.generation == generation:  # not judged against CRLs since replaced
+                    self._cache[key] = cached
         if cached.error is not None:
-            raise cached.error
+            # A new exception each time: re-raising one object grows its traceback forever.
+            raise PeerRefused(str(cached.error), code=cached.error.code)
         assert cached.peer is not None
         if expect is not None and cached.peer.unit != expect:
             raise PeerRefused(f"connected to {cached.peer.unit}'s node, expected {expect}'s")
         return cached.peer
 
     def _judge(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> _Verdict:
+        with self._lock:
+            crls, peers = self.crls, dict(self.peers)
         leaf = chain[0]
         until = min(now + dt.timedelta(seconds=CACHE_SECONDS), leaf.not_valid_after_utc)
-        for crl in self.crls:
+        for crl in crls:
             if crl.next_update_utc is not None:
                 until = min(until, crl.next_update_utc)
         try:
             verify.validate(leaf, trusted=self.trusted, untrusted=list(chain[1:]),
-                            crls=self.crls, at=now, purpose="node")
+                            crls=crls, at=now, purpose="node")
         except verify.ValidationError as e:
             return _Verdict(None, PeerRefused(f"peer certificate refused: {e}",
                                               code=f"peer-{e.code}"), until)
         cn = _attr(leaf, NameOID.COMMON_NAME)
         org = _attr(leaf, NameOID.ORGANIZATION_NAME)
-        for peer in self.peers.values():
+        for peer in peers.values():
             if peer.name == cn and peer.org == org:
                 return _Verdict(peer, None, until)
         return _Verdict(None, PeerRefused(f"{cn} of {org} is not a configured peer (A13)",
