@@ -291,3 +291,22 @@ def test_evidence_bundle_verifies_offline_and_with_openssl(busy_ca: CaSetup,
     (bundle / "entries.jsonl").write_text("\n".join(lines) + "\n")
     r = ca.cli("audit", "verify", str(bundle), ok=False)
     assert "tampered" in r.err
+
+
+def test_columns_rewritten_to_another_type_are_findings_not_crashes(busy_ca: CaSetup,
+                                                                    tmp_path: Path) -> None:
+    """Regression: a checkpoint whose details were not JSON, or a signature stored as text,
+    crashed `audit verify` instead of naming the entry."""
+    db = tampered_copy(busy_ca, tmp_path, "types")
+    c = sqlite3.connect(db)
+    cp = c.execute("SELECT seq FROM audit WHERE action = 'checkpoint' ORDER BY seq DESC "
+                   "LIMIT 1 OFFSET 1").fetchone()[0]
+    c.execute("UPDATE audit SET details = 'not json' WHERE seq = ?", [cp])
+    signed = c.execute("SELECT seq FROM audit WHERE signature IS NOT NULL AND action != "
+                       "'checkpoint' LIMIT 1").fetchone()[0]
+    c.execute("UPDATE audit SET signature = 'text' WHERE seq = ?", [signed])
+    c.commit()
+    c.close()
+    found = findings(db)
+    assert any(f.startswith(f"entry {cp}:") for f in found), found
+    assert any(f.startswith(f"entry {signed}:") for f in found), found

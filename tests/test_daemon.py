@@ -316,3 +316,59 @@ def test_send_refuses_a_pdf_that_is_not_a_pdf_and_classified_documents(demo) -> 
     outbox = json.loads(d.x("outbox", "--config", paths["finance"], "--json", quiet=True))
     assert not [i for i in outbox if i["metadata"]["title"] == "t"]  # nothing was queued
     assert len(audit_rows(d, "finance", "document-send")) >= 2  # both refusals on record
+
+
+SIGN_REQUEST = r'''
+import base64, datetime as dt, json, sys
+from exchanged.pki.operator import Operator
+from exchanged.pki.pin import PinSource
+from exchanged.pki.token import Token
+from exchanged.pki.uri import parse
+tok = Token.open(parse("pkcs11:token=auditor"), PinSource("t", "X", "tokens/auditor.pin"))
+op = Operator.from_token(tok.key(label="me"))
+payload = json.loads(sys.argv[1])
+payload.update(actor=op.serial, at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+print(base64.b64encode(op.sign(payload, detached=False)[1]).decode())
+tok.close()
+'''
+
+
+def test_local_clients_and_replayed_requests_cannot_hurt_the_daemon(demo) -> None:  # type: ignore[no-untyped-def]
+    """Regressions: a local client that hangs up before its answer, or sends a request too
+    deeply nested to parse, ended the daemon; a signed role request could be applied twice."""
+    d, paths = demo
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        d.start("office")
+    from exchanged import control
+    from exchanged.config import Config
+    sock = Config.load(paths["office"]).socket_path
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(sock))
+    s.sendall(b'{"cmd": "status"}\n' * 200)  # then hang up without reading the answers
+    s.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(sock))
+    s.sendall(b"[" * 100000 + b"\n")
+    assert b'"ok": false' in s.recv(4096)
+    s.close()
+    assert control.request(sock, "status")["unit"] == "office"  # still serving
+    # A suspension by the administrator, lifted by the auditor's signed request once...
+    receiver = d.work / "receiver.pem"
+    from cryptography import x509 as _x509
+
+    from exchanged.pki.operator import person_of
+    person = person_of(_x509.load_pem_x509_certificate(receiver.read_bytes()).subject)
+    d.x("role", "suspend", "--config", paths["office"], str(receiver), "--reason", "first",
+        *d.op("admin"), quiet=True)
+    signed = subprocess.run([sys.executable, "-c", SIGN_REQUEST, json.dumps(
+        {"action": "person-resume", "object": person, "node": "office", "reason": "ok"})],
+        cwd=d.work, env=d.env, capture_output=True, text=True, check=True).stdout.strip()
+    control.request(sock, "role", request=signed)
+    d.x("role", "suspend", "--config", paths["office"], str(receiver), "--reason", "again",
+        *d.op("admin"), quiet=True)
+    # ...cannot be replayed to lift the new suspension.
+    with pytest.raises(Exception, match="already applied"):
+        control.request(sock, "role", request=signed)
+    d.x("role", "resume", "--config", paths["office"], str(receiver), "--reason", "cleared",
+        *d.op("auditor"), quiet=True)
+    assert d.daemons["office"].poll() is None

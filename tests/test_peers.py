@@ -146,3 +146,38 @@ def test_a_missing_crl_refuses(tmp_path: Path) -> None:
     with pytest.raises(PeerRefused) as e:
         pc.check([issue()])
     assert e.value.code == "peer-crl-missing"
+
+
+def test_a_verdict_judged_against_replaced_crls_is_not_cached(tmp_path: Path) -> None:
+    """Regression: a reload landing while a chain was being judged against the old CRLs let
+    that stale verdict into the fresh cache, accepting a revoked peer for minutes."""
+    c = issue()
+    path = crl_file(tmp_path / "ca.crl", 1, [])
+    pc = PeerCheck([CA], [path], PEERS)
+    judge = pc._judge
+
+    def judge_then_revoke(chain, now):  # type: ignore[no-untyped-def]
+        verdict = judge(chain, now)  # judged good against CRL 1...
+        crl_file(path, 2, [(c, "keyCompromise")])
+        pc.reload()  # ...while CRL 2 revokes it
+        return verdict
+
+    pc._judge = judge_then_revoke  # type: ignore[method-assign]
+    assert pc.check([c]).unit == "office"  # this one call still saw the old CRLs
+    pc._judge = judge  # type: ignore[method-assign]
+    with pytest.raises(PeerRefused, match="revoked"):
+        pc.check([c])  # the stale verdict was not kept
+
+
+def test_a_cached_refusal_does_not_grow(tmp_path: Path) -> None:
+    """Regression: re-raising one cached exception object extended its traceback each time."""
+    import traceback
+    c = issue()
+    pc = PeerCheck([CA], [crl_file(tmp_path / "ca.crl", 1, [(c, "keyCompromise")])], PEERS)
+    lengths = []
+    for _ in range(50):
+        try:
+            pc.check([c])
+        except PeerRefused as e:
+            lengths.append(len(traceback.extract_tb(e.__traceback__)))
+    assert lengths[0] == lengths[-1]
