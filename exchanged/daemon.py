@@ -10,6 +10,7 @@ a document is acknowledged only once it is on disk, so an interrupted one is sim
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -66,6 +67,8 @@ class Node:
         self.wake: dict[str, trio.Event] = {}
         self.stopping = False
         self.active_transfers = 0
+        self.senders: set[str] = set()  # units that have a sender task now
+        self.accepting = trio.CancelScope()
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -145,9 +148,10 @@ class Node:
                                                           host=self.config.listen_host)
                 self.port = listeners[0].socket.getsockname()[1]
                 conn_nursery = await nursery.start(self._connections)
+                self.nursery = nursery
                 nursery.start_soon(self._accept, listeners, conn_nursery)
                 for unit in self.config.peers:
-                    nursery.start_soon(self._sender, unit)
+                    self._start_sender(unit)
                 await nursery.start(self._control)
                 nursery.start_soon(self._signals, nursery, conn_nursery, listeners)
                 nursery.start_soon(self._housekeeping)
@@ -172,7 +176,8 @@ class Node:
             async with limiter:
                 await self._serve(stream)
 
-        await trio.serve_listeners(one, listeners, handler_nursery=n)
+        with self.accepting:  # cancelled on SIGTERM: no new connections
+            await trio.serve_listeners(one, listeners, handler_nursery=n)
 
     async def _signals(self, nursery: trio.Nursery, conns: trio.Nursery,
                        listeners: list[trio.SocketListener]) -> None:
@@ -185,6 +190,7 @@ class Node:
                 self.notifier.stopping("draining")
                 log.info("stopping: no new connections; %d transfer(s) may finish within %ss",
                          self.active_transfers, self.config.limits.drain_timeout)
+                self.accepting.cancel()
                 for listener in listeners:
                     await listener.aclose()
                 with trio.move_on_after(self.config.limits.drain_timeout):
@@ -199,6 +205,14 @@ class Node:
                 if self.config.source else self.config
             changed = await trio.to_thread.run_sync(
                 lambda: self.peers.reload(new.peers, force=True))
+            # The peer table takes effect at once: new peers get a sender, removed ones' senders
+            # stop (their queued documents wait, should the peer come back).
+            added = set(new.peers) - set(self.config.peers)
+            self.config = dataclasses.replace(self.config, peers=new.peers)
+            for unit in sorted(added):
+                self._start_sender(unit)
+            for unit in set(self.wake) - set(new.peers):
+                self.poke(unit)
             await self.audit("config-reload", self.config.unit,
                              details={"peers": sorted(new.peers), "changed": changed})
             log.info("reloaded CRLs and %d peer(s)", len(new.peers))
@@ -452,9 +466,20 @@ class Node:
     def poke(self, unit: str) -> None:
         self.wake.setdefault(unit, trio.Event()).set()
 
+    def _start_sender(self, unit: str) -> None:
+        if unit not in self.senders:
+            self.senders.add(unit)
+            self.nursery.start_soon(self._sender, unit)
+
     async def _sender(self, unit: str) -> None:
         """One task per peer: deliver its due documents and receipts, retry with backoff."""
-        while True:
+        try:
+            await self._send_loop(unit)
+        finally:
+            self.senders.discard(unit)
+
+    async def _send_loop(self, unit: str) -> None:
+        while unit in self.config.peers:
             self.wake[unit] = trio.Event()
             items = await self.db(self.store.due, time.time(), recipient=unit)
             receipts = await self.db(self.store.receipts_to_return, unit)
@@ -467,7 +492,9 @@ class Node:
                 await self.wake[unit].wait()
 
     async def _deliver(self, unit: str, items: list[Any], receipts: list[Any]) -> None:
-        peer = self.config.peers[unit]
+        peer = self.config.peers.get(unit)
+        if peer is None:  # removed from the configuration meanwhile
+            return
         try:
             with trio.fail_after(self.config.limits.handshake_timeout):
                 sock = await trio.open_tcp_stream(peer.host, peer.port)

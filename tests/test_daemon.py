@@ -232,6 +232,12 @@ def test_alert_reload_and_the_nodes_audit_log(demo, tmp_path: Path) -> None:  # 
         _send_many(d, paths["finance"], 1)
         d.wait_for("office to refuse finance", lambda: any(
             "not a configured peer" in r[3] for r in audit_rows(d, "office", "peer-refused")))
+        # Put finance back and reload again: the queued document goes through.
+        cfg.write_text(original)
+        d.daemons["office"].send_signal(signal.SIGHUP)
+        [again] = _send_many(d, paths["finance"], 1)
+        d.wait_for("delivery after the peer came back", lambda: d.item(
+            "finance", "outbox", again).get("state") == "delivered", timeout=60)
     finally:
         cfg.write_text(original)
     with quiet:
