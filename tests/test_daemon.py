@@ -146,7 +146,7 @@ def test_a_person_certificate_is_refused_and_audited(demo) -> None:  # type: ign
 
 
 def _send_many(d: Demo, cfg: str, n: int) -> list[str]:
-    (d.work / "m.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(20000) + b"\n%%EOF\n")
+    (d.work / "m.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(100_000) + b"\n%%EOF\n")
     (d.work / "m.txt").write_text("body\n")
     from exchanged import control
     from exchanged.config import Config
@@ -173,7 +173,8 @@ def test_nothing_is_lost_when_a_daemon_is_killed(demo, victim: str) -> None:  # 
     ids = _send_many(d, paths["finance"], 200)
     rng = random.Random(42 if victim == "office" else 7)
     for k in range(4):
-        time.sleep(rng.uniform(0.2, 1.5))
+        # The first kill soon after the last document is queued, while most are in flight.
+        time.sleep(rng.uniform(0.05, 0.4) if k == 0 else rng.uniform(0.2, 1.5))
         if k == 0:  # the first kill lands while documents are still in flight
             conn = sqlite3.connect(d.work / "finance" / "data" / "node.db")
             marks = ",".join("?" * len(ids))
