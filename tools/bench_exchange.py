@@ -135,15 +135,7 @@ class Bench:
         if conf is None:
             raise SystemExit(f"bench: softhsm-setup.sh printed no SOFTHSM2_CONF:\n{out}")
         d.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"] = conf.group(1)
-        people = []
-        for role, name, div in (("admin", "Zhang Wei", "IT"), ("officer", "Wang Fang",
-                                                               "Security"),
-                                ("auditor", "Chen Jing", "Audit")):
-            people += [f"--{role}", f"pkcs11:token={role};object=me", f"--{role}-name", name,
-                       f"--{role}-division", div, f"--{role}-pin-file", d.pin(role)]
-        d.x("ca", "init", "--dir", "ca", "--key", "pkcs11:token=ca;object=ca", "--name",
-            "Bench Root CA", "--unit", "General Office", *people, "--ca-pin-file", d.pin("ca"),
-            quiet=True)
+        d.init_ca("Bench Root CA")
         d.issue("finance-node", "node", "node-finance", "Finance Bureau", "--ip", "127.0.0.1")
         d.issue("office-node", "node", "node-office", "General Office Archives", "--ip",
                 "127.0.0.1")

@@ -72,6 +72,18 @@ class Demo:
         return ["--operator", f"pkcs11:token={who};object=me", "--operator-pin-file",
                 self.pin(who)]
 
+    def init_ca(self, name: str) -> None:
+        """The CA ceremony on the tokens ca, admin, officer and auditor."""
+        people = []
+        for role, person, div in (("admin", "Zhang Wei", "IT"),
+                                  ("officer", "Wang Fang", "Security"),
+                                  ("auditor", "Chen Jing", "Audit")):
+            people += [f"--{role}", f"pkcs11:token={role};object=me", f"--{role}-name", person,
+                       f"--{role}-division", div, f"--{role}-pin-file", self.pin(role)]
+        self.x("ca", "init", "--dir", "ca", "--key", "pkcs11:token=ca;object=ca", "--name",
+               name, "--unit", "General Office", *people, "--ca-pin-file", self.pin("ca"),
+               quiet=True)
+
     def issue(self, token: str, profile: str, name: str, unit: str, *extra: str) -> str:
         """Key on the token, CSR, request, approval by the officer, certificate on the token."""
         self.x("token", "keygen", f"pkcs11:token={token};object=me", "--pin-file",
@@ -191,14 +203,7 @@ def setup(d: Demo) -> dict[str, str]:
     print("  7 SoftHSM tokens made; PINs in files of mode 600")
 
     d.say("The CA, and certificates for both nodes and for office's receiver")
-    people = []
-    for role, name, div in (("admin", "Zhang Wei", "IT"), ("officer", "Wang Fang", "Security"),
-                            ("auditor", "Chen Jing", "Audit")):
-        people += [f"--{role}", f"pkcs11:token={role};object=me", f"--{role}-name", name,
-                   f"--{role}-division", div, f"--{role}-pin-file", d.pin(role)]
-    d.x("ca", "init", "--dir", "ca", "--key", "pkcs11:token=ca;object=ca", "--name",
-        "Demo Root CA", "--unit", "General Office", *people, "--ca-pin-file", d.pin("ca"),
-        quiet=True)
+    d.init_ca("Demo Root CA")
     print("  CA 'Demo Root CA' created (ca/)")
     d.issue("finance-node", "node", "node-finance", "Finance Bureau", "--ip", "127.0.0.1")
     office_serial = d.issue("office-node", "node", "node-office", "General Office Archives",
