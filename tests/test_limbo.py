@@ -1,7 +1,7 @@
 """x509-limbo conformance of exchanged.pki.verify.validate().
 
-The corpus is C2SP/x509-limbo compiled to one JSON file, kept beside the repository (shared/ next
-to the checkout) or named by $EXCHANGED_LIMBO. Its README says which cases concern a validator of
+The corpus is C2SP/x509-limbo compiled to one JSON file, vendored with its licence in
+tests/data/x509-limbo/ ($EXCHANGED_LIMBO names another copy). Its README says which cases concern a validator of
 peer chains with CRLs; those that depend on a hostname or on the web PKI's server rules do not
 apply to us. Each applicable case is one test; KNOWN_DIFFERENCES lists the cases where we
 deliberately disagree with the expected result, and the test checks that we still do, so the
@@ -26,7 +26,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from exchanged.pki.verify import REASON_CODES, ValidationError, validate
 
 LIMBO = Path(os.environ.get("EXCHANGED_LIMBO") or
-             Path(__file__).resolve().parents[2] / "shared/testdata/x509-limbo/limbo.json")
+             Path(__file__).resolve().parent / "data/x509-limbo/limbo.json")
 
 # README: crl::*, rfc5280::validity::*, rfc5280::{aki,ski,serial}::*, rfc5280::unknown-critical-*,
 # pathlen::*, pathological::* (must terminate), cve::*, and the basic-constraints and key-usage
@@ -81,7 +81,7 @@ def applies(case: dict[str, Any]) -> bool:
 def _load() -> tuple[list[dict[str, Any]], str | None]:
     if not LIMBO.is_file():
         return [], (f"x509-limbo corpus not found at {LIMBO}: put it at "
-                    "<checkout>/../shared/testdata/x509-limbo/limbo.json or set EXCHANGED_LIMBO")
+                    "tests/data/x509-limbo/limbo.json (vendored) or set EXCHANGED_LIMBO")
     cases = json.loads(LIMBO.read_text())["testcases"]
     return [c for c in cases if applies(c)], None
 
