@@ -20,18 +20,21 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from exchanged import __version__
+from exchanged import __version__, client, receipts
+from exchanged import ca as camod
+from exchanged.common import parse_time
 from exchanged.errors import ExchangedError
-from exchanged.pki import ca as camod
+from exchanged.node.config import Config
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
 from exchanged.pki.crl import REASONS
+from exchanged.pki.names import person_of
 from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey, list_tokens
 from exchanged.pki.uri import Pkcs11Uri, parse
 from exchanged.roles import ADMIN, AUDITOR, OFFICER, ROLES
-from exchanged.store import evidence
+from exchanged.store import evidence, nodedb
 
 Handler = Callable[[argparse.Namespace, ExitStack], int]
 
@@ -145,10 +148,9 @@ def _form(args: argparse.Namespace) -> profiles.Form:
 
 def _parse_time(text: str) -> dt.datetime:
     try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_time(text)
     except ValueError:
         raise UsageError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-25T12:00:00Z)") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 # -- token -----------------------------------------------------------------------------------
@@ -346,14 +348,9 @@ def _node_role(args: argparse.Namespace, stack: ExitStack, action: str, obj: str
                cert: x509.Certificate | None = None, **extra: Any) -> dict[str, Any]:
     """A role change at a node: signed here, on the operator's token, and sent to the daemon,
     which checks the signature, the person and the rules (exchanged.roles) and applies it."""
-    import base64
     op = _operator(stack, args)
-    payload = {"action": action, "object": obj, "actor": op.serial,
-               "at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "node": _node_config(args).unit, **extra}
-    _, cms = op.sign(payload, detached=False)
-    pem_text = cert.public_bytes(serialization.Encoding.PEM).decode() if cert else None
-    return _ask(args, "role", request=base64.b64encode(cms).decode(), cert=pem_text)
+    return _ask(args, "role", **receipts.role_request(
+        op, action=action, obj=obj, node=_node_config(args).unit, grantee=cert, **extra))
 
 
 def _person_cert(path: str) -> x509.Certificate:
@@ -373,7 +370,6 @@ def cmd_role_list(args: argparse.Namespace, stack: ExitStack) -> int:
 
 def cmd_role_grant(args: argparse.Namespace, stack: ExitStack) -> int:
     if args.config:
-        from exchanged.pki.operator import person_of
         cert = _person_cert(args.serial)
         rid = _node_role(args, stack, "role-grant", person_of(cert.subject), cert,
                          grant=args.role, division=args.division or "",
@@ -382,10 +378,7 @@ def cmd_role_grant(args: argparse.Namespace, stack: ExitStack) -> int:
               f"({args.role}) is pending an auditor's review")
         return 0
     ca = _ca(stack, args)
-    op = _operator(stack, args)
-    _, cert = ca.person_for(args.serial)
-    with camod.Transaction(ca.db):
-        rid = ca.roles.grant(op, cert, args.role, args.division or "")
+    rid = ca.grant_role(_operator(stack, args), args.serial, args.role, args.division or "")
     _emit(args, {"id": rid, "status": "pending"}, lambda d: f"role grant {d['id']} "
           f"({args.role}) is pending an auditor's review")
     return 0
@@ -399,8 +392,7 @@ def cmd_role_review(args: argparse.Namespace, stack: ExitStack) -> int:
         return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
-    with camod.Transaction(ca.db):
-        ca.roles.review(op, args.id, args.approve, args.reason or "")
+    ca.review_role(op, args.id, args.approve, args.reason or "")
     print(f"role grant {args.id} {'approved' if args.approve else 'refused'} by {op.name}")
     return 0
 
@@ -412,27 +404,20 @@ def cmd_role_revoke(args: argparse.Namespace, stack: ExitStack) -> int:
         return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
-    with camod.Transaction(ca.db):
-        ca.roles.revoke(op, args.id, args.reason)
+    ca.revoke_role(op, args.id, args.reason)
     print(f"role {args.id} revoked by {op.name}")
     return 0
 
 
 def cmd_role_suspend(args: argparse.Namespace, stack: ExitStack) -> int:
     if args.config:
-        from exchanged.pki.operator import person_of
         person = person_of(_person_cert(args.serial).subject)
         _node_role(args, stack, f"person-{args.action}", person, reason=args.reason)
         print(f"{person}: rights {'suspended' if args.action == 'suspend' else 'restored'}")
         return 0
     ca = _ca(stack, args)
     op = _operator(stack, args)
-    person, _ = ca.person_for(args.serial)
-    with camod.Transaction(ca.db):
-        if args.action == "suspend":
-            ca.roles.suspend(op, person, args.reason)
-        else:
-            ca.roles.resume(op, person, args.reason)
+    person = ca.suspend_person(op, args.serial, args.reason, resume=args.action == "resume")
     print(f"{person}: rights {'suspended' if args.action == 'suspend' else 'restored'} by "
           f"{op.name}")
     return 0
@@ -440,48 +425,14 @@ def cmd_role_suspend(args: argparse.Namespace, stack: ExitStack) -> int:
 
 # -- audit -----------------------------------------------------------------------------------
 
-def _auditor(stack: ExitStack, args: argparse.Namespace, ca: camod.CA, what: str) -> Operator:
-    op = _operator(stack, args)
-    role = ca.roles.require(op, AUDITOR)
-    with camod.Transaction(ca.db):
-        from exchanged.roles import act
-        act(ca.audit, op, role, what, "", {"query": _audit_query(args)})
-    return op
-
-
 def _audit_query(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in ("actor", "action", "object", "since", "until")
-            if getattr(args, k, None)}
-
-
-def _audit_rows(ca: camod.CA, args: argparse.Namespace) -> list[dict[str, Any]]:
-    where, params = [], []
-    for column, value in (("actor", args.actor), ("action", args.action),
-                          ("object", args.object)):
-        if value:  # a serial matches however it is written (openssl prints upper case)
-            where.append(f"{column} IN (?, ?)")
-            params += [value, _maybe_serial(value)]
-    if args.since:
-        where.append("at >= ?")
-        params.append(_parse_time(args.since).strftime("%Y-%m-%dT%H:%M:%S"))
-    if args.until:
-        where.append("at <= ?")
-        params.append(_parse_time(args.until).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    clause = ("WHERE " + " AND ".join(where)) if where else ""
-    return list(ca.audit.rows(clause, params, limit=args.limit))
-
-
-def _maybe_serial(text: str) -> str:
-    try:
-        return camod.parse_serial(text)
-    except ExchangedError:
-        return text
+    return {k: getattr(args, k, None) for k in camod.AUDIT_FILTERS if getattr(args, k, None)}
 
 
 def cmd_audit_show(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
-    _auditor(stack, args, ca, "audit-show")
-    found = _audit_rows(ca, args)
+    ca.audit_access(_operator(stack, args), "audit-show", _audit_query(args))
+    found = ca.audit_rows(_audit_query(args), args.limit)
     for r in found:
         r["signed"] = r.pop("signature") is not None
     _emit(args, found, lambda r: _table(r, ["seq", "at", "action", "object", "outcome", "role",
@@ -497,21 +448,14 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     elif args.node_config:
         # A node's log, checked against the node certificate whose token signs its
         # checkpoints. Read-only, beside the running daemon (WAL readers do not block it).
-        from exchanged.store.audit import AuditLog
-        from exchanged.store.cadb import connect
         cfg = _node_config(argparse.Namespace(config=args.node_config))
-        path = cfg.data_dir / "node.db"
-        if not path.exists():
-            raise ExchangedError(f"no node database at {path}", code="no-store")
-        db = connect(path)
-        stack.callback(db.conn.close)
         signer = trusted or x509.load_pem_x509_certificates(cfg.cert.read_bytes())[0]
-        report = AuditLog(db).verify(signer)
-        where = str(path)
+        report = nodedb.verify_log(cfg.data_dir, signer)
+        where = str(cfg.data_dir / nodedb.DB_NAME)
     else:
         ca = _ca(stack, args)
-        _auditor(stack, args, ca, "audit-verify")
-        report = ca.audit.verify(trusted or ca.cert)
+        ca.audit_access(_operator(stack, args), "audit-verify", _audit_query(args))
+        report = ca.verify_audit(trusted)
         where = str(ca.dir / camod.DB)
     data = {"ok": report.ok, "entries": report.entries, "checkpoints": report.checkpoints,
             "last_checkpoint": report.last_checkpoint,
@@ -528,17 +472,8 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
 
 def cmd_audit_export(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
-    _auditor(stack, args, ca, "audit-export")
-    matter = _audit_rows(ca, args)
-    certs = {}
-    for r in matter:
-        if r["actor"] and r["actor"] not in certs:
-            try:
-                certs[r["actor"]] = ca.certificate(r["actor"])
-            except ExchangedError:
-                pass
-    manifest = evidence.export(ca.audit, matter, Path(args.out), signer=ca.cert, certs=certs,
-                               crls=[ca.dir / camod.LATEST_CRL], query=_audit_query(args))
+    ca.audit_access(_operator(stack, args), "audit-export", _audit_query(args))
+    manifest = ca.export_evidence(_audit_query(args), Path(args.out), args.limit)
     print(f"evidence bundle {args.out}: {len(manifest['matter'])} entries of the matter, up "
           f"to checkpoint {manifest['checkpoint']}; check it with `exchanged audit verify "
           f"{args.out}`")
@@ -572,19 +507,17 @@ def cmd_cert_verify(args: argparse.Namespace, stack: ExitStack) -> int:
 
 # -- the node: serve, send, outbox, inbox -----------------------------------------------------
 
-def _node_config(args: argparse.Namespace) -> Any:
-    from exchanged.config import Config
+def _node_config(args: argparse.Namespace) -> Config:
     return Config.load(args.config)
 
 
 def _ask(args: argparse.Namespace, cmd: str, **kw: Any) -> dict[str, Any]:
-    from exchanged import control
-    return control.request(_node_config(args).socket_path, cmd, **kw)
+    return client.request(_node_config(args).socket_path, cmd, **kw)
 
 
 def cmd_serve(args: argparse.Namespace, stack: ExitStack) -> int:
-    from exchanged import daemon
-    return daemon.run(_node_config(args))
+    from exchanged.node import service  # trio and the TLS bridge: only the daemon needs them
+    return service.run(_node_config(args))
 
 
 def cmd_send(args: argparse.Namespace, stack: ExitStack) -> int:
@@ -663,11 +596,9 @@ def cmd_inbox_sign_for(args: argparse.Namespace, stack: ExitStack) -> int:
     import base64
     cfg = _node_config(args)
     item = _ask(args, "inbox-show", doc_id=args.id)["item"]
-    op = _operator(stack, args)
-    payload = {"type": "signed-for", "doc_id": args.id, "sha256": item["package_sha256"],
-               "sender": item["sender"], "recipient": cfg.unit, "by": op.serial,
-               "at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    _, receipt = op.sign(payload, detached=False)
+    receipt = receipts.signed_for(_operator(stack, args), doc_id=args.id,
+                                  sha256=item["package_sha256"], sender=item["sender"],
+                                  recipient=cfg.unit)
     answer = _ask(args, "sign-for", doc_id=args.id,
                   receipt=base64.b64encode(receipt).decode())
     _emit(args, answer, lambda d: f"{args.id} signed for by {d['by']}; the receipt goes back "
@@ -852,8 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="act on a node's roles (its configuration file) "
                                         "instead of the CA's")
 
-    role = sub.add_parser("role", help="roles: grant, review, revoke, suspend, resume, list")
-    rosub = role.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    roles = sub.add_parser("role", help="roles: grant, review, revoke, suspend, resume, list")
+    rosub = roles.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = cmd(rosub, "list", cmd_role_list, "who holds which role")
     ca_dir(p); role_node(p)  # noqa: E702
     p.add_argument("--status", choices=("pending", "active", "rejected", "revoked"))
@@ -1002,7 +933,7 @@ def _audit_refusal(args: argparse.Namespace, error: ExchangedError) -> None:
     words = [args.command, getattr(args, "sub", None), getattr(args, "subsub", None)]
     action = "-".join(w for w in words if w) + ("-login-failed" if error.code in
                                                  ("wrong-pin", "pin-locked") else "")
-    obj = _maybe_serial(str(next((getattr(args, k) for k in ("serial", "id")
+    obj = camod.maybe_serial(str(next((getattr(args, k) for k in ("serial", "id")
                                   if getattr(args, k, None) is not None), "")))
     who = getattr(args, "operator", None) or getattr(args, "applicant", None)
     try:

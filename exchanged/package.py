@@ -84,7 +84,6 @@ import re
 import stat
 import tarfile
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -94,12 +93,13 @@ from typing import IO, Any, BinaryIO
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
-from cryptography.x509.oid import NameOID
 
+from exchanged.common import UUID_RE, canonical, new_id, stamp
 from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, verify_detached
-from exchanged.pki.operator import attr, canonical
-from exchanged.pki.token import TokenKey, spki_der
+from exchanged.pki.keys import spki_der
+from exchanged.pki.names import common_name
+from exchanged.pki.token import TokenKey
 from exchanged.store.files import fsync_dir
 
 __all__ = [
@@ -127,8 +127,6 @@ SIGNATURE_NAME = "manifest.cms"
 PDF_NAME = "document.pdf"
 
 _UNIT_RE = re.compile(r"[a-z0-9-]{1,64}")
-_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-                      r"[0-9a-fA-F]{12}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Bytes below 0x20 are always ASCII controls in UTF-8 and GB18030 (no trail byte is that low).
@@ -145,19 +143,6 @@ class PackageError(ExchangedError):
 
 def _form(message: str) -> PackageError:
     return PackageError(message, code="bad-form")
-
-
-def new_id() -> str:
-    """A fresh document id (a random UUID, lower case). The sender keeps it for retries."""
-    return str(uuid.uuid4())
-
-
-def _now() -> str:
-    return _utc_text(dt.datetime.now(dt.UTC))
-
-
-def _utc_text(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 def _short(value: object) -> str:
@@ -220,7 +205,7 @@ def _created(value: object) -> str:
         t = dt.datetime.fromisoformat(value)
         if t.tzinfo is None or t.utcoffset() is None:
             raise ValueError("no offset")
-        return _utc_text(t)
+        return stamp(t)
     except (ValueError, OverflowError):
         raise _form(f"created {_short(value)} is not an ISO 8601 time with its offset "
                     "(2024-05-01T09:00:00Z)") from None
@@ -242,7 +227,7 @@ class Metadata:
     deadline: str | None = None
     paper_original: bool = False
     doc_id: str = field(default_factory=new_id)
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=stamp)
 
     FIELDS = ("doc_id", "sender", "recipient", "title", "number", "urgency", "classification",
               "deadline", "paper_original", "created")
@@ -253,7 +238,7 @@ class Metadata:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        if not isinstance(self.doc_id, str) or not _UUID_RE.fullmatch(self.doc_id):
+        if not isinstance(self.doc_id, str) or not UUID_RE.fullmatch(self.doc_id):
             raise _form(f"doc_id must be a UUID (8-4-4-4-12 hex digits), not {_short(self.doc_id)}")
         put("doc_id", self.doc_id.lower())
         _unit("sender", self.sender)
@@ -382,7 +367,7 @@ def _member_name(role: str, kind: str | None) -> str:
 
 def signer_unit(cert: x509.Certificate) -> str:
     """The unit id a node certificate speaks for: its subject CN."""
-    return attr(cert.subject, NameOID.COMMON_NAME)
+    return common_name(cert)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +559,7 @@ def _zip_names(f: IO[bytes], size: int) -> set[str] | None:
     try:
         f.seek(0)
         capped = _CappedReader(f, size, MAX_ZIP_DIRECTORY)
-        with zipfile.ZipFile(capped) as z:  # type: ignore[arg-type]
+        with zipfile.ZipFile(capped) as z:
             return set(z.namelist())
     except (_Refused, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
             KeyError, IndexError, OverflowError, NotImplementedError):
@@ -691,7 +676,7 @@ def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
                       kind))
         data = manifest.to_bytes()
         signature = (pkcs7.PKCS7SignatureBuilder().set_data(data)
-                     .add_signer(cert, key.signer(), hashes.SHA256())  # type: ignore[arg-type]
+                     .add_signer(cert, key.signer(), hashes.SHA256())
                      .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature,
                                                         pkcs7.PKCS7Options.Binary]))
         mtime = int(dt.datetime.fromisoformat(metadata.created).timestamp())
@@ -716,7 +701,7 @@ def _write_atomically(out: Path, mtime: int,
                     info.size, info.mtime, info.mode = size, mtime, 0o644
                     f.seek(0)
                     reader = _HashingReader(f, size, name)
-                    tar.addfile(info, reader)  # type: ignore[arg-type]
+                    tar.addfile(info, reader)
                     if sha256 is not None and reader.sha.hexdigest() != sha256:
                         raise PackageError(f"{name} changed while it was being packaged",
                                            code="file-changed")
@@ -980,8 +965,8 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
         fsync_dir(dest)
         return Received(manifest, signer, *final)
     finally:
-        for path in temps:
+        for name in temps:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(name)
         if owned is not None:
             owned.close()

@@ -196,11 +196,12 @@ def test_refusals_and_failed_pins_are_audited(ca: CaSetup, tmp_path: Path) -> No
 def test_changes_and_entries_commit_together(ca: CaSetup, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
     """A failure after the entry is written but before the change completes leaves neither."""
-    from exchanged.pki import ca as camod
+    from exchanged import ca as camod
     from exchanged.pki.operator import Operator
     from exchanged.pki.pin import PinSource
     from exchanged.pki.token import Token
     from exchanged.pki.uri import parse
+    from exchanged.store import cadb
 
     _, serial = ca.issue_node()
     before_state, before_audit = ca.db_dump(), ca.audit()
@@ -209,10 +210,14 @@ def test_changes_and_entries_commit_together(ca: CaSetup, monkeypatch: pytest.Mo
                                                                ca.cli.tokens.pin("officer1")))
     op = Operator.from_token(tok.key(label=f"off-{ca.tag}"))
 
-    def boom(*a: object, **k: object) -> None:
-        raise OSError("disk full")
+    real_insert = cadb.insert
 
-    monkeypatch.setattr(type(authority.db["status_changes"]), "insert", boom)
+    def boom(db: object, table: str, values: dict[str, object]) -> int:
+        if table == "status_changes":  # after the certificate's new status and its entry
+            raise OSError("disk full")
+        return real_insert(db, table, values)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cadb, "insert", boom)
     with pytest.raises(OSError):
         authority.hold(serial, op)
     tok.close()

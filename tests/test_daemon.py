@@ -148,10 +148,10 @@ def test_a_person_certificate_is_refused_and_audited(demo) -> None:  # type: ign
 def _send_many(d: Demo, cfg: str, n: int) -> list[str]:
     (d.work / "m.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(100_000) + b"\n%%EOF\n")
     (d.work / "m.txt").write_text("body\n")
-    from exchanged import control
-    from exchanged.config import Config
+    from exchanged import client
+    from exchanged.node.config import Config
     sock = Config.load(cfg).socket_path
-    return [control.request(sock, "send", to="office", title=f"doc {i}",
+    return [client.request(sock, "send", to="office", title=f"doc {i}",
                             pdf=str(d.work / "m.pdf"), editable=str(d.work / "m.txt"))["doc_id"]
             for i in range(n)]
 
@@ -305,6 +305,14 @@ def test_roles_at_a_node_follow_the_same_rules(demo) -> None:  # type: ignore[no
     for action in ("role-grant", "role-approve", "person-suspend", "person-resume",
                    "document-signed-for"):
         assert audit_rows(d, "office", action), action
+    # Regression: she signed for as the deputy she is; the log said "receiver".
+    conn = sqlite3.connect(d.work / "office" / "data" / "node.db")
+    try:
+        [(role_recorded,)] = conn.execute("SELECT role FROM audit WHERE action = "
+                                          "'document-signed-for' AND object = ?", [doc])
+    finally:
+        conn.close()
+    assert role_recorded == "deputy-receiver"
 
 
 def test_send_refuses_a_pdf_that_is_not_a_pdf_and_classified_documents(demo) -> None:  # type: ignore[no-untyped-def]
@@ -346,8 +354,8 @@ def test_local_clients_and_replayed_requests_cannot_hurt_the_daemon(demo) -> Non
     d, paths = demo
     with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
         d.start("office")
-    from exchanged import control
-    from exchanged.config import Config
+    from exchanged import client
+    from exchanged.node.config import Config
     sock = Config.load(paths["office"]).socket_path
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(sock))
@@ -358,24 +366,24 @@ def test_local_clients_and_replayed_requests_cannot_hurt_the_daemon(demo) -> Non
     s.sendall(b"[" * 100000 + b"\n")
     assert b'"ok": false' in s.recv(4096)
     s.close()
-    assert control.request(sock, "status")["unit"] == "office"  # still serving
+    assert client.request(sock, "status")["unit"] == "office"  # still serving
     # A suspension by the administrator, lifted by the auditor's signed request once...
     receiver = d.work / "receiver.pem"
     from cryptography import x509 as _x509
 
-    from exchanged.pki.operator import person_of
+    from exchanged.pki.names import person_of
     person = person_of(_x509.load_pem_x509_certificate(receiver.read_bytes()).subject)
     d.x("role", "suspend", "--config", paths["office"], str(receiver), "--reason", "first",
         *d.op("admin"), quiet=True)
     signed = subprocess.run([sys.executable, "-c", SIGN_REQUEST, json.dumps(
         {"action": "person-resume", "object": person, "node": "office", "reason": "ok"})],
         cwd=d.work, env=d.env, capture_output=True, text=True, check=True).stdout.strip()
-    control.request(sock, "role", request=signed)
+    client.request(sock, "role", request=signed)
     d.x("role", "suspend", "--config", paths["office"], str(receiver), "--reason", "again",
         *d.op("admin"), quiet=True)
     # ...cannot be replayed to lift the new suspension.
     with pytest.raises(Exception, match="already applied"):
-        control.request(sock, "role", request=signed)
+        client.request(sock, "role", request=signed)
     d.x("role", "resume", "--config", paths["office"], str(receiver), "--reason", "cleared",
         *d.op("auditor"), quiet=True)
     assert d.daemons["office"].poll() is None

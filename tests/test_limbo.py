@@ -1,11 +1,11 @@
 """x509-limbo conformance of exchanged.pki.verify.validate().
 
 The corpus is C2SP/x509-limbo compiled to one JSON file, vendored with its licence in
-tests/data/x509-limbo/ ($EXCHANGED_LIMBO names another copy). Its README says which cases concern a validator of
-peer chains with CRLs; those that depend on a hostname or on the web PKI's server rules do not
-apply to us. Each applicable case is one test; KNOWN_DIFFERENCES lists the cases where we
-deliberately disagree with the expected result, and the test checks that we still do, so the
-list cannot go stale. `pytest -s -k summary` prints the tally.
+tests/data/x509-limbo/ ($EXCHANGED_LIMBO names another copy). Its README says which cases
+concern a validator of peer chains with CRLs; those that depend on a hostname or on the web
+PKI's server rules do not apply to us. Each applicable case is one test; KNOWN_DIFFERENCES
+lists the cases where we deliberately disagree with the expected result, and the test checks
+that we still do, so the list cannot go stale. `pytest -s -k summary` prints the tally.
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exchanged import package
+from exchanged.common import canonical
 from exchanged.errors import ExchangedError
 from exchanged.package import Manifest, Metadata, PackageError, sniff_editable, sniff_pdf
 from exchanged.pki import profiles
-from exchanged.pki.operator import canonical
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey
 from exchanged.pki.uri import parse

@@ -11,9 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from exchanged.config import Peer
 from exchanged.pki import profiles
-from exchanged.transport.peers import PeerCheck, PeerRefused
+from exchanged.transport.peers import Peer, PeerCheck, PeerRefused
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 PEERS = {"office": Peer("office", "127.0.0.1", 1, "node-office", "General Office")}

@@ -215,11 +215,11 @@ def test_as_a_server_the_daemon_connects_to(matrix, case: str) -> None:  # type:
             shutil.rmtree(d.work / "finance" / "data", ignore_errors=True)
             d.start("finance")
         mark = _audit_high(d, "finance")
-        from exchanged import control
-        from exchanged.config import Config
+        from exchanged import client
+        from exchanged.node.config import Config
         (d.work / "m.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
         (d.work / "m.txt").write_text("x\n")
-        doc = control.request(Config.load(cfg).socket_path, "send", to="office",
+        doc = client.request(Config.load(cfg).socket_path, "send", to="office",
                               title=f"matrix {case}", pdf=str(d.work / "m.pdf"),
                               editable=str(d.work / "m.txt"))["doc_id"]
 

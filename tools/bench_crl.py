@@ -32,7 +32,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from exchanged.pki import ca as camod  # noqa: E402
+from exchanged import ca as camod  # noqa: E402
 from exchanged.pki import crl, profiles  # noqa: E402
 from exchanged.pki.pin import PinSource  # noqa: E402
 from exchanged.pki.token import Token  # noqa: E402

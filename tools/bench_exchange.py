@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from demo_network import Demo, free_port  # noqa: E402
 
-from exchanged import control  # noqa: E402
+from exchanged import client  # noqa: E402
 from exchanged.pki.pin import PinSource  # noqa: E402
 from exchanged.pki.token import Token  # noqa: E402
 from exchanged.pki.uri import parse  # noqa: E402
@@ -290,12 +290,12 @@ class Bench:
         return crl
 
     def status(self, unit: str) -> dict[str, Any]:
-        return control.request(self.sock_a if unit == "finance" else self.sock_b, "status")
+        return client.request(self.sock_a if unit == "finance" else self.sock_b, "status")
 
     # -- 2, 3. documents ---------------------------------------------------------------------
 
     def send(self, pdf: Path, txt: Path, title: str) -> str:
-        ans = control.request(self.sock_a, "send", to="office", title=title, pdf=str(pdf),
+        ans = client.request(self.sock_a, "send", to="office", title=title, pdf=str(pdf),
                               editable=str(txt), urgency="normal", classification="internal",
                               number=None, deadline=None, paper_original=False, doc_id=None)
         return str(ans["doc_id"])
@@ -306,7 +306,7 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             pending = [i for s in ("queued", "sending")
-                       for i in control.request(self.sock_a, "outbox", state=s)["items"]
+                       for i in client.request(self.sock_a, "outbox", state=s)["items"]
                        if i["doc_id"] in want]
             if not pending:
                 break
@@ -314,7 +314,7 @@ class Bench:
                 raise SystemExit(f"bench: {len(pending)} document(s) not delivered within "
                                  f"{timeout:.0f} s; e.g. {pending[0]}")
             time.sleep(0.2)
-        items = [control.request(self.sock_a, "outbox-show", doc_id=i)["item"] for i in ids]
+        items = [client.request(self.sock_a, "outbox-show", doc_id=i)["item"] for i in ids]
         bad = [i for i in items if i["state"] != "delivered" or not i.get("delivery_receipt")]
         if bad:
             raise SystemExit(f"bench: not delivered: {bad[0]['doc_id']} is {bad[0]['state']}: "

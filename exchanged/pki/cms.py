@@ -13,9 +13,9 @@ from asn1crypto import cms as acms
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from exchanged.errors import ExchangedError
+from exchanged.pki.keys import UnsupportedKey, verify_signature
 
 _HASHES = {"sha256": (hashlib.sha256, hashes.SHA256), "sha384": (hashlib.sha384, hashes.SHA384),
            "sha512": (hashlib.sha512, hashes.SHA512)}
@@ -81,14 +81,10 @@ def verify_detached(signature: bytes, content: bytes, issuer: x509.Certificate
     except (ValueError, TypeError, InvalidSignature):
         raise CmsError(f"the signer {signer.subject.rfc4514_string()} was not certified by "
                        f"{issuer.subject.rfc4514_string()}") from None
-    key = signer.public_key()
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(sig, signed, ec.ECDSA(hash_cls()))
-        elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(sig, signed, padding.PKCS1v15(), hash_cls())
-        else:
-            raise CmsError("unsupported signer key")
+        verify_signature(signer.public_key(), sig, signed, hash_cls())
+    except UnsupportedKey:
+        raise CmsError("unsupported signer key") from None
     except InvalidSignature:
         raise CmsError("the signature does not verify") from None
     return signer

@@ -28,6 +28,7 @@ from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from exchanged.errors import ExchangedError
+from exchanged.pki.keys import spki_der
 from exchanged.pki.pin import PinSource
 from exchanged.pki.uri import Pkcs11Uri
 
@@ -411,11 +412,12 @@ class _EcTokenSigner(ec.EllipticCurvePrivateKey):
     def __init__(self, key: TokenKey) -> None:
         self._key = key
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(self, data: bytes | bytearray | memoryview,
+             signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA) or isinstance(
                 signature_algorithm.algorithm, utils.Prehashed):
             raise TokenError("token EC keys sign with ECDSA over unhashed data only")
-        return self._key.sign(data, _hash_name(signature_algorithm.algorithm))
+        return self._key.sign(bytes(data), _hash_name(signature_algorithm.algorithm))
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._key.public_key  # type: ignore[no-any-return]
@@ -450,9 +452,10 @@ class _RsaTokenSigner(rsa.RSAPrivateKey):
     def __init__(self, key: TokenKey) -> None:
         self._key = key
 
-    def sign(self, data: bytes, padding_: padding.AsymmetricPadding,
-             algorithm: hashes.HashAlgorithm | utils.Prehashed) -> bytes:
-        if isinstance(algorithm, utils.Prehashed):
+    def sign(self, data: bytes | bytearray | memoryview, padding_: padding.AsymmetricPadding,
+             algorithm: Any) -> bytes:  # HashAlgorithm; cryptography also names Prehashed and
+        data = bytes(data)                 # NoDigestInfo, which a token key never takes
+        if not isinstance(algorithm, hashes.HashAlgorithm):
             raise TokenError("token RSA keys sign unhashed data only")
         if isinstance(padding_, padding.PSS):
             return self._key.sign(data, _hash_name(algorithm), pss=True)
@@ -492,12 +495,6 @@ def _to_crypto_public(obj: Any) -> Any:
         e = int.from_bytes(bytes(obj[Attribute.PUBLIC_EXPONENT]), "big")
         return rsa.RSAPublicNumbers(e, n).public_key()
     raise TokenError(f"unsupported key type on token: {kt}")
-
-
-def spki_der(public_key: Any) -> bytes:
-    """A public key as DER SubjectPublicKeyInfo: how keys are compared."""
-    return public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return]
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _der_integer(value: int) -> bytes:

@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -153,7 +154,10 @@ def _utc(when: dt.datetime | None) -> dt.datetime:
     return when.astimezone(dt.UTC).replace(microsecond=0)
 
 
-def _ext(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _ext(cert: x509.Certificate, cls: type[_E]) -> _E | None:
     """The extension's value, None when absent; "invalid" when the certificate's extensions
     cannot be parsed (cryptography parses them all at once, and the path validator only
     looks at those it knows)."""
@@ -168,7 +172,7 @@ def _ext(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.Extensio
 
 def _is_ca(cert: x509.Certificate) -> bool:
     bc = _ext(cert, x509.BasicConstraints)
-    return bool(bc is not None and bc.ca)  # type: ignore[attr-defined]
+    return bool(bc is not None and bc.ca)
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -302,7 +306,8 @@ class _Crl:
 
     def _put(self, issuer: x509.Name | None, entry: x509.RevokedCertificate) -> None:
         """Index an entry; of two for the same certificate, keep the one that revokes."""
-        table: dict = self.direct if issuer is None else self.indirect
+        table: dict[Any, x509.RevokedCertificate] = \
+            self.direct if issuer is None else self.indirect
         key = entry.serial_number if issuer is None else (issuer, entry.serial_number)
         old = table.get(key)
         if old is None or _reason(old) is x509.ReasonFlags.remove_from_crl:
@@ -699,7 +704,7 @@ class _Run:
         missing = [_RFC_KU_NAMES[b] for b in bits if ku is None or not getattr(ku, b)]
         eku = _ext(leaf, x509.ExtendedKeyUsage)
         missing += [_EKU_NAMES[oid] for oid in ekus
-                    if eku is None or oid not in eku]  # type: ignore[operator]
+                    if eku is None or oid not in eku]
         if missing:
             raise ValidationError("wrong-key-usage", f"{describe(leaf)} is not a {purpose} "
                                   f"certificate: it lacks {', '.join(missing)}",
@@ -845,12 +850,12 @@ class _Run:
             except ValidationError:
                 continue
             if signer is issuer:
-                if ku is not None and not ku.crl_sign:  # type: ignore[attr-defined]
+                if ku is not None and not ku.crl_sign:
                     failure = _Failure(2, "crl-invalid", f"{crl.describe()} is signed by "
                                        f"{describe(signer)}, whose keyUsage lacks cRLSign")
                     continue
                 return None
-            if ku is None or not ku.crl_sign:  # type: ignore[attr-defined]
+            if ku is None or not ku.crl_sign:
                 failure = _Failure(2, "crl-invalid", f"{crl.describe()} is signed by "
                                    f"{describe(signer)}, which has no keyUsage cRLSign")
                 continue
@@ -895,13 +900,13 @@ def _key_id(cert: x509.Certificate) -> bytes | None:
         ski = _ext(cert, x509.SubjectKeyIdentifier)
     except ValidationError:
         return None
-    return ski.digest if ski is not None else None  # type: ignore[attr-defined]
+    return ski.digest if ski is not None else None
 
 
 def _delegated_crl_issuers(cert: x509.Certificate) -> list[x509.Name]:
     dps = _ext(cert, x509.CRLDistributionPoints)
     names: list[x509.Name] = []
-    for dp in dps or ():  # type: ignore[attr-defined]
+    for dp in dps or ():
         for gn in dp.crl_issuer or ():
             if isinstance(gn, x509.DirectoryName):
                 names.append(gn.value)
@@ -927,7 +932,7 @@ def _dp_names(cert: x509.Certificate) -> set[x509.GeneralName]:
     """Distribution point names of the certificate's cRLDistributionPoints."""
     dps = _ext(cert, x509.CRLDistributionPoints)
     names: set[x509.GeneralName] = set()
-    for dp in dps or ():  # type: ignore[attr-defined]
+    for dp in dps or ():
         if dp.full_name:
             names.update(dp.full_name)
         elif dp.relative_name:

@@ -35,9 +35,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from exchanged.common import canonical, stamp, stamp_precise
 from exchanged.errors import ExchangedError
+from exchanged.pki.keys import UnsupportedKey, verify_signature
 
 CHECKPOINT_PREFIX = b"exchanged-audit-checkpoint-v1\n"
 GENESIS_PREV = "0" * 64
@@ -67,10 +68,6 @@ class AuditError(ExchangedError):
     code = "audit"
 
 
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def entry_hash(row: dict[str, Any]) -> str:
     """SHA-256 over the canonical JSON of every field but the hash itself."""
     body = {k: row[k] for k in FIELDS}
@@ -82,10 +79,6 @@ def entry_hash(row: dict[str, Any]) -> str:
 def checkpoint_message(seq: int, at: str, head: str) -> bytes:
     """What a checkpoint signs: its own place and time, and the hash of the entry before it."""
     return CHECKPOINT_PREFIX + canonical({"seq": seq, "at": at, "head": head})
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True)
@@ -131,7 +124,7 @@ class AuditLog:
         """Append one entry inside the caller's transaction; returns its sequence number."""
         last_seq, last_hash = self.head()
         row: dict[str, Any] = {
-            "seq": last_seq + 1, "at": at or now_iso(), "actor": actor,
+            "seq": last_seq + 1, "at": at or stamp_precise(), "actor": actor,
             "actor_subject": actor_subject, "role": role, "action": action, "object": obj,
             "outcome": outcome, "details": canonical(details or {}).decode(),
             "signature": signature, "prev": last_hash}
@@ -145,7 +138,7 @@ class AuditLog:
         the caller's transaction, and raise the high-water mark that truncation is checked
         against."""
         last_seq, last_hash = self.head()
-        at = now_iso()
+        at = stamp_precise()
         sig = sign(checkpoint_message(last_seq + 1, at, last_hash))
         seq = self.append(action="checkpoint", obj=str(last_seq), at=at,
                           actor_subject=signer.subject.rfc4514_string(),
@@ -170,6 +163,28 @@ class AuditLog:
         names = [d[0] for d in cur.description]
         for r in cur:
             yield dict(zip(names, r, strict=True))
+
+    def query(self, match: dict[str, list[str]], *, since: dt.datetime | None = None,
+              until: dt.datetime | None = None, limit: int | None = None
+              ) -> list[dict[str, Any]]:
+        """Entries whose column (actor, action, object) is one of the values given for it,
+        at or after `since` and at or before `until` (whole seconds: an entry stamped within
+        the second `until` names is included)."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, values in match.items():
+            if column not in ("actor", "action", "object"):
+                raise ValueError(f"no audit filter on {column!r}")
+            where.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params += values
+        if since is not None:  # no "Z": "12:00:00" sorts before "12:00:00.5Z"
+            where.append("at >= ?")
+            params.append(since.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        if until is not None:  # "Z" sorts after "12:00:00.999999Z"'s "."
+            where.append("at <= ?")
+            params.append(stamp(until))
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return list(self.rows(clause, params, limit=limit))
 
     def verify(self, signer: x509.Certificate) -> Report:
         head = self.db.execute("SELECT checkpoint_seq, checkpoint_hash FROM audit_head"
@@ -240,12 +255,7 @@ def _checkpoint_ok(row: dict[str, Any], public_key: Any) -> bool:
         return False
     message = checkpoint_message(row["seq"], row["at"], row["prev"])
     try:
-        if isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(row["signature"], message, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(row["signature"], message, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            return False
-    except InvalidSignature:
+        verify_signature(public_key, row["signature"], message)
+    except (InvalidSignature, UnsupportedKey):
         return False
     return True

@@ -12,7 +12,7 @@ Layout (README "CA directory" repeats it for operators):
       operator's act is an entry whose `details` are the canonical JSON they signed and whose
       `signature` is the detached CMS SignedData made on their token. Columns named *_seq
       below point at such entries.
-- roles, suspensions      who holds which role (exchanged/roles.py)
+- roles, suspensions, role_requests   who holds which role (exchanged/store/roledb.py)
 - requests(id, submitted_at, profile, name, unit, division, post, reason, dns, ip, csr_pem,
       key_sha256, applicant_serial, status, decided_by, decided_at, decision_reason,
       decision_seq, cert_serial, supersedes, submit_seq)
@@ -28,15 +28,20 @@ Serials are lower-case hex text (they are up to 20 octets; SQLite integers hold 
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from exchanged.errors import ExchangedError
-from exchanged.roles import Roles
+from exchanged.common import stamp
 from exchanged.store.audit import AuditLog
+from exchanged.store.db import StoreError, connect, insert, one, rows, update
+from exchanged.store.roledb import RoleStore
 
 SCHEMA_VERSION = 1
 
@@ -69,9 +74,6 @@ CREATE TABLE IF NOT EXISTS crls (
 """
 
 
-class StoreError(ExchangedError):
-    code = "store"
-
 
 def open_db(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     """Open (or with `create`, make) the CA database; WAL, synchronous=FULL, foreign keys on."""
@@ -84,59 +86,120 @@ def open_db(path: Path, *, create: bool = False) -> sqlite_utils.Database:
         if create:
             conn.executescript(_SCHEMA)
             AuditLog.create(db)
-            Roles.create(db)
-            db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                              pk="key")
-        version = _meta(db, "schema_version")
+            RoleStore.create(db)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                         [str(SCHEMA_VERSION)])
+        found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
         raise StoreError(f"the CA database {path} cannot be read ({e}); restore it from "
                          "a backup", code="corrupt-db") from None
+    version = found[0] if found else None
     if version != str(SCHEMA_VERSION):
         raise StoreError(f"the CA database {path} has schema version {version}; this "
                          f"exchanged expects {SCHEMA_VERSION}", code="schema")
     return db
 
 
-def connect(path: Path) -> sqlite_utils.Database:
-    """A connection as every store of ours wants it: WAL, synchronous=FULL (a committed
-    transaction survives power loss), foreign keys on, transactions managed by us."""
-    # check_same_thread=False: the daemon reaches its database from worker threads, one at a
-    # time (a trio CapacityLimiter(1) per database serialises every call).
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return sqlite_utils.Database(conn)
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
 
 
-def _meta(db: sqlite_utils.Database, key: str) -> str | None:
-    row = db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
-    return row[0] if row else None
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-class Transaction:
-    """`with Transaction(db):` — BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+class CaStore:
+    """The CA's rows: requests, certificates, status changes, CRLs, meta. Every method runs
+    inside the caller's transaction (or alone, for a read)."""
 
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
 
-    def __enter__(self) -> sqlite_utils.Database:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+    def set_meta(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                            [key, value])
 
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+    # -- requests ---------------------------------------------------------------------------
 
+    def add_request(self, *, profile: str, form: dict[str, Any],
+                    csr: x509.CertificateSigningRequest, key_sha256: str, status: str, at: str,
+                    **decision: Any) -> int:
+        """One issuance request: the application form (A28), the CSR, and — for a request
+        decided as it is made (the ceremony, a re-issue) — its decision columns."""
+        return insert(self.db, "requests", {
+            "submitted_at": at, "profile": profile, "name": form["name"], "unit": form["unit"],
+            "division": form["division"], "post": form["post"], "reason": form["reason"],
+            "dns": json.dumps(list(form["dns"])), "ip": json.dumps(list(form["ip"])),
+            "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "key_sha256": key_sha256, "status": status, **decision})
 
-def rows(db: sqlite_utils.Database, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    cur = db.execute(sql, params)
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    def update_request(self, rid: int, **values: Any) -> None:
+        update(self.db, "requests", "id", rid, values)
 
+    def request(self, rid: int) -> dict[str, Any] | None:
+        row = one(self.db, "SELECT * FROM requests WHERE id = ?", [rid])
+        if row is not None:
+            row["dns"], row["ip"] = json.loads(row["dns"]), json.loads(row["ip"])
+        return row
 
-def one(db: sqlite_utils.Database, sql: str, params: Any = ()) -> dict[str, Any] | None:
-    found = rows(db, sql, params)
-    return found[0] if found else None
+    def request_status(self, rid: int) -> str | None:
+        row = one(self.db, "SELECT status FROM requests WHERE id = ?", [rid])
+        return None if row is None else str(row["status"])
+
+    def requests(self, status: str | None = None) -> list[dict[str, Any]]:
+        return self._listing("SELECT id, submitted_at, profile, name, unit, division, post, "
+                             "status, decided_by, cert_serial FROM requests", status, "id")
+
+    # -- certificates -----------------------------------------------------------------------
+
+    def add_certificate(self, cert: x509.Certificate, *, request_id: int | None, profile: str,
+                        at: str, by: str | None, seq: int | None) -> None:
+        insert(self.db, "certificates", {
+            "serial": serial_hex(cert.serial_number), "request_id": request_id,
+            "profile": profile, "subject": cert.subject.rfc4514_string(),
+            "not_before": stamp(cert.not_valid_before_utc),
+            "not_after": stamp(cert.not_valid_after_utc), "pem": pem(cert), "status": "good",
+            "issued_at": at, "issued_by": by, "issue_seq": seq})
+
+    def certificate(self, serial: str) -> dict[str, Any] | None:
+        return one(self.db, "SELECT * FROM certificates WHERE serial = ?", [serial])
+
+    def serial_taken(self, serial: str) -> bool:
+        return self.db.execute("SELECT 1 FROM certificates WHERE serial = ?",
+                               [serial]).fetchone() is not None
+
+    def certificates(self, status: str | None = None) -> list[dict[str, Any]]:
+        return self._listing("SELECT serial, profile, subject, not_before, not_after, status, "
+                             "reason, revoked_at, request_id FROM certificates", status,
+                             "issued_at")
+
+    def _listing(self, select: str, status: str | None, order: str) -> list[dict[str, Any]]:
+        if status:
+            return rows(self.db, f"{select} WHERE status = ? ORDER BY {order}", [status])
+        return rows(self.db, f"{select} ORDER BY {order}")
+
+    def set_status(self, serial: str, *, action: str, status: str, at: str,
+                   revoked_at: str | None, reason: str | None, officer: str, seq: int) -> None:
+        """A hold, release or revocation: the certificate's new status and its history row."""
+        update(self.db, "certificates", "serial", serial,
+               {"status": status, "revoked_at": revoked_at, "reason": reason})
+        insert(self.db, "status_changes", {"serial": serial, "action": action, "reason": reason,
+                                           "at": at, "officer_serial": officer, "seq": seq})
+
+    def listed(self) -> Iterator[tuple[str, str, str]]:
+        """(serial, since, reason) of every held or revoked certificate: a CRL's entries."""
+        yield from self.db.execute("SELECT serial, revoked_at, reason FROM certificates "
+                                   "WHERE status IN ('held', 'revoked')")
+
+    # -- CRLs -------------------------------------------------------------------------------
+
+    def next_crl_number(self) -> int:
+        found = self.db.execute("SELECT max(number) FROM crls").fetchone()
+        return int(found[0] or 0) + 1
+
+    def add_crl(self, *, number: int, this_update: str, next_update: str, entries: int,
+                path: str, sha256: str) -> None:
+        insert(self.db, "crls", {"number": number, "this_update": this_update,
+                                 "next_update": next_update, "entries": entries, "path": path,
+                                 "sha256": sha256})

@@ -21,7 +21,7 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
 
 - meta(key, value)          schema version and `kind` = "node"
 - audit, audit_head         the node's hash-chained audit log (exchanged/store/audit.py)
-- roles, suspensions        who holds which role on this node (exchanged/roles.py)
+- roles, suspensions, role_requests   who holds which role on this node (store/roledb.py)
 - outbox(id, doc_id UNIQUE, recipient, metadata, urgency, package_sha256, size, state,
       created_at, queued_at, updated_at, attempts, next_attempt_at, last_error, delivered_at,
       delivery_receipt, signed_for_at, signed_for_receipt, reject_code, reject_message)
@@ -63,19 +63,20 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import sqlite_utils
+from cryptography import x509
 
-from exchanged.roles import Roles
-from exchanged.store.audit import AuditLog, canonical
-from exchanged.store.cadb import StoreError, Transaction, connect, one, rows
+from exchanged.common import canonical
+from exchanged.store.audit import AuditLog, Report
+from exchanged.store.db import StoreError, Transaction, change, connect, one, rows
 from exchanged.store.files import fsync_dir
+from exchanged.store.roledb import RoleStore
 
 SCHEMA_VERSION = 1
 DB_NAME = "node.db"
@@ -316,7 +317,7 @@ class NodeStore:
             if create:
                 conn.executescript(_SCHEMA)
                 AuditLog.create(db)
-                Roles.create(db)
+                RoleStore.create(db)
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES "
                              "('schema_version', ?), ('kind', 'node')", [str(SCHEMA_VERSION)])
             found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
@@ -349,21 +350,9 @@ class NodeStore:
         """`with store.transaction():` groups changes and audit entries into one commit."""
         return Transaction(self.db)
 
-    @contextmanager
-    def _change(self) -> Iterator[None]:
+    def _change(self) -> AbstractContextManager[None]:
         """A transaction of our own, or a savepoint inside the caller's."""
-        if not self.db.conn.in_transaction:
-            with Transaction(self.db):
-                yield
-            return
-        self.db.execute("SAVEPOINT nodedb")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK TO nodedb")
-            self.db.execute("RELEASE nodedb")
-            raise
-        self.db.execute("RELEASE nodedb")
+        return change(self.db, "nodedb")
 
     # -- blobs ----------------------------------------------------------------------------------
 
@@ -692,4 +681,17 @@ class NodeStore:
         return out
 
 
-__all__ = ["BlobWriter", "NodeStore", "OutItem", "StoreError", "backoff_delay"]
+def verify_log(datadir: Path, signer: x509.Certificate) -> Report:
+    """Check a node's audit chain against `signer` (the node certificate whose token signs its
+    checkpoints). Read-only, beside a running daemon: WAL readers do not block it."""
+    path = Path(datadir) / DB_NAME
+    if not path.exists():
+        raise StoreError(f"no node database at {path}", code="no-store")
+    db = connect(path)
+    try:
+        return AuditLog(db).verify(signer)
+    finally:
+        db.conn.close()
+
+
+__all__ = ["BlobWriter", "NodeStore", "OutItem", "StoreError", "backoff_delay", "verify_log"]

@@ -20,17 +20,27 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
 
-from exchanged.config import Peer
 from exchanged.errors import ExchangedError
 from exchanged.pki import verify
+from exchanged.pki.names import common_name, organization
 
 CACHE_SECONDS = 300
 
 
 class PeerRefused(ExchangedError):
     code = "peer-refused"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another unit's node this node may exchange with (A13: nothing else is accepted)."""
+
+    unit: str
+    host: str
+    port: int
+    name: str  # the peer node certificate's CN
+    org: str  # the peer node certificate's O (the unit's name)
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,7 @@ class PeerCheck:
         except verify.ValidationError as e:
             return _Verdict(None, PeerRefused(f"peer certificate refused: {e}",
                                               code=f"peer-{e.code}"), until)
-        cn = _attr(leaf, NameOID.COMMON_NAME)
-        org = _attr(leaf, NameOID.ORGANIZATION_NAME)
+        cn, org = common_name(leaf), organization(leaf)
         for peer in peers.values():
             if peer.name == cn and peer.org == org:
                 return _Verdict(peer, None, until)
@@ -131,8 +140,3 @@ class PeerCheck:
         with self._lock:
             return {"cached_peers": len(self._cache), "crls": len(self.crls),
                     "crl_generation": self.generation}
-
-
-def _attr(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
-    found = cert.subject.get_attributes_for_oid(oid)
-    return str(found[0].value) if found else ""

@@ -66,6 +66,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import h11
 
+from exchanged.common import UUID_RE
 from exchanged.errors import ExchangedError
 
 __all__ = [
@@ -181,13 +182,11 @@ def _short(value: object, limit: int = 60) -> str:
 # Events: frozen, validated when built. Invalid values raise LocalProtocolError; when the value
 # came off the wire, the connection re-raises it as a RemoteProtocolError.
 
-_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-                             r"[0-9a-fA-F]{12}")
 _SHA256_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _doc_id(value: object) -> str:
-    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
         raise LocalProtocolError(
             f"doc_id must be a UUID in 8-4-4-4-12 hex form, not {_short(value)}")
     return value.lower()
@@ -549,7 +548,7 @@ class _Connection:
         if self._state is State.ERROR:
             raise LocalProtocolError(f"the connection failed earlier ({self._error}); close it")
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the peer; ``b""`` means the peer closed its side (EOF).
 
         Call it after ``next_event()`` returned ``NEED_DATA``, with what one bounded read
@@ -737,7 +736,7 @@ class ServerConnection(_Connection):
 
         assert route is not None
         doc_id = route.group(2).decode("ascii", "replace")
-        if not _UUID_RE.fullmatch(doc_id):
+        if not UUID_RE.fullmatch(doc_id):
             raise RemoteProtocolError(f"document id {_short(doc_id)} is not a UUID")
         if transfer_encoding or length is None:
             raise RemoteProtocolError("Content-Length is required (chunked uploads are refused)",

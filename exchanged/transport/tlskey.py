@@ -50,10 +50,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import serialization
 
 from exchanged.errors import ExchangedError
+from exchanged.pki.keys import UnsupportedKey, verify_signature
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import default_module
 from exchanged.pki.uri import Pkcs11Uri
@@ -447,13 +447,10 @@ def _test_signature(lib: _OpenSSL, pkey: int, cert: x509.Certificate, uri: Pkcs1
                           code="token-sign")
     public = cert.public_key()
     try:
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(sig.raw[:siglen.value], message, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public, rsa.RSAPublicKey):
-            public.verify(sig.raw[:siglen.value], message, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            raise TlsKeyError(f"TLS certificates carry EC or RSA keys, not "
-                              f"{type(public).__name__}", code="bad-cert")
+        verify_signature(public, sig.raw[:siglen.value], message)
+    except UnsupportedKey:
+        raise TlsKeyError(f"TLS certificates carry EC or RSA keys, not "
+                          f"{type(public).__name__}", code="bad-cert") from None
     except InvalidSignature:
         raise TlsKeyError(f"the token key {uri.public()} does not match the certificate "
                           f"{cert.subject.rfc4514_string()}: give the certificate issued for "

@@ -10,23 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from exchanged.errors import ExchangedError
+from exchanged.transport.peers import Peer
 
 UNIT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
 class ConfigError(ExchangedError):
     code = "config"
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Another unit's node this node may exchange with (A13: nothing else is accepted)."""
-
-    unit: str
-    host: str
-    port: int
-    name: str  # the peer node certificate's CN
-    org: str  # the peer node certificate's O (the unit's name)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""Small helpers every layer uses, one place each: canonical JSON, UTC time stamps, document ids.
+
+This module and `errors` are the leaves of the package: they import nothing of ours.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from typing import Any
+
+# -- canonical JSON ---------------------------------------------------------------------------
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte form of a JSON value that we sign, hash and store: keys sorted, no spaces,
+    UTF-8 (not \\u escapes). Signatures and the audit chain depend on every writer agreeing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- time -------------------------------------------------------------------------------------
+
+_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
+_MICROSECONDS = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def utc_now() -> dt.datetime:
+    """Now, in UTC, to the second (what certificates, CRLs and signed acts carry)."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def stamp(t: dt.datetime | None = None) -> str:
+    """A UTC time stamp to the second, `2026-11-25T12:00:00Z` (signed payloads, records)."""
+    return (t or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime(_SECONDS)
+
+
+def stamp_precise(t: dt.datetime | None = None) -> str:
+    """A UTC time stamp to the microsecond, `2026-11-25T12:00:00.123456Z` (audit entries,
+    whose order within a second matters to a reader)."""
+    return (t or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime(_MICROSECONDS)
+
+
+def parse_time(text: str) -> dt.datetime:
+    """An ISO 8601 time (a trailing Z allowed; no zone means UTC); ValueError if it is not one.
+
+    `datetime.fromisoformat` (C, accepts "Z" since 3.11) is ~30x faster than strptime, which
+    matters when 100,000 CRL entries are read back."""
+    t = dt.datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+# -- ids --------------------------------------------------------------------------------------
+
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                     r"[0-9a-fA-F]{12}")
+
+
+def new_id() -> str:
+    """A new document id: a random UUID."""
+    return str(uuid.uuid4())

@@ -1,0 +1,1 @@
+"""The unit's node: configuration, the daemon (`exchanged serve`) and its local control socket."""

@@ -1,0 +1,160 @@
+"""A node, opened: its store, its token, its TLS contexts, its peers and roles — what the
+daemon's parts (`inbound`, `outbound`, `local`, `service`) share.
+
+Blocking work (PKCS#11, SQLite, fsync) goes through `trio.to_thread.run_sync` with a
+CapacityLimiter(1) per token and per database (`db()`, `tok()`), which also serialises each of
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+from cryptography import x509
+
+from exchanged.errors import ExchangedError
+from exchanged.node.config import Config
+from exchanged.pki import verify
+from exchanged.pki.operator import Operator
+from exchanged.pki.pin import PinSource
+from exchanged.pki.token import Token, TokenKey
+from exchanged.pki.uri import parse
+from exchanged.roles import Roles
+from exchanged.store.nodedb import NodeStore
+from exchanged.store.roledb import RoleStore
+from exchanged.transport.peers import Peer, PeerCheck
+from exchanged.transport.tlskey import make_context, peer_certificate_chain
+
+log = logging.getLogger("exchanged")
+T = TypeVar("T")
+CHUNK = 64 * 1024  # one read from a peer
+# Disk work goes to a thread in slices this big: one thread hop per 16 KiB TLS record cost
+# ~100 us each (tools/bench-exchange: 61,000 hops per GB, the main cost of a large transfer).
+DISK_SLICE = 1024 * 1024
+
+
+class Node:
+    """The running node's parts. `Node.open(config)` makes them; `close()` lets them go."""
+
+    store: NodeStore
+    token: Token
+    key: TokenKey
+    cert: x509.Certificate
+    ca_cert: x509.Certificate
+    trusted: list[x509.Certificate]
+    signer: Operator
+    peers: PeerCheck
+    roles: Roles
+    server_ctx: Any
+    client_ctx: Any
+    port: int = 0  # where the listener is bound (set by the service)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.db_limiter = trio.CapacityLimiter(1)
+        self.token_limiter = trio.CapacityLimiter(1)
+        self.stopping = False
+        self.active_transfers = 0
+
+    @classmethod
+    def open(cls, config: Config) -> Node:
+        """Everything that can fail at start-up, before we tell systemd we are ready."""
+        node = cls(config)
+        c = config
+        c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        node.store = NodeStore.open(c.data_dir)
+        node.store.sweep_temp()
+        requeued = node.store.recover()
+        if requeued:
+            log.info("recovered %d document(s) left in flight by the last run", requeued)
+        node.trusted = [x509.load_pem_x509_certificate(p.read_bytes()) for p in c.ca]
+        chain = x509.load_pem_x509_certificates(c.cert.read_bytes())
+        node.cert = chain[0]
+        node.ca_cert = node.trusted[0]
+        pin = PinSource(role="node", env="EXCHANGED_PIN", file=c.pin_file)
+        uri = parse(c.key)
+        node.token = Token.open(uri, pin, module=c.module)
+        node.key = node.token.key_from_uri(uri)
+        node.signer = Operator(node.key, node.cert)
+        node.peers = PeerCheck(node.trusted, list(c.crls), c.peers)
+        node.roles = Roles(RoleStore(node.store.db), node.store.audit, node.person_status)
+        with node.store.transaction():
+            if node.roles.bootstrap_declared(c.roles, f"configuration {c.source}"):
+                log.info("roles declared in the configuration: %s", c.roles)
+        common = dict(key_uri=uri, pin=pin, cert_chain=chain, trusted=node.trusted,
+                      module=c.module)
+        node.server_ctx = make_context(server=True, **common)  # type: ignore[arg-type]
+        node.client_ctx = make_context(server=False, **common)  # type: ignore[arg-type]
+        node.audit_event("node-start", c.unit, details={"requeued": requeued})
+        return node
+
+    def close(self) -> None:
+        try:
+            self.audit_event("node-stop", self.config.unit, checkpoint=True)
+        finally:
+            self.token.close()
+            self.store.close()
+
+    # -- who is who ---------------------------------------------------------------------------
+
+    def person_status(self, cert: x509.Certificate) -> None:
+        """An operator at this node: a person certificate of our CA, good per our CRLs."""
+        try:
+            verify.validate(cert, trusted=self.trusted, crls=self.peers.crls, purpose="person")
+        except verify.ValidationError as e:
+            raise ExchangedError(f"operator certificate refused: {e}", code=e.code) from None
+
+    async def handshake(self, stream: trio.abc.Stream, *, server: bool,
+                        expect: str | None = None) -> tuple[trio.SSLStream[Any], Peer,
+                                                            x509.Certificate]:
+        """TLS on `stream`, then who the peer is (transport.peers): (the TLS stream, the
+        configured peer, its leaf certificate). PeerRefused if it is no peer of ours."""
+        ctx = self.server_ctx if server else self.client_ctx
+        tls = trio.SSLStream(stream, ctx, server_side=server,
+                             server_hostname=None if server else "exchanged-peer")
+        with trio.fail_after(self.config.limits.handshake_timeout):
+            await tls.do_handshake()
+        chain = peer_certificate_chain(tls._ssl_object)  # noqa: SLF001
+        peer = await trio.to_thread.run_sync(lambda: self.peers.check(chain, expect=expect))
+        return tls, peer, chain[0]
+
+    async def send(self, tls: trio.SSLStream[Any], data: bytes) -> None:
+        """Write to a peer within the read timeout (a peer that stops reading is let go)."""
+        if data:
+            with trio.fail_after(self.config.limits.read_timeout):
+                await tls.send_all(data)
+
+    # -- threads ------------------------------------------------------------------------------
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kw),
+                                             limiter=self.db_limiter)
+
+    async def tok(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kw),
+                                             limiter=self.token_limiter)
+
+    # -- the audit log ------------------------------------------------------------------------
+
+    def audit_event(self, action: str, obj: str, *, outcome: str = "ok",
+                    actor: str | None = None, details: dict[str, Any] | None = None,
+                    checkpoint: bool = False) -> None:
+        """Append to the node's audit log (and sign a checkpoint on the node token if asked)."""
+        with self.store.transaction():
+            self.store.audit.append(action=action, obj=obj, outcome=outcome,
+                                    actor_subject=actor, details=details or {})
+            if checkpoint:
+                self.store.audit.checkpoint(self.key.sign, self.cert)
+
+    async def audit(self, action: str, obj: str, **kw: Any) -> None:
+        await self.db(self.audit_event, action, obj, **kw)
+
+
+def describe(e: BaseException) -> str:
+    """What went wrong, never an empty string: trio's BrokenResourceError says nothing itself;
+    the SSL error that caused it does (e.g. "certificate verify failed")."""
+    return str(e) or (f"{type(e).__name__}: {describe(e.__cause__)}" if e.__cause__
+                      else type(e).__name__)

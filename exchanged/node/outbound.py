@@ -1,0 +1,185 @@
+"""Our documents and receipts going out: one sender task per configured peer, store-and-forward.
+
+A sender delivers its peer's due documents and the signed-for receipts owed to it, then sleeps
+until the next one falls due or something is queued (`poke`). A failed attempt is counted and
+retried with exponential backoff and jitter (the store keeps the schedule, so it survives a
+restart); a refusal that says "not now" is retried, any other is final.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from exchanged.errors import ExchangedError
+from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
+from exchanged.store.nodedb import OutItem
+from exchanged.transport import protocol as proto
+from exchanged.transport.peers import PeerRefused
+
+log = logging.getLogger("exchanged")
+# How long a receiver may take, after the last byte, to store, unpack and check a package
+# before it acknowledges: read_timeout plus this much per byte (3.7 s/GB measured).
+ACK_SECONDS_PER_BYTE = 1 / (16 * 1024 * 1024)
+# Refusals that say "not now" rather than "never": the document is sent again later.
+TRANSIENT = frozenset({"busy", "timeout", "internal-error", "truncated"})
+
+
+class Outbound:
+    """The sender tasks, one per configured peer, in the nursery given to `start`."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.wake: dict[str, trio.Event] = {}
+        self.senders: set[str] = set()  # units that have a sender task now
+        self.nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        for unit in self.node.config.peers:
+            self.start_sender(unit)
+
+    def poke(self, unit: str) -> None:
+        """Something is due for `unit` now (a document queued, a receipt to return)."""
+        self.wake.setdefault(unit, trio.Event()).set()
+
+    def peers_changed(self, added: set[str]) -> None:
+        """The peer table changed: new peers get a sender, removed ones' senders stop (their
+        queued documents wait, should the peer come back)."""
+        for unit in sorted(added):
+            self.start_sender(unit)
+        for unit in set(self.wake) - set(self.node.config.peers):
+            self.poke(unit)
+
+    def start_sender(self, unit: str) -> None:
+        if unit not in self.senders and self.nursery is not None:
+            self.senders.add(unit)
+            self.nursery.start_soon(self._sender, unit)
+
+    async def _sender(self, unit: str) -> None:
+        """One task per peer: deliver its due documents and receipts, retry with backoff."""
+        try:
+            await self._loop(unit)
+        finally:
+            self.senders.discard(unit)
+
+    async def _loop(self, unit: str) -> None:
+        node = self.node
+        while unit in node.config.peers:
+            self.wake[unit] = trio.Event()
+            items = await node.db(node.store.due, time.time(), recipient=unit)
+            owed = await node.db(node.store.receipts_to_return, unit)
+            if items or owed:
+                await self._deliver(unit, items, owed)
+                continue
+            nxt = await node.db(node.store.next_due_time, recipient=unit)
+            wait = 3600.0 if nxt is None else max(0.05, nxt - time.time())
+            with trio.move_on_after(wait):
+                await self.wake[unit].wait()
+
+    async def _deliver(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]]
+                       ) -> None:
+        node = self.node
+        peer = node.config.peers.get(unit)
+        if peer is None:  # removed from the configuration meanwhile
+            return
+        try:
+            with trio.fail_after(node.config.limits.handshake_timeout):
+                sock = await trio.open_tcp_stream(peer.host, peer.port)
+            try:
+                tls, _, _ = await node.handshake(sock, server=False, expect=unit)
+            except BaseException:
+                await trio.aclose_forcefully(sock)
+                raise
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, PeerRefused) as e:
+            err = f"cannot reach {unit} at {peer.host}:{peer.port}: {describe(e)}"
+            if isinstance(e, PeerRefused):
+                log.warning("refusing %s: %s", unit, e)
+                await node.audit("peer-refused", unit, outcome="refused",
+                                 details={"code": e.code, "error": str(e)})
+            for item in items:
+                await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
+            await trio.sleep(1)  # receipts retry on the next round
+            return
+        try:
+            conn = proto.ClientConnection(f"{peer.host}:{peer.port}")
+            for r in owed:
+                await self._send_receipt(tls, conn, r)
+            for item in items:
+                await self._send_one(tls, conn, item)
+                if conn.state is not proto.State.IDLE:
+                    break
+        except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError,
+                ExchangedError) as e:
+            log.warning("delivery to %s interrupted: %s", unit, describe(e))
+            await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async def _send_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                        item: OutItem) -> None:
+        node = self.node
+        await node.db(node.store.mark_sending, item.doc_id)
+        path = node.store.blob_path(item.package_sha256)
+        try:
+            await node.send(tls, conn.send(proto.SubmitDocument(
+                item.doc_id, item.size, item.package_sha256)))
+            with open(path, "rb") as f:  # noqa: ASYNC230 — local disk, read in slices
+                while conn.body_remaining:
+                    data = await trio.to_thread.run_sync(f.read, DISK_SLICE)
+                    if not data:
+                        raise ExchangedError(f"blob {path} is shorter than recorded",
+                                             code="corrupt-blob")
+                    for i in range(0, len(data), CHUNK):
+                        await node.send(tls, conn.send_body(data[i:i + CHUNK]))
+            answer = await self._response(tls, conn, extra=item.size * ACK_SECONDS_PER_BYTE)
+        except BaseException as e:
+            err = str(e) or type(e).__name__
+            with trio.CancelScope(shield=True):
+                await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
+            raise
+        await node.db(self._record_answer, item, answer)
+
+    def _record_answer(self, item: OutItem, answer: Any) -> None:
+        store = self.node.store
+        if isinstance(answer, proto.Reject) and answer.code in TRANSIENT:
+            store.schedule_retry(item.doc_id, f"{answer.code}: {answer.message}", time.time())
+            return
+        with store.transaction():
+            if isinstance(answer, proto.Acknowledge):
+                store.mark_delivered(item.doc_id, answer.receipt)
+                store.audit.append(action="document-delivered", obj=item.doc_id,
+                                   details={"recipient": item.recipient,
+                                            "status": answer.status})
+            else:
+                store.mark_rejected(item.doc_id, answer.code, answer.message)
+                store.audit.append(action="document-rejected-by-peer", obj=item.doc_id,
+                                   outcome="refused",
+                                   details={"recipient": item.recipient, "code": answer.code,
+                                            "error": answer.message})
+
+    async def _send_receipt(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                            r: dict[str, Any]) -> None:
+        node = self.node
+        await node.send(tls, conn.send(proto.DeliverReceipt(r["doc_id"], r["receipt"])))
+        answer = await self._response(tls, conn)
+        await node.db(node.store.mark_receipt_returned, r["doc_id"],
+                      isinstance(answer, proto.ReceiptAccepted), sender=r["sender"],
+                      error=getattr(answer, "message", None) or "refused")
+
+    async def _response(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                        extra: float = 0.0) -> Any:
+        """The peer's answer; `extra` seconds are allowed on top of read_timeout for the
+        receiver to store and check a large package before it answers."""
+        while True:
+            event = conn.next_event()
+            if event is proto.NEED_DATA:
+                with trio.fail_after(self.node.config.limits.read_timeout + extra):
+                    conn.receive_data(await tls.receive_some(CHUNK))
+                continue
+            if isinstance(event, proto.Continue):
+                continue
+            return event

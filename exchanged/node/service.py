@@ -1,0 +1,153 @@
+"""`exchanged serve`: the unit's node as a service — one trio nursery tree (design decision 8).
+
+The tree: the listener and its connection handlers (`inbound`), one sender per configured
+peer (`outbound`), the control socket (`control`, with the handlers of `local`), the
+housekeeping task (CRL watcher, audit checkpoints, systemd watchdog), and the signal handler.
+SIGHUP reloads CRLs and peers; SIGTERM stops accepting, lets transfers in progress finish
+within `drain_timeout`, then stops: a document is acknowledged only once it is on disk, so an
+interrupted one is simply sent again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+
+import trio
+
+from exchanged.errors import ExchangedError
+from exchanged.node import control
+from exchanged.node.base import Node
+from exchanged.node.config import Config
+from exchanged.node.inbound import Inbound
+from exchanged.node.local import LocalCommands
+from exchanged.node.outbound import Outbound
+from exchanged.node.sdnotify import Notifier
+
+log = logging.getLogger("exchanged")
+CHECKPOINT_SECONDS = 300  # a signed audit checkpoint at least this often
+
+
+class Service:
+    """The running daemon: a `Node` and the tasks that serve it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = Notifier()
+        self.accepting = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        self.node = node = await trio.to_thread.run_sync(Node.open, self.config)
+        self.inbound = Inbound(node)
+        self.outbound = Outbound(node)
+        try:
+            async with trio.open_nursery() as nursery:
+                listeners = await trio.open_tcp_listeners(self.config.listen_port,
+                                                          host=self.config.listen_host)
+                node.port = listeners[0].socket.getsockname()[1]
+                conns: trio.Nursery = await nursery.start(_nursery)
+                nursery.start_soon(self._accept, listeners, conns)
+                self.outbound.start(nursery)
+                handlers = LocalCommands(node, self.outbound).handlers()
+                await nursery.start(control.serve, self.config.socket_path, handlers)
+                nursery.start_soon(self._signals, nursery, listeners)
+                nursery.start_soon(self._housekeeping)
+                status = (f"unit {self.config.unit} listening on "
+                          f"{self.config.listen_host}:{node.port}, "
+                          f"{len(self.config.peers)} peer(s)")
+                log.info("%s", status)
+                self.notifier.ready(status)
+                task_status.started(self)
+        finally:
+            await trio.to_thread.run_sync(node.close)
+
+    async def _accept(self, listeners: list[trio.SocketListener], n: trio.Nursery) -> None:
+        limiter = trio.CapacityLimiter(self.config.limits.max_connections)
+
+        async def one(stream: trio.SocketStream) -> None:
+            async with limiter:
+                await self.inbound.serve(stream)
+
+        with self.accepting:  # cancelled on SIGTERM: no new connections
+            await trio.serve_listeners(one, listeners, handler_nursery=n)
+
+    async def _signals(self, nursery: trio.Nursery,
+                       listeners: list[trio.SocketListener]) -> None:
+        node = self.node
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                node.stopping = True
+                self.notifier.stopping("draining")
+                log.info("stopping: no new connections; %d transfer(s) may finish within %ss",
+                         node.active_transfers, self.config.limits.drain_timeout)
+                self.accepting.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                with trio.move_on_after(self.config.limits.drain_timeout):
+                    while node.active_transfers:  # noqa: ASYNC110 — bounded by the deadline
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+                return
+
+    async def reload(self) -> None:
+        """SIGHUP: the CRLs and the peer table, at once."""
+        node = self.node
+        try:
+            new = await trio.to_thread.run_sync(Config.load, self.config.source) \
+                if self.config.source else self.config
+            changed = await trio.to_thread.run_sync(
+                lambda: node.peers.reload(new.peers, force=True))
+            added = set(new.peers) - set(self.config.peers)
+            self.config = node.config = dataclasses.replace(self.config, peers=new.peers)
+            self.outbound.peers_changed(added)
+            await node.audit("config-reload", self.config.unit,
+                             details={"peers": sorted(new.peers), "changed": changed})
+            log.info("reloaded CRLs and %d peer(s)", len(new.peers))
+        except ExchangedError as e:
+            log.error("reload failed, the old configuration stays in force: %s", e)
+            await node.audit("config-reload", self.config.unit, outcome="failed",
+                             details={"error": str(e)})
+
+    async def _housekeeping(self) -> None:
+        """CRL files are re-read when they change; the watchdog is fed; checkpoints signed."""
+        node = self.node
+        last_checkpoint = time.monotonic()
+        interval = (self.notifier.watchdog_seconds or 20) / 2
+        while True:
+            await trio.sleep(min(interval, 5))
+            self.notifier.watchdog()
+            try:
+                if await trio.to_thread.run_sync(node.peers.reload):
+                    log.info("CRLs changed on disk: reloaded")
+                    await node.audit("crl-reload", self.config.unit)
+            except ExchangedError as e:
+                log.error("CRL reload failed, the previous CRLs stay in force: %s", e)
+            if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                await node.db(node.audit_event, "checkpoint-timer", self.config.unit,
+                              checkpoint=True)
+                last_checkpoint = time.monotonic()
+
+
+async def _nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+                   ) -> None:
+    """A nursery of its own for the connection handlers, cancelled with the service."""
+    async with trio.open_nursery() as n:
+        task_status.started(n)
+        await trio.sleep_forever()
+
+
+def run(config: Config) -> int:
+    """The console entry for `exchanged serve`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        trio.run(Service(config).run)
+    except ExchangedError as e:
+        log.error("%s", e)
+        return 1
+    return 0

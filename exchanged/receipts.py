@@ -1,0 +1,117 @@
+"""What people and nodes sign about a document or a role, built and checked in one place.
+
+Each is canonical JSON inside an attached CMS SignedData, so it travels alone and
+`openssl cms -verify -CAfile ca.pem -purpose any` checks it without our code:
+
+- the **delivery receipt**: the recipient's node, on its token, says it stored the document
+  (`delivery`);
+- the **signed-for receipt**: the recipient unit's designated receiver, on their personal
+  token, signs for the document (`signed_for`, `check_signed_for`); it travels back to the
+  sender;
+- the **role request**: an operator, on their own token, asks a node's daemon for a role change
+  (`role_request`, `open_role_request`); the daemon applies it under `exchanged.roles`.
+
+Whether the signer may sign what they signed (a good certificate, the right role, the right
+unit) is the caller's question, answered by `exchanged.pki.verify` and `exchanged.roles`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from exchanged.common import stamp
+from exchanged.errors import ExchangedError
+from exchanged.pki.cms import CmsError, cms_content, verify_detached
+from exchanged.pki.operator import Operator, SignedOperator
+
+DELIVERY, SIGNED_FOR = "delivery", "signed-for"
+
+
+class ReceiptError(ExchangedError):
+    code = "bad-receipt"
+
+
+def open_signed(cms: bytes, issuer: x509.Certificate, what: str = "receipt", *,
+                code: str = "bad-receipt") -> tuple[x509.Certificate, bytes, dict[str, Any]]:
+    """An attached signature by a certificate of `issuer`: (signer, content, content as a JSON
+    object). ReceiptError if it does not verify or carries no JSON object."""
+    try:
+        content = cms_content(cms)
+        signer = verify_detached(cms, content, issuer)
+        payload = json.loads(content)
+    except (CmsError, ValueError, RecursionError) as e:
+        raise ReceiptError(f"the {what} does not verify: {e}", code=code) from None
+    if not isinstance(payload, dict):
+        raise ReceiptError(f"the {what} does not verify: not a JSON object", code=code)
+    return signer, content, payload
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+def delivery(node: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str,
+             received_at: str) -> bytes:
+    """The recipient node's receipt for a stored document, signed on its token."""
+    _, cms = node.sign({"type": DELIVERY, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+                        "recipient": recipient, "received_at": received_at}, detached=False)
+    return cms
+
+
+# -- signed for -------------------------------------------------------------------------------
+
+def signed_for(op: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str) -> bytes:
+    """A receiver signs for a document on their personal token."""
+    _, cms = op.sign({"type": SIGNED_FOR, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+                      "recipient": recipient, "by": op.serial, "at": stamp()}, detached=False)
+    return cms
+
+
+def check_signed_for(payload: dict[str, Any], *, doc_id: str, sha256: str, sender: str,
+                     recipient: str) -> None:
+    """The signed-for receipt is for exactly this document: its id, its content, its sender
+    and its recipient unit."""
+    want = {"type": SIGNED_FOR, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+            "recipient": recipient}
+    wrong = [k for k, v in want.items() if payload.get(k) != v]
+    if wrong:
+        raise ReceiptError(f"the receipt is not a signed-for receipt of document {doc_id} from "
+                           f"{sender} to {recipient} ({', '.join(wrong)} differ)")
+
+
+# -- role requests ----------------------------------------------------------------------------
+
+def role_request(op: Operator, *, action: str, obj: str, node: str,
+                 grantee: x509.Certificate | None = None, **extra: Any) -> dict[str, Any]:
+    """A role change at node `node`, signed on the operator's token: the control request's
+    arguments (the signed request, and the grantee's certificate for a grant)."""
+    _, cms = op.sign({"action": action, "object": obj, "actor": op.serial, "at": stamp(),
+                      "node": node, **extra}, detached=False)
+    cert = grantee.public_bytes(serialization.Encoding.PEM).decode() if grantee else None
+    return {"request": base64.b64encode(cms).decode(), "cert": cert}
+
+
+def open_role_request(cms: bytes, issuer: x509.Certificate, *, node: str,
+                      grantee_pem: str | None) -> tuple[SignedOperator, x509.Certificate | None,
+                                                        bytes]:
+    """A signed role request as the daemon receives it: (the operator, the grantee's
+    certificate if one came, the digest that identifies the request for replay checks)."""
+    signer, content, payload = open_signed(cms, issuer, "signed request", code="bad-signature")
+    if payload.get("node") != node:
+        raise ReceiptError(f"the request is addressed to node {payload.get('node')!r}",
+                           code="bad-request")
+    grantee = None
+    if grantee_pem:
+        try:
+            grantee = x509.load_pem_x509_certificate(grantee_pem.encode())
+        except ValueError as e:
+            raise ReceiptError(f"the grantee's certificate cannot be read: {e}",
+                               code="bad-request") from None
+        if format(grantee.serial_number, "x") != payload.get("holder_serial"):
+            raise ReceiptError("the certificate sent is not the one the request names",
+                               code="bad-request")
+    return SignedOperator(signer, content, cms), grantee, hashlib.sha256(cms).digest()
