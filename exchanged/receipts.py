@@ -62,6 +62,21 @@ def delivery(node: Operator, *, doc_id: str, sha256: str, sender: str, recipient
     return cms
 
 
+def check_delivery(payload: dict[str, Any], *, doc_id: str, sha256: str, sender: str,
+                   recipient: str) -> None:
+    """The delivery receipt is for exactly this document: its id, its content (the package's
+    digest), its sender and its recipient unit."""
+    _check(DELIVERY, payload, doc_id=doc_id, sha256=sha256, sender=sender, recipient=recipient)
+
+
+def _check(kind: str, payload: dict[str, Any], **want: str) -> None:
+    wrong = [k for k, v in {"type": kind, **want}.items() if payload.get(k) != v]
+    if wrong:
+        raise ReceiptError(f"the receipt is not a {kind} receipt of document {want['doc_id']} "
+                           f"from {want['sender']} to {want['recipient']} ({', '.join(wrong)} "
+                           "differ)")
+
+
 # -- signed for -------------------------------------------------------------------------------
 
 def signed_for(op: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str) -> bytes:
@@ -75,12 +90,8 @@ def check_signed_for(payload: dict[str, Any], *, doc_id: str, sha256: str, sende
                      recipient: str) -> None:
     """The signed-for receipt is for exactly this document: its id, its content, its sender
     and its recipient unit."""
-    want = {"type": SIGNED_FOR, "doc_id": doc_id, "sha256": sha256, "sender": sender,
-            "recipient": recipient}
-    wrong = [k for k, v in want.items() if payload.get(k) != v]
-    if wrong:
-        raise ReceiptError(f"the receipt is not a signed-for receipt of document {doc_id} from "
-                           f"{sender} to {recipient} ({', '.join(wrong)} differ)")
+    _check(SIGNED_FOR, payload, doc_id=doc_id, sha256=sha256, sender=sender,
+           recipient=recipient)
 
 
 # -- role requests ----------------------------------------------------------------------------
@@ -99,7 +110,8 @@ def open_role_request(cms: bytes, issuer: x509.Certificate, *, node: str,
                       grantee_pem: str | None) -> tuple[SignedOperator, x509.Certificate | None,
                                                         bytes]:
     """A signed role request as the daemon receives it: (the operator, the grantee's
-    certificate if one came, the digest that identifies the request for replay checks)."""
+    certificate if one came, the digest that identifies the request for replay checks: of
+    what was signed, so that a second signature over the same request is the same request)."""
     signer, content, payload = open_signed(cms, issuer, "signed request", code="bad-signature")
     if payload.get("node") != node:
         raise ReceiptError(f"the request is addressed to node {payload.get('node')!r}",
@@ -114,4 +126,4 @@ def open_role_request(cms: bytes, issuer: x509.Certificate, *, node: str,
         if format(grantee.serial_number, "x") != payload.get("holder_serial"):
             raise ReceiptError("the certificate sent is not the one the request names",
                                code="bad-request")
-    return SignedOperator(signer, content, cms), grantee, hashlib.sha256(cms).digest()
+    return SignedOperator(signer, content, cms), grantee, hashlib.sha256(content).digest()

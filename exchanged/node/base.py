@@ -9,7 +9,14 @@ them.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -26,7 +33,7 @@ from exchanged.roles import Roles
 from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
 from exchanged.transport.peers import Peer, PeerCheck
-from exchanged.transport.tlskey import make_context, peer_certificate_chain
+from exchanged.transport.tlskey import make_context, peer_chain_der
 
 log = logging.getLogger("exchanged")
 T = TypeVar("T")
@@ -34,6 +41,7 @@ CHUNK = 64 * 1024  # one read from a peer
 # Disk work goes to a thread in slices this big: one thread hop per 16 KiB TLS record cost
 # ~100 us each (tools/bench-exchange: 61,000 hops per GB, the main cost of a large transfer).
 DISK_SLICE = 1024 * 1024
+ALERT_INTERVAL = 60.0  # seconds between two alerts of the same kind
 
 
 class Node:
@@ -58,15 +66,21 @@ class Node:
         self.token_limiter = trio.CapacityLimiter(1)
         self.stopping = False
         self.active_transfers = 0
+        self._alerted: dict[str, float] = {}
 
     @classmethod
     def open(cls, config: Config) -> Node:
         """Everything that can fail at start-up, before we tell systemd we are ready."""
         node = cls(config)
         c = config
-        c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.umask(0o077)  # everything the daemon creates is its own: 0700 and 0600
+        secure_data_dir(c.data_dir)
         node.store = NodeStore.open(c.data_dir)
         node.store.sweep_temp()
+        orphans = node.store.sweep_orphans()
+        if orphans:
+            log.info("removed %d blob(s) no document names (a crash, or a refusal cut short)",
+                     orphans)
         requeued = node.store.recover()
         if requeued:
             log.info("recovered %d document(s) left in flight by the last run", requeued)
@@ -117,9 +131,9 @@ class Node:
                              server_hostname=None if server else "exchanged-peer")
         with trio.fail_after(self.config.limits.handshake_timeout):
             await tls.do_handshake()
-        chain = peer_certificate_chain(tls._ssl_object)  # noqa: SLF001
+        chain = peer_chain_der(tls)
         peer = await trio.to_thread.run_sync(lambda: self.peers.check(chain, expect=expect))
-        return tls, peer, chain[0]
+        return tls, peer, x509.load_der_x509_certificate(chain[0])  # parsed by check() already
 
     async def send(self, tls: trio.SSLStream[Any], data: bytes) -> None:
         """Write to a peer within the read timeout (a peer that stops reading is let go)."""
@@ -149,8 +163,65 @@ class Node:
             if checkpoint:
                 self.store.audit.checkpoint(self.key.sign, self.cert)
 
-    async def audit(self, action: str, obj: str, **kw: Any) -> None:
-        await self.db(self.audit_event, action, obj, **kw)
+    async def audit(self, action: str, obj: str, **kw: Any) -> bool:
+        """Record an event. Events are what happened around the acts (a refused connection,
+        a reload), and recording one must never end the node: if the store cannot take it
+        (the disk is full), it is logged instead and False returned."""
+        try:
+            await self.db(self.audit_event, action, obj, **kw)
+            return True
+        except (ExchangedError, OSError, sqlite3.Error) as e:
+            log.error("could not record %s of %s in the audit log: %s", action, obj, e)
+            self.alert("audit-failed", detail=f"{action} {obj}: {e}")
+            return False
+
+    # -- alerts -------------------------------------------------------------------------------
+
+    def alert(self, event: str, *, every_time: bool = False, **env: str) -> None:
+        """Run the configured alert command (N3) with EXCHANGED_EVENT=event and each of `env`
+        as EXCHANGED_<NAME>. A trouble event (disk-full, audit-failed...) alerts at most once
+        a minute, so a flood cannot fork a process per packet; an arriving document alerts
+        `every_time`."""
+        command = self.config.alert_command
+        now = time.monotonic()
+        if not command or (not every_time
+                           and now - self._alerted.get(event, -1e9) < ALERT_INTERVAL):
+            return
+        self._alerted[event] = now
+        extra = {f"EXCHANGED_{k.upper()}": v for k, v in env.items()}
+        try:
+            subprocess.Popen(list(command), env={**os.environ, "EXCHANGED_EVENT": event,
+                                                 **extra},
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            log.error("alert command failed: %s", e)
+
+    def disk_free(self) -> int:
+        return shutil.disk_usage(self.config.data_dir).free
+
+
+def secure_data_dir(path: Path) -> None:
+    """The data directory exists, is ours and is no one else's to write (the store, the
+    control socket and the blobs live there). Read access for others is taken away; write
+    access for others means someone may have changed it already: refuse to start."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise ExchangedError(f"the data directory {path} belongs to uid {st.st_uid}, not to "
+                             f"this service's user (uid {os.geteuid()}): chown it",
+                             code="unsafe-mode")
+    if st.st_mode & 0o022:
+        raise ExchangedError(f"the data directory {path} is writable by its group or by others "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}): someone may have changed "
+                             f"the store; check it, then chmod 700 {path}", code="unsafe-mode")
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+    for name in ("node.db", "node.db-wal", "node.db-shm", "blobs"):
+        p = path / name
+        if p.exists() and p.stat().st_mode & 0o077:
+            p.chmod(0o700 if p.is_dir() else 0o600)
+
 
 
 def describe(e: BaseException) -> str:

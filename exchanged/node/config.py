@@ -21,11 +21,24 @@ class ConfigError(ExchangedError):
 
 @dataclass(frozen=True)
 class Limits:
+    """What one peer, or anyone who can reach the port, may cost this node (conf/exchanged.toml
+    explains each)."""
+
     max_document_bytes: int = 2 * 1024**3
     read_timeout: float = 30.0
-    handshake_timeout: float = 15.0
+    handshake_timeout: float = 15.0  # counted from the moment a connection is accepted
     drain_timeout: float = 20.0
-    max_connections: int = 64
+    max_connections: int = 64  # authenticated peer connections at once
+    max_unauthenticated: int = 128  # connections still in their TLS handshake, in all
+    max_unauthenticated_per_source: int = 8  # ... from one source address
+    peer_quota_bytes: int = 8 * 1024**3  # a peer's documents here not yet signed for
+    disk_reserve_bytes: int = 256 * 1024**2  # below this much free space: "busy"
+    refusal_audit_interval: float = 60.0  # refused connections: one entry per source and kind
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"limits.{name} must be positive, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,29 @@
 """A peer's connection to us: documents arriving, and signed-for receipts for ours coming back.
 
-Each connection is served on its own: whatever goes wrong on one (a malformed request, a
-peer that stops reading) ends that connection only, and is audited. A document is stored
-(blob fsynced, row committed) before it is acknowledged with a delivery receipt signed on the
-node token; a repeat of an acknowledged document is recognised by its id and acknowledged
-again.
+Each connection is served on its own: whatever goes wrong on one (a malformed certificate or
+request, a peer that stops reading) ends that connection only, and is audited. A document is
+stored (blob fsynced, row committed) before it is acknowledged with a delivery receipt signed
+on the node token; a repeat of an acknowledged document is recognised by its id and
+acknowledged again.
+
+What a connection may cost is bounded before anyone is known: the handshake deadline counts
+from the accept; at most `max_unauthenticated` connections may be in their handshake, and
+`max_unauthenticated_per_source` from one address (`Gate`); refusals are audited once per
+source, kind and interval with a count (`RefusalLog`), so a flood cannot fill the disk with
+audit entries. Once known, a peer is held to `max_connections`, its `peer_quota_bytes` of
+documents not yet signed for, and the disk's `disk_reserve_bytes` ("busy": it sends again).
+A refused package's blob is deleted at once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import shutil
-import subprocess
+import sqlite3
+import ssl
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +36,7 @@ from exchanged.common import stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
 from exchanged.roles import check_remote_receiver
+from exchanged.store.db import StoreError
 from exchanged.store.nodedb import BlobWriter
 from exchanged.transport import protocol as proto
 from exchanged.transport.peers import Peer, PeerRefused
@@ -34,35 +44,128 @@ from exchanged.transport.peers import Peer, PeerRefused
 log = logging.getLogger("exchanged")
 
 
+class Gate:
+    """Connections not yet authenticated: at most `total`, and `per_source` from one address."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total, self.per_source = total, per_source
+        self.count = 0
+        self.by_source: dict[str, int] = {}
+
+    def enter(self, source: str) -> str | None:
+        """None if the connection may go on to its handshake, else why not."""
+        if self.count >= self.total:
+            return f"{self.count} connections are in their handshake already"
+        if self.by_source.get(source, 0) >= self.per_source:
+            return f"{self.per_source} connections from {source} are in their handshake already"
+        self.count += 1
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        return None
+
+    def leave(self, source: str) -> None:
+        self.count -= 1
+        left = self.by_source[source] - 1
+        if left:
+            self.by_source[source] = left
+        else:
+            del self.by_source[source]
+
+
+class RefusalLog:
+    """Refused connections go to the audit log without letting a flood fill the disk: the
+    first refusal of a kind from a source in each interval is recorded at once; the rest are
+    counted and recorded as one entry, with the count, when the interval is over (`flush`)."""
+
+    MAX_KEYS = 1024  # beyond this many (source, kind) pairs, new sources count under "*"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        # (action, source, code) -> [window start, refusals not yet recorded, last error]
+        self.pending: dict[tuple[str, str, str], list[Any]] = {}
+
+    async def note(self, action: str, source: str, code: str, error: str) -> None:
+        now = trio.current_time()
+        interval = self.node.config.limits.refusal_audit_interval
+        key = (action, source, code)
+        if key not in self.pending and len(self.pending) >= self.MAX_KEYS:
+            key = (action, "*", code)
+        entry = self.pending.get(key)
+        if entry is not None and now - entry[0] < interval:
+            entry[1] += 1
+            entry[2] = error
+            return
+        if entry is not None and entry[1]:
+            await self._record(key, entry[1], entry[2])
+        self.pending[key] = [now, 0, error]
+        log.warning("%s %s: %s", "refused" if action == "peer-refused" else
+                    "TLS handshake failed with", source, error)
+        await self._record(key, 1, error)
+
+    async def flush(self) -> None:
+        now = trio.current_time()
+        interval = self.node.config.limits.refusal_audit_interval
+        for key, (start, count, error) in list(self.pending.items()):
+            if now - start >= interval:
+                del self.pending[key]
+                if count:
+                    await self._record(key, count, error)
+
+    async def _record(self, key: tuple[str, str, str], count: int, error: str) -> None:
+        action, source, code = key
+        await self.node.audit(action, source, outcome="refused",
+                              details={"code": code, "error": error, "count": count})
+
+
 class Inbound:
     """Serves the connections peers open to this node."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        limits = node.config.limits
+        self.gate = Gate(limits.max_unauthenticated, limits.max_unauthenticated_per_source)
+        self.refusals = RefusalLog(node)
+        self.slots = trio.CapacityLimiter(limits.max_connections)
+        self.in_flight: Counter[str] = Counter()  # blobs of packages being checked now
 
     async def serve(self, stream: trio.SocketStream) -> None:
+        """One accepted connection, start to end; raises nothing."""
         node = self.node
-        addr = _addr(stream)
+        source = _host(stream)
+        deadline = trio.current_time() + node.config.limits.handshake_timeout
+        why = self.gate.enter(source)
+        if why is not None:
+            await trio.aclose_forcefully(stream)
+            await self.refusals.note("tls-failed", source, "too-many-connections", why)
+            return
         try:
-            tls, peer, leaf = await node.handshake(stream, server=True)
+            with trio.fail_at(deadline):  # counted from the accept, not from a free slot
+                tls, peer, leaf = await node.handshake(stream, server=True)
         except PeerRefused as e:
-            log.warning("refused %s: %s", addr, e)
-            await node.audit("peer-refused", addr, outcome="refused",
-                             details={"code": e.code, "error": str(e)})
             await trio.aclose_forcefully(stream)
+            await self.refusals.note("peer-refused", source, e.code, str(e))
             return
-        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
-            log.warning("TLS handshake with %s failed: %s", addr, describe(e))
-            await node.audit("tls-failed", addr, outcome="refused",
-                             details={"error": describe(e)})
+        except Exception as e:  # a failed handshake, whatever the peer sent
             await trio.aclose_forcefully(stream)
+            await self.refusals.note("tls-failed", source, _kind(e), describe(e))
             return
+        finally:
+            self.gate.leave(source)
         try:
-            await self._requests(tls, peer, leaf)
+            with trio.move_on_after(node.config.limits.handshake_timeout) as waited:
+                await self.slots.acquire()
+            if waited.cancelled_caught:
+                await self.refusals.note("peer-refused", source, "busy",
+                                         f"{peer.unit}: all {self.slots.total_tokens} "
+                                         "connection slots are taken")
+                return
+            try:
+                await self._requests(tls, peer, leaf)
+            finally:
+                self.slots.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
         except Exception as e:  # one peer's failure must never take the whole node down
-            log.error("connection from %s (%s) failed: %s", peer.unit, addr, describe(e))
+            log.error("connection from %s (%s) failed: %s", peer.unit, source, describe(e))
             await node.audit("connection-failed", peer.unit, outcome="failed",
                              details={"error": describe(e)})
         finally:
@@ -101,6 +204,10 @@ class Inbound:
                     await node.send(tls, conn.send(proto.Pong(
                         node.config.unit, dt.datetime.now(dt.UTC))))
                 elif isinstance(event, proto.SubmitDocument):
+                    full = await self._no_room(peer, event)
+                    if full is not None:
+                        await node.send(tls, conn.send(full))
+                        return
                     submit = event
                     writer = await node.db(node.store.blob_writer,
                                            max_size=limits.max_document_bytes)
@@ -129,17 +236,56 @@ class Inbound:
                 await trio.to_thread.run_sync(writer.abort)
                 node.active_transfers -= 1
 
+    async def _no_room(self, peer: Peer, submit: proto.SubmitDocument) -> proto.Reject | None:
+        """Before a byte of body is read: is there room for it? A full disk or a peer over its
+        quota is told "busy" (it sends again later); the disk-full alert is raised."""
+        node = self.node
+        limits = node.config.limits
+        free = await trio.to_thread.run_sync(node.disk_free)
+        if free - submit.length < limits.disk_reserve_bytes:
+            log.error("disk nearly full (%d bytes free): %s from %s must wait", free,
+                      submit.doc_id, peer.unit)
+            node.alert("disk-full", detail=f"{free} bytes free in {node.config.data_dir}")
+            return await self._refuse(peer, submit.doc_id, "busy", "the receiving node's disk "
+                                      "is full; send the document again later")
+        pending = await node.db(node.store.pending_bytes, peer.unit)
+        if pending + submit.length > limits.peer_quota_bytes:
+            return await self._refuse(peer, submit.doc_id, "busy",
+                                      f"{node.config.unit} holds {pending} bytes from "
+                                      f"{peer.unit} not yet signed for (quota "
+                                      f"{limits.peer_quota_bytes}); send it again later")
+        return None
+
     async def _received(self, peer: Peer, leaf: x509.Certificate, submit: proto.SubmitDocument,
                         end: proto.BodyEnd, writer: BlobWriter
                         ) -> proto.Acknowledge | proto.Reject:
-        """A whole package has arrived: check it, store it, acknowledge with a signed receipt."""
+        """A whole package has arrived: check it, store it, acknowledge with a signed receipt.
+        Refused, its blob goes at once (unless a stored document holds the same content)."""
         node = self.node
         doc = submit.doc_id
         if not end.digest_ok:
             await trio.to_thread.run_sync(writer.abort)
             return await self._refuse(peer, doc, "digest-mismatch",
                                       "the body does not match X-Exchanged-Sha256")
-        sha = await node.db(writer.commit)
+        try:
+            sha = await node.db(writer.commit)
+        except ExchangedError as e:  # no room on the disk, most likely: not the sender's fault
+            return await self._refuse(peer, doc, "busy", f"the receiving node could not store "
+                                      f"the document ({e}); send it again later")
+        self.in_flight[sha] += 1
+        try:
+            answer = await self._check_and_store(peer, leaf, doc, sha)
+        finally:
+            self.in_flight[sha] -= 1
+            if not self.in_flight[sha]:
+                del self.in_flight[sha]
+        if isinstance(answer, proto.Reject) and sha not in self.in_flight:
+            await node.db(node.store.drop_blob_if_unused, sha)
+        return answer
+
+    async def _check_and_store(self, peer: Peer, leaf: x509.Certificate, doc: str, sha: str
+                               ) -> proto.Acknowledge | proto.Reject:
+        node = self.node
         workdir = Path(tempfile.mkdtemp(dir=node.config.data_dir, prefix=".unpack-"))
         try:
             received = await trio.to_thread.run_sync(
@@ -148,6 +294,9 @@ class Inbound:
                                  expected_recipient=node.config.unit))
         except ExchangedError as e:
             return await self._refuse(peer, doc, _reason(e.code), str(e))
+        except OSError as e:
+            return await self._refuse(peer, doc, "busy", f"the receiving node could not unpack "
+                                      f"the document ({e.strerror}); send it again later")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         meta = received.metadata
@@ -166,11 +315,16 @@ class Inbound:
                                  received_at=received_at)
         try:
             new = await node.db(self._store_received, doc, peer, meta, sha, receipt)
-        except ExchangedError as e:
-            return await self._refuse(peer, doc, _reason(e.code), str(e))
+        except StoreError as e:  # id-conflict is final; the store failing is not their fault
+            return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
+                                      else "busy", str(e))
+        except (OSError, sqlite3.Error) as e:
+            return await self._refuse(peer, doc, "busy", f"the receiving node could not record "
+                                      f"the document ({e}); send it again later")
         if new:
             log.info("received %s from %s: %r (%s)", doc, peer.unit, meta.title, meta.urgency)
-            self._alert(meta)
+            node.alert("document", every_time=True, doc_id=meta.doc_id, title=meta.title,
+                       sender=meta.sender, urgency=meta.urgency)
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
 
     def _store_received(self, doc: str, peer: Peer, meta: pkg.Metadata, sha: str,
@@ -224,27 +378,30 @@ class Inbound:
                                actor_subject=signer.subject.rfc4514_string(),
                                details=payload, signature=receipt)
 
-    def _alert(self, meta: pkg.Metadata) -> None:
-        """N3: an arriving document sounds an alert (a configured command), and is logged."""
-        command = self.node.config.alert_command
-        if not command:
-            return
-        env = {**os.environ, "EXCHANGED_DOC_ID": meta.doc_id, "EXCHANGED_TITLE": meta.title,
-               "EXCHANGED_SENDER": meta.sender, "EXCHANGED_URGENCY": meta.urgency}
-        try:
-            subprocess.Popen(list(command), env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        except OSError as e:
-            log.error("alert command failed: %s", e)
 
-
-def _addr(stream: trio.SocketStream) -> str:
+def _host(stream: trio.SocketStream) -> str:
+    """The source address (no port: limits and refusals count per address)."""
     try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
         return "?"
+
+
+def _kind(e: BaseException) -> str:
+    """A refused handshake's kind, for counting: timeout, tls (with OpenSSL's reason, a word
+    from its small fixed vocabulary, e.g. tls:CERTIFICATE_VERIFY_FAILED:10), network or
+    internal."""
+    if isinstance(e, trio.TooSlowError):
+        return "timeout"
+    cause = e.__cause__ if isinstance(e, trio.BrokenResourceError) else e
+    if isinstance(cause, ssl.SSLError):
+        code = getattr(cause, "verify_code", None)
+        return f"tls:{cause.reason or 'unknown'}" + (f":{code}" if code else "")
+    if isinstance(e, trio.BrokenResourceError):
+        return "tls"
+    if isinstance(e, OSError):
+        return "network"
+    return "internal"
 
 
 def _reason(code: str) -> str:

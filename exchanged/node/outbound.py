@@ -14,11 +14,12 @@ from typing import Any
 
 import trio
 
+from exchanged import receipts
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
 from exchanged.store.nodedb import OutItem
 from exchanged.transport import protocol as proto
-from exchanged.transport.peers import PeerRefused
+from exchanged.transport.peers import Peer, PeerRefused
 
 log = logging.getLogger("exchanged")
 # How long a receiver may take, after the last byte, to store, unpack and check a package
@@ -26,6 +27,7 @@ log = logging.getLogger("exchanged")
 ACK_SECONDS_PER_BYTE = 1 / (16 * 1024 * 1024)
 # Refusals that say "not now" rather than "never": the document is sent again later.
 TRANSIENT = frozenset({"busy", "timeout", "internal-error", "truncated"})
+RESTART_SECONDS = 10  # a sender that failed unexpectedly starts again after this long
 
 
 class Outbound:
@@ -60,9 +62,19 @@ class Outbound:
             self.nursery.start_soon(self._sender, unit)
 
     async def _sender(self, unit: str) -> None:
-        """One task per peer: deliver its due documents and receipts, retry with backoff."""
+        """One task per peer: deliver its due documents and receipts, retry with backoff.
+        Whatever goes wrong with one peer stays with that peer's sender, which starts over."""
         try:
-            await self._loop(unit)
+            while True:
+                try:
+                    await self._loop(unit)
+                    return
+                except Exception as e:
+                    log.exception("the sender for %s failed; it starts again in %ss", unit,
+                                  RESTART_SECONDS)
+                    await self.node.audit("sender-failed", unit, outcome="failed",
+                                          details={"error": describe(e)})
+                    await trio.sleep(RESTART_SECONDS)
         finally:
             self.senders.discard(unit)
 
@@ -94,7 +106,7 @@ class Outbound:
             except BaseException:
                 await trio.aclose_forcefully(sock)
                 raise
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, PeerRefused) as e:
+        except Exception as e:  # unreachable, refused, or whatever the server sent
             err = f"cannot reach {unit} at {peer.host}:{peer.port}: {describe(e)}"
             if isinstance(e, PeerRefused):
                 log.warning("refusing %s: %s", unit, e)
@@ -109,7 +121,7 @@ class Outbound:
             for r in owed:
                 await self._send_receipt(tls, conn, r)
             for item in items:
-                await self._send_one(tls, conn, item)
+                await self._send_one(tls, conn, item, peer)
                 if conn.state is not proto.State.IDLE:
                     break
         except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError,
@@ -120,7 +132,7 @@ class Outbound:
             await trio.aclose_forcefully(tls)
 
     async def _send_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
-                        item: OutItem) -> None:
+                        item: OutItem, peer: Peer) -> None:
         node = self.node
         await node.db(node.store.mark_sending, item.doc_id)
         path = node.store.blob_path(item.package_sha256)
@@ -141,12 +153,41 @@ class Outbound:
             with trio.CancelScope(shield=True):
                 await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
             raise
-        await node.db(self._record_answer, item, answer)
+        unproven = None
+        if isinstance(answer, proto.Acknowledge):
+            unproven = await trio.to_thread.run_sync(self._check_receipt, item, answer, peer)
+        await node.db(self._record_answer, item, answer, unproven)
 
-    def _record_answer(self, item: OutItem, answer: Any) -> None:
+    def _check_receipt(self, item: OutItem, answer: proto.Acknowledge, peer: Peer
+                       ) -> str | None:
+        """The delivery receipt proves the delivery: signed by a node certificate of the
+        recipient's unit (a configured peer, good per our CRLs), for this document, this
+        content, from us to them. None if it does; else what is wrong."""
+        node = self.node
+        try:
+            if answer.receipt is None:
+                raise receipts.ReceiptError("no delivery receipt came with the acknowledgement")
+            signer, _, payload = receipts.open_signed(answer.receipt, node.ca_cert,
+                                                      "delivery receipt")
+            node.peers.check([signer], expect=peer.unit)
+            receipts.check_delivery(payload, doc_id=item.doc_id, sha256=item.package_sha256,
+                                    sender=node.config.unit, recipient=peer.unit)
+        except ExchangedError as e:
+            return f"{peer.unit} acknowledged {item.doc_id} without a valid delivery receipt: {e}"
+        return None
+
+    def _record_answer(self, item: OutItem, answer: Any, unproven: str | None) -> None:
         store = self.node.store
         if isinstance(answer, proto.Reject) and answer.code in TRANSIENT:
             store.schedule_retry(item.doc_id, f"{answer.code}: {answer.message}", time.time())
+            return
+        if unproven is not None:  # not delivered until proven: sent again, then given up
+            log.warning("%s", unproven)
+            with store.transaction():
+                store.schedule_retry(item.doc_id, unproven, time.time())
+                store.audit.append(action="document-receipt-refused", obj=item.doc_id,
+                                   outcome="refused", details={"recipient": item.recipient,
+                                                               "error": unproven})
             return
         with store.transaction():
             if isinstance(answer, proto.Acknowledge):

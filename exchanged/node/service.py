@@ -65,11 +65,12 @@ class Service:
             await trio.to_thread.run_sync(node.close)
 
     async def _accept(self, listeners: list[trio.SocketListener], n: trio.Nursery) -> None:
-        limiter = trio.CapacityLimiter(self.config.limits.max_connections)
-
         async def one(stream: trio.SocketStream) -> None:
-            async with limiter:
+            try:
                 await self.inbound.serve(stream)
+            except Exception:  # serve() raises nothing; if it ever does, the node stays up
+                log.exception("a connection's handler failed")
+                await trio.aclose_forcefully(stream)
 
         with self.accepting:  # cancelled on SIGTERM: no new connections
             await trio.serve_listeners(one, listeners, handler_nursery=n)
@@ -128,10 +129,10 @@ class Service:
                     await node.audit("crl-reload", self.config.unit)
             except ExchangedError as e:
                 log.error("CRL reload failed, the previous CRLs stay in force: %s", e)
+            await self.inbound.refusals.flush()
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                await node.db(node.audit_event, "checkpoint-timer", self.config.unit,
-                              checkpoint=True)
-                last_checkpoint = time.monotonic()
+                if await node.audit("checkpoint-timer", self.config.unit, checkpoint=True):
+                    last_checkpoint = time.monotonic()
 
 
 async def _nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED

@@ -25,10 +25,30 @@ class CmsError(ExchangedError):
     code = "bad-signature"
 
 
+MAX_SIGNATURE = 256 * 1024  # a receipt or a signed act is a few KiB
+
+
+def _load(signature: bytes) -> acms.ContentInfo:
+    """Parse a CMS ContentInfo strictly: DER only, nothing after it. BER, or bytes appended to
+    a valid signature, would let one signed act take many byte forms (and so slip past a
+    check keyed on the bytes)."""
+    if not isinstance(signature, bytes) or len(signature) > MAX_SIGNATURE:
+        raise CmsError("not a CMS signature (too large, or not bytes)")
+    try:
+        info = acms.ContentInfo.load(signature, strict=True)
+        canonical = info.dump(force=True) == signature
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        raise CmsError(f"malformed CMS signature: {e}") from None
+    if not canonical:
+        raise CmsError("malformed CMS signature: not in DER (distinguished) form")
+    return info
+
+
 def cms_content(signature: bytes) -> bytes:
     """The content carried inside an attached SignedData (a receipt); CmsError if none."""
+    info = _load(signature)
     try:
-        content = acms.ContentInfo.load(signature)["content"]["encap_content_info"]["content"]
+        content = info["content"]["encap_content_info"]["content"]
         value = content.native
     except (ValueError, TypeError, KeyError) as e:
         raise CmsError(f"malformed CMS signature: {e}") from None
@@ -44,8 +64,8 @@ def verify_detached(signature: bytes, content: bytes, issuer: x509.Certificate
 
     Only the signature and the issuing link are checked here; whether the signer's
     certificate is good now is the caller's question (CRLs, roles)."""
+    info = _load(signature)
     try:
-        info = acms.ContentInfo.load(signature)
         if info["content_type"].native != "signed_data":
             raise CmsError("not a CMS SignedData")
         sd = info["content"]

@@ -63,9 +63,9 @@ def _read_pin_file(path: str, role: str) -> str:
     except OSError as e:
         raise PinError(f"cannot read the PIN file for the {role} token: {path}: "
                        f"{e.strerror}") from None
-    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise PinError(f"the PIN file {path} is readable or writable by every user: "
-                       f"chmod o-rwx {path}", code="pin-file-mode")
+    if st.st_mode & 0o077:  # group or others: a PIN is its owner's alone
+        raise PinError(f"the PIN file {path} is open to others than its owner (mode "
+                       f"{stat.S_IMODE(st.st_mode):o}): chmod 600 {path}", code="pin-file-mode")
     if not pin:
         raise PinError(f"the PIN file {path} is empty")
     return pin

@@ -83,7 +83,7 @@ DB_NAME = "node.db"
 BLOBS = "blobs"
 TEMP_PREFIX = ".tmp-"
 TEMP_SUFFIX = ".part"
-BLOB_MODE = 0o440  # immutable: nobody writes a blob after it is in place
+BLOB_MODE = 0o400  # immutable: nobody writes a blob after it is in place; only we read it
 
 MAX_BLOB_SIZE = 1 << 30  # default limit of one package (1 GiB)
 CHUNK = 1 << 20  # read size when hashing a blob file
@@ -394,6 +394,37 @@ class NodeStore:
             except FileNotFoundError:
                 pass
         return removed
+
+    def sweep_orphans(self) -> int:
+        """Remove complete blobs that no outbox or inbox row names (left by a crash between a
+        blob's commit and its row's, or by a refusal interrupted); call at startup, before
+        anything is received. Returns how many were removed."""
+        used = {r[0] for r in self.db.execute("SELECT package_sha256 FROM outbox UNION "
+                                              "SELECT package_sha256 FROM inbox")}
+        removed = 0
+        for sub in self.blobs.iterdir():
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for p in sub.iterdir():
+                if _SHA256.fullmatch(p.name) and p.name not in used:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def drop_blob_if_unused(self, sha256: str) -> bool:
+        """Delete a blob no row names (a refused package's): True if it was deleted."""
+        if self.db.execute("SELECT 1 FROM outbox WHERE package_sha256 = ? UNION ALL "
+                           "SELECT 1 FROM inbox WHERE package_sha256 = ? LIMIT 1",
+                           [sha256, sha256]).fetchone():
+            return False
+        self.blob_path(sha256).unlink(missing_ok=True)
+        return True
+
+    def pending_bytes(self, sender: str) -> int:
+        """The bytes of `sender`'s documents here that no one has signed for yet (its quota)."""
+        found = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM inbox WHERE sender = ? "
+                                "AND state = 'received'", [sender]).fetchone()
+        return int(found[0])
 
     def _require_blob(self, sha256: str, size: int) -> None:
         path = self.blob_path(sha256)

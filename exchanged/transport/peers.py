@@ -7,25 +7,35 @@ peers (A13: a unit that is not configured is refused even with a valid certifica
 CRLs are parsed and indexed once when they change (`reload`), and a peer's verdict is reused
 until its certificate, a CRL, or the clock (the certificate's notAfter, the CRL's nextUpdate,
 at most five minutes) says otherwise: a handshake costs the same with a 100,000-entry CRL as
-with an empty one.
+with an empty one. The cache holds at most `MAX_CACHED` verdicts (least recently used go).
+
+The chain arrives as the DER the peer sent. OpenSSL is more lenient than our parser: it
+accepts, for instance, an extension with an explicitly encoded DEFAULT or an unknown version.
+Every certificate of the chain is parsed here the way the validator will use it, and a chain
+that cannot be parsed is refused like any other bad chain: nothing a peer sends can raise
+anything but `PeerRefused` from `check()`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
 
 from exchanged.errors import ExchangedError
 from exchanged.pki import verify
 from exchanged.pki.names import common_name, organization
 
 CACHE_SECONDS = 300
+MAX_CACHED = 1024  # verdicts kept (a peer sending ever new extra certificates cannot grow it)
+MAX_CHAIN = 10  # certificates a peer may send
 
 
 class PeerRefused(ExchangedError):
@@ -50,6 +60,35 @@ class _Verdict:
     until: dt.datetime
 
 
+def parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
+    """The peer's certificates, each parsed as the validator will use it (subject, issuer,
+    extensions, public key); PeerRefused naming the first that cannot be."""
+    if not chain:
+        raise PeerRefused("the peer sent no certificate")
+    if len(chain) > MAX_CHAIN:
+        raise PeerRefused(f"the peer sent {len(chain)} certificates; at most {MAX_CHAIN}",
+                          code="peer-bad-chain")
+    certs = []
+    for i, der in enumerate(chain):
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            cert.extensions  # noqa: B018 — parsed now, not halfway through validation
+            cert.public_key()
+            cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+        except Exception as e:  # cryptography raises ValueError, InvalidVersion, Unsupported...
+            what = "its certificate" if i == 0 else f"certificate {i + 1} of its chain"
+            raise PeerRefused(f"the peer sent {what} in a form we do not accept (strict DER, "
+                              f"X.509 v3): {str(e) or type(e).__name__}",
+                              code="peer-bad-chain") from None
+        certs.append(cert)
+    return certs
+
+
+def _der(cert: bytes | x509.Certificate) -> bytes:
+    return cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
+
+
 class PeerCheck:
     """Validates peers' chains against the CA certificates and CRL files, with a cache."""
 
@@ -59,7 +98,7 @@ class PeerCheck:
         self.crl_paths = list(crl_paths)
         self.peers = dict(peers)
         self._lock = threading.Lock()
-        self._cache: dict[bytes, _Verdict] = {}
+        self._cache: OrderedDict[bytes, _Verdict] = OrderedDict()
         self.crls = verify.CrlSet.load(self.crl_paths) if self.crl_paths else verify.CrlSet()
         self.generation = 0
         self._stamps = self._file_stamps()
@@ -92,21 +131,28 @@ class PeerCheck:
                 self._cache.clear()
         return changed
 
-    def check(self, chain: Sequence[x509.Certificate], *, expect: str | None = None,
+    def check(self, chain: Sequence[bytes | x509.Certificate], *, expect: str | None = None,
               now: dt.datetime | None = None) -> Peer:
-        """The configured peer this chain belongs to, or PeerRefused saying why."""
+        """The configured peer this chain (as sent, leaf first: DER or certificates) belongs
+        to, or PeerRefused saying why."""
         if not chain:
             raise PeerRefused("the peer sent no certificate")
+        ders = [_der(c) for c in chain]
         now = now or dt.datetime.now(dt.UTC)
-        key = b"".join(c.fingerprint(hashes.SHA256()) for c in chain)
+        key = b"".join(hashlib.sha256(d).digest() for d in ders)
         with self._lock:
             cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
             generation = self.generation
         if cached is None or now >= cached.until:
-            cached = self._judge(chain, now)
+            cached = self._judge(ders, now)
             with self._lock:
                 if self.generation == generation:  # not judged against CRLs since replaced
                     self._cache[key] = cached
+                    self._cache.move_to_end(key)
+                    while len(self._cache) > MAX_CACHED:
+                        self._cache.popitem(last=False)
         if cached.error is not None:
             # A new exception each time: re-raising one object grows its traceback forever.
             raise PeerRefused(str(cached.error), code=cached.error.code)
@@ -115,11 +161,16 @@ class PeerCheck:
             raise PeerRefused(f"connected to {cached.peer.unit}'s node, expected {expect}'s")
         return cached.peer
 
-    def _judge(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> _Verdict:
+    def _judge(self, ders: Sequence[bytes], now: dt.datetime) -> _Verdict:
         with self._lock:
             crls, peers = self.crls, dict(self.peers)
+        until = now + dt.timedelta(seconds=CACHE_SECONDS)
+        try:
+            chain = parse_chain(ders)
+        except PeerRefused as e:
+            return _Verdict(None, e, until)
         leaf = chain[0]
-        until = min(now + dt.timedelta(seconds=CACHE_SECONDS), leaf.not_valid_after_utc)
+        until = min(until, leaf.not_valid_after_utc)
         for crl in crls:
             if crl.next_update_utc is not None:
                 until = min(until, crl.next_update_utc)
@@ -129,6 +180,10 @@ class PeerCheck:
         except verify.ValidationError as e:
             return _Verdict(None, PeerRefused(f"peer certificate refused: {e}",
                                               code=f"peer-{e.code}"), until)
+        except Exception as e:  # the validator must not be a way to end the node
+            return _Verdict(None, PeerRefused(f"peer certificate refused: it cannot be "
+                                              f"validated ({str(e) or type(e).__name__})",
+                                              code="peer-invalid"), until)
         cn, org = common_name(leaf), organization(leaf)
         for peer in peers.values():
             if peer.name == cn and peer.org == org:

@@ -586,7 +586,15 @@ def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
 
 
 def peer_certificate_chain(connection: Any, *, verified: bool = False) -> list[x509.Certificate]:
-    """The peer's certificates after the handshake, leaf first.
+    """The peer's certificates after the handshake, leaf first, parsed (see `peer_chain_der`).
+    A certificate OpenSSL accepted but cryptography cannot parse raises here: code that
+    faces peers takes the DER and lets `transport.peers` judge it."""
+    return [x509.load_der_x509_certificate(d) for d in peer_chain_der(connection,
+                                                                        verified=verified)]
+
+
+def peer_chain_der(connection: Any, *, verified: bool = False) -> list[bytes]:
+    """The peer's certificates after the handshake, leaf first, as DER.
 
     `connection` is a trio.SSLStream, an ssl.SSLObject or an ssl.SSLSocket. By default the chain
     as the peer sent it (leaf and intermediates: what the caller feeds to its own verifier); with
@@ -605,7 +613,7 @@ def peer_certificate_chain(connection: Any, *, verified: bool = False) -> list[x
     ders = [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in raw]
     if not ders or ders[0] != leaf:
         ders.insert(0, leaf)  # a server's view of the client chain may omit the leaf
-    return [x509.load_der_x509_certificate(d) for d in ders]
+    return ders
 
 
 def openssl_cli_engine(directory: Path, pin_file: str | os.PathLike[str], *,
