@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from exchanged.pki.operator import Actor, Operator
 from exchanged.pki.token import TokenKey
 from exchanged.roles import OFFICER, Roles, act, check_ceremony, refuse_self_review
 from exchanged.store import cadb, evidence
-from exchanged.store.audit import AuditLog, Report
+from exchanged.store.audit import MIRROR, AuditLog, Report
 from exchanged.store.cadb import CaStore, pem, serial_hex
 from exchanged.store.db import Transaction
 from exchanged.store.files import write_atomic
@@ -201,6 +201,7 @@ class CA:
             Roles(RoleStore(db), audit, lambda cert: None).bootstrap(
                 {role: op for role, (op, _, _) in issued.items()})
             audit.checkpoint(ca_key.sign, root)
+        audit.mirror_checkpoints(d / MIRROR)
         db.conn.close()
         ca = cls(d)
         ca.make_crl(ca_key)
@@ -234,7 +235,9 @@ class CA:
         """Sign the head of the audit log on the CA token."""
         self._check_ca_key(ca_key)
         with Transaction(self.db):
-            return self.audit.checkpoint(ca_key.sign, self.cert)
+            seq = self.audit.checkpoint(ca_key.sign, self.cert)
+        self.audit.mirror_checkpoints(self.dir / MIRROR)
+        return seq
 
     def record_refusal(self, action: str, error: ExchangedError, *, obj: str = "",
                        actor: str | None = None) -> None:
@@ -352,6 +355,7 @@ class CA:
             if supersede:
                 self._set_status(supersede, op, "revoke", "superseded", at)
             self.audit.checkpoint(ca_key.sign, self.cert)
+        self.audit.mirror_checkpoints(self.dir / MIRROR)
         return cert
 
     def reissue(self, serial: str, csr_data: bytes, ca_key: TokenKey, op: Operator, *,
@@ -495,6 +499,7 @@ class CA:
                               details={"entries": len(entries), "next_update":
                                        stamp(next_update)})
             self.audit.checkpoint(ca_key.sign, self.cert)
+        self.audit.mirror_checkpoints(self.dir / MIRROR)
         write_atomic(self.dir / LATEST_CRL, der)
         return number, path
 
@@ -540,8 +545,13 @@ class CA:
         return self.audit.query(match, since=_time(query.get("since")),
                                 until=_time(query.get("until")), limit=limit)
 
-    def verify_audit(self, signer: x509.Certificate | None = None) -> Report:
-        return self.audit.verify(signer or self.cert)
+    def verify_audit(self, trusted: x509.Certificate | None = None,
+                     copies: Iterable[Path] = ()) -> Report:
+        """The whole chain, checked against `trusted` (the auditor's own copy of the CA
+        certificate) or ca.pem, with the checkpoints' copy beside the database and any other
+        `copies`."""
+        ca = trusted or self.cert
+        return self.audit.verify(ca, issuer=ca, mirrors=[self.dir / MIRROR, *copies])
 
     def export_evidence(self, query: dict[str, Any], out: Path,
                         limit: int | None = None) -> dict[str, Any]:

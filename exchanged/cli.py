@@ -442,6 +442,10 @@ def cmd_audit_show(args: argparse.Namespace, stack: ExitStack) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     trusted = _load_certs(args.ca, "CA certificate")[0] if args.ca else None
+    copies = [Path(p) for p in args.checkpoints or ()]
+    for p in copies:
+        if not p.is_file():
+            raise UsageError(f"no checkpoint copy at {p}")
     if args.bundle:
         report = evidence.verify(Path(args.bundle), trusted)
         where = args.bundle
@@ -450,12 +454,13 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
         # checkpoints. Read-only, beside the running daemon (WAL readers do not block it).
         cfg = _node_config(argparse.Namespace(config=args.node_config))
         signer = trusted or x509.load_pem_x509_certificates(cfg.cert.read_bytes())[0]
-        report = nodedb.verify_log(cfg.data_dir, signer)
+        issuer = _load_certs(str(cfg.ca[0]), "CA certificate")[0]
+        report = nodedb.verify_log(cfg.data_dir, signer, issuer, copies)
         where = str(cfg.data_dir / nodedb.DB_NAME)
     else:
         ca = _ca(stack, args)
         ca.audit_access(_operator(stack, args), "audit-verify", _audit_query(args))
-        report = ca.verify_audit(trusted)
+        report = ca.verify_audit(trusted, copies)
         where = str(ca.dir / camod.DB)
     data = {"ok": report.ok, "entries": report.entries, "checkpoints": report.checkpoints,
             "last_checkpoint": report.last_checkpoint,
@@ -847,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="your own copy of the certificate that signs checkpoints")
     p.add_argument("--node-config", metavar="FILE",
                    help="check a node's audit log instead (the node's configuration file)")
+    p.add_argument("--checkpoints", action="append", metavar="FILE",
+                   help="another copy of the log's signed checkpoints (a witness's, "
+                        "`exchanged audit witnessed`), compared with the log; repeatable")
     p.add_argument("--operator", help="pkcs11: URI of your (auditor) key; for the live log")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(asub, "export", cmd_audit_export, "write an evidence bundle for one matter "

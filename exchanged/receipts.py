@@ -25,7 +25,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from exchanged.common import stamp
+from exchanged.common import canonical, stamp
 from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, cms_content, verify_detached
 from exchanged.pki.operator import Operator, SignedOperator
@@ -49,6 +49,8 @@ def open_signed(cms: bytes, issuer: x509.Certificate, what: str = "receipt", *,
         raise ReceiptError(f"the {what} does not verify: {e}", code=code) from None
     if not isinstance(payload, dict):
         raise ReceiptError(f"the {what} does not verify: not a JSON object", code=code)
+    if canonical(payload) != content:  # one byte form per act: what the audit log keeps
+        raise ReceiptError(f"the {what} is not canonical JSON", code=code)
     return signer, content, payload
 
 

@@ -62,8 +62,9 @@ def main() -> int:
         t = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
         for i in range(start, min(n, start + BATCH) - 1):
-            log.append(action="document-received", obj=f"doc-{i}", actor="1f3a",
-                       role="receiver", details={"sha256": "ab" * 32, "size": i})
+            log.append(action="document-received", obj=f"doc-{i}",
+                       actor_subject="CN=node-office,O=General Office",
+                       details={"sha256": "ab" * 32, "size": i})
         log.checkpoint(key.sign, cert)
         db.execute("COMMIT")
         rates.append(BATCH / (time.perf_counter() - t))

@@ -30,6 +30,7 @@ from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey
 from exchanged.pki.uri import parse
 from exchanged.roles import Roles
+from exchanged.store.audit import MIRROR
 from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
 from exchanged.transport.peers import Peer, PeerCheck
@@ -162,6 +163,8 @@ class Node:
                                     actor_subject=actor, details=details or {})
             if checkpoint:
                 self.store.audit.checkpoint(self.key.sign, self.cert)
+        if checkpoint:
+            self.store.audit.mirror_checkpoints(self.config.data_dir / MIRROR)
 
     async def audit(self, action: str, obj: str, **kw: Any) -> bool:
         """Record an event. Events are what happened around the acts (a refused connection,

@@ -3,15 +3,21 @@
 Each entry holds the SHA-256 of the entry before it, and its own hash covers every field
 (time, actor, role, action, object, outcome, details, the operator's signature, the previous
 hash). Appending reads only the last entry: O(1). A checkpoint is an entry whose signature,
-made on the CA's (or the node's) token, covers the hash of the entry before it; the first entry
-of every log is one. `verify()` recomputes the chain and checks every checkpoint, and says
-where the first break is: an edited, deleted, inserted or reordered entry breaks a hash or a
-link; a truncated log ends before its last signed checkpoint (recorded in `audit_head`, which
-only grows); a chain rewritten without the token fails the checkpoint signatures.
+made on the CA's (or the node's) token, covers its place, its time and the hash of the entry
+before it; the first entry of every log is one. `verify()` recomputes the chain and checks
+every row against the log's grammar (`verify_rows`): an edited, deleted, inserted or reordered
+entry breaks a hash or a link; a checkpoint is checked by its signature wherever it stands,
+and an operator's act by the operator's; a row relabelled to escape either breaks the grammar;
+the recorded head (`audit_head`) must be a signed checkpoint with its recorded hash; a chain
+rewritten without the token fails the signatures.
 
-What cannot be detected: changes after the last checkpoint by someone who can write the
-database file, if they also cut the log back to that checkpoint. Checkpoint often (the CA
-writes one whenever its token is open; `exchanged audit checkpoint` writes one on demand).
+Every signed checkpoint is also kept outside the database: appended, after its commit, to an
+append-only file beside it (`MIRROR`, each line self-verifying), and at a node sent to a
+configured witness that stores it. Cutting the log back to an older checkpoint, even with its
+head rewritten, is then found by comparing the copies. What is left undetectable: entries
+after the last checkpoint that every copy knows of, if someone who can write the database
+file (and the file beside it, and the witness) removes them. Checkpoint often: the CA writes
+one whenever its token is open, a node every five minutes and at every stop.
 
 Entries are appended inside the caller's transaction, so a change and its entry commit or
 roll back together.
@@ -28,8 +34,10 @@ import base64
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -38,9 +46,11 @@ from cryptography.hazmat.primitives import hashes
 
 from exchanged.common import canonical, stamp, stamp_precise
 from exchanged.errors import ExchangedError
+from exchanged.pki.cms import CmsError, verify_detached
 from exchanged.pki.keys import UnsupportedKey, verify_signature
 
 CHECKPOINT_PREFIX = b"exchanged-audit-checkpoint-v1\n"
+MIRROR = "audit-checkpoints.jsonl"  # the checkpoints' copy outside the database, beside it
 GENESIS_PREV = "0" * 64
 FIELDS = ("seq", "at", "actor", "actor_subject", "role", "action", "object", "outcome",
           "details", "signature", "prev")
@@ -186,25 +196,101 @@ class AuditLog:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         return list(self.rows(clause, params, limit=limit))
 
-    def verify(self, signer: x509.Certificate) -> Report:
+    def verify(self, signer: x509.Certificate, *, issuer: x509.Certificate | None = None,
+               mirrors: Iterable[Path] = ()) -> Report:
+        """Check the whole log (see `verify_rows`), its recorded head, and the copies of its
+        checkpoints kept outside the database (`mirrors`: the local copy, a witness's)."""
         head = self.db.execute("SELECT checkpoint_seq, checkpoint_hash FROM audit_head"
                                ).fetchone()
-        return verify_rows(self.rows(), signer, head=(int(head[0]), str(head[1])) if head
-                           else None)
+        outside = [item for path in mirrors for item in read_mirror(path)]
+        return verify_rows(self.rows(), signer, issuer=issuer, mirror=outside,
+                           head=(int(head[0]), str(head[1])) if head else None)
+
+    def mirror_checkpoints(self, path: Path) -> int:
+        """Append to `path` the checkpoints of the log it does not hold yet; call after the
+        transaction that made them commits (a line for a checkpoint that was rolled back
+        would be a false alarm). The file is append-only and each line signed, so cutting
+        the log back to an older checkpoint is found by `verify(mirror=path)` even by someone
+        who rewrote the database and its recorded head. Returns how many were added."""
+        last = _last_mirrored(path)
+        new = list(self.rows("WHERE action = 'checkpoint' AND seq > ?", [last]))
+        if not new:
+            return 0
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"".join(mirror_line(r) for r in new))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return len(new)
+
+
+def mirror_line(row: dict[str, Any]) -> bytes:
+    """A checkpoint as the mirror file (or a witness) keeps it: self-verifying."""
+    return canonical({"seq": row["seq"], "at": row["at"], "head": row["prev"],
+                      "hash": row["hash"],
+                      "signature": base64.b64encode(row["signature"]).decode()}) + b"\n"
+
+
+def read_mirror(path: Path) -> list[dict[str, Any]]:
+    """The checkpoints kept outside the database; an unreadable line is kept as a problem."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+            item["signature"] = base64.b64decode(item["signature"], validate=True)
+            int(item["seq"])
+        except (ValueError, KeyError, TypeError):
+            item = {"seq": None, "line": n}
+        out.append(item)
+    return out
+
+
+def _last_mirrored(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            tail = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+OUTCOMES = frozenset({"ok", "refused", "failed"})
 
 
 def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
                 signer: x509.Certificate, *, head: tuple[int, str] | None = None,
-                first_prev: str = GENESIS_PREV, first_seq: int = 1) -> Report:
-    """Check a run of entries: hashes, links, sequence, checkpoint signatures, truncation.
+                first_prev: str = GENESIS_PREV, first_seq: int = 1,
+                issuer: x509.Certificate | None = None,
+                mirror: list[dict[str, Any]] | None = None) -> Report:
+    """Check a run of entries: hashes, links, sequence, every signature, the grammar of rows,
+    the recorded head, truncation, and the checkpoints kept outside.
 
-    `head` is the last checkpoint recorded apart from the entries (audit_head); `first_prev`
-    and `first_seq` let an evidence bundle start in the middle of a log."""
+    The grammar, which no relabelling escapes: a `checkpoint` row is signed by `signer`'s key
+    over its place, time and the hash before it, and names no actor; a row that names an
+    actor carries that actor's CMS signature over its details, by a certificate `issuer`
+    issued (when `issuer` is given); any other row carries no signature. `head` is the last
+    checkpoint recorded apart from the entries (audit_head): the row there must be a signed
+    checkpoint with that hash. `mirror` is the checkpoints kept outside the database: each
+    must be in the log, as it was signed. `first_prev` and `first_seq` let an evidence bundle
+    start in the middle of a log."""
     findings: list[Finding] = []
     expect_seq, prev = first_seq, first_prev
     count = checkpoints = 0
     last_cp: int | None = None
     public_key = signer.public_key()
+    signed_checkpoints: dict[int, dict[str, Any]] = {}
     for row in rows:
         count += 1
         seq = row["seq"]
@@ -223,11 +309,16 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
                                          "edited"))
         if row["action"] == "checkpoint":
             checkpoints += 1
-            if _checkpoint_ok(row, public_key):
+            if _checkpoint_ok(row, public_key) and row["actor"] is None:
                 last_cp = seq
+                signed_checkpoints[seq] = row
             else:
                 findings.append(Finding(seq, "checkpoint signature does not verify: the chain "
                                              "was rewritten without the token"))
+        else:
+            problem = _grammar(row, issuer)
+            if problem:
+                findings.append(Finding(seq, problem))
         prev, expect_seq = row["hash"], seq + 1
         if len(findings) > 50:
             findings.append(Finding(None, "more than 50 problems; stopped"))
@@ -242,7 +333,64 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
         if expect_seq - 1 < hseq:
             findings.append(Finding(hseq, f"missing: the log ends at entry {expect_seq - 1} but "
                                           f"checkpoint {hseq} was recorded: it was truncated"))
-    return Report(count, checkpoints, last_cp, findings)
+        elif signed_checkpoints.get(hseq, {}).get("hash") != hhash:
+            findings.append(Finding(hseq, f"the recorded head, checkpoint {hseq}, is not a "
+                                          "signed checkpoint of this log with the recorded "
+                                          "hash: the log or its head was rewritten"))
+    for item in mirror or ():
+        findings += _mirrored(item, signed_checkpoints, public_key, expect_seq - 1)
+    return Report(count, checkpoints, last_cp, findings[:51])
+
+
+def _grammar(row: dict[str, Any], issuer: x509.Certificate | None) -> str | None:
+    """What is wrong with a row that is not a checkpoint, if anything."""
+    if row["outcome"] not in OUTCOMES:
+        return f"outcome {row['outcome']!r} is not one the log writes: the entry was forged"
+    if row["actor"] is None:
+        if row["signature"] is not None:
+            return ("carries a signature but names no actor: a checkpoint relabelled, or a "
+                    "signed act stripped of its actor")
+        return None
+    if not isinstance(row["signature"], bytes):
+        return ("names an actor but carries no signature: a signed act relabelled or stripped, "
+                "or an entry forged")
+    if issuer is None:
+        return None
+    try:
+        cert = verify_detached(row["signature"], str(row["details"]).encode(), issuer)
+    except CmsError as e:
+        return f"the actor's signature does not verify ({e}): the entry was rewritten"
+    if format(cert.serial_number, "x") != row["actor"]:
+        return (f"signed by certificate {cert.serial_number:x}, not by the actor it names "
+                f"({row['actor']}): the entry was rewritten")
+    return None
+
+
+def _mirrored(item: dict[str, Any], signed: dict[int, dict[str, Any]], public_key: Any,
+              last: int) -> list[Finding]:
+    """A checkpoint kept outside the database, against the log."""
+    seq = item.get("seq")
+    if seq is None:
+        return [Finding(None, f"line {item.get('line')} of the checkpoint copy cannot be read")]
+    try:
+        genuine = _checkpoint_ok({"seq": seq, "at": item["at"], "prev": item["head"],
+                                  "signature": item["signature"],
+                                  "details": canonical({"head": item["head"]}).decode()},
+                                 public_key)
+    except (KeyError, TypeError):
+        genuine = False
+    if not genuine:
+        return [Finding(seq, "a checkpoint in the copy kept outside the database has no valid "
+                             "signature: the copy was tampered with")]
+    row = signed.get(seq)
+    if row is None:
+        why = "truncated" if seq > last else "rewritten"
+        return [Finding(seq, f"checkpoint {seq}, kept outside the database, is not in the log "
+                             f"as signed: the log was {why} back past it")]
+    if (row["at"], row["prev"], row["hash"]) != (item["at"], item["head"], item["hash"]):
+        return [Finding(seq, f"checkpoint {seq} differs from the copy kept outside the "
+                             "database: the log was rewritten")]
+    return []
 
 
 def _checkpoint_ok(row: dict[str, Any], public_key: Any) -> bool:

@@ -63,6 +63,7 @@ import re
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ import sqlite_utils
 from cryptography import x509
 
 from exchanged.common import canonical
-from exchanged.store.audit import AuditLog, Report
+from exchanged.store.audit import MIRROR, AuditLog, Report
 from exchanged.store.db import StoreError, Transaction, change, connect, one, rows
 from exchanged.store.files import fsync_dir
 from exchanged.store.roledb import RoleStore
@@ -712,15 +713,19 @@ class NodeStore:
         return out
 
 
-def verify_log(datadir: Path, signer: x509.Certificate) -> Report:
+def verify_log(datadir: Path, signer: x509.Certificate, issuer: x509.Certificate,
+               copies: Iterable[Path] = ()) -> Report:
     """Check a node's audit chain against `signer` (the node certificate whose token signs its
-    checkpoints). Read-only, beside a running daemon: WAL readers do not block it."""
+    checkpoints) and `issuer` (the CA of the persons who signed acts), with the checkpoints'
+    copy beside the database and any other `copies` (a witness's). Read-only, beside a
+    running daemon: WAL readers do not block it."""
     path = Path(datadir) / DB_NAME
     if not path.exists():
         raise StoreError(f"no node database at {path}", code="no-store")
     db = connect(path)
     try:
-        return AuditLog(db).verify(signer)
+        return AuditLog(db).verify(signer, issuer=issuer,
+                                   mirrors=[Path(datadir) / MIRROR, *copies])
     finally:
         db.conn.close()
 
