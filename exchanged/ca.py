@@ -31,7 +31,7 @@ from exchanged.pki import crl as crlmod
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
 from exchanged.pki.keys import key_sha256, spki_der
-from exchanged.pki.names import common_name, person_of
+from exchanged.pki.names import common_name, new_person_id, person_of, same_name
 from exchanged.pki.operator import Actor, Operator
 from exchanged.pki.token import TokenKey
 from exchanged.roles import OFFICER, Roles, act, check_ceremony, refuse_self_review
@@ -164,7 +164,8 @@ class CA:
             cert = profiles.end_entity(
                 "person", form=form, public_key=req.public_key(), ca_cert=root,
                 serial=profiles.random_serial(), not_before=start, days=cert_days,
-                crl_url=crl_url).sign(ca_key.signer(), hashes.SHA256())
+                crl_url=crl_url, person_id=new_person_id()).sign(ca_key.signer(),
+                                                                 hashes.SHA256())
             issued[role] = (Operator(key, cert), req, form)
         for op, _, _ in issued.values():
             op.key.token.store_certificate(op.cert)
@@ -195,9 +196,13 @@ class CA:
                     cert_serial=op.serial)
                 seq = audit.append(action="certificate-issue", obj=op.serial,
                                    actor_subject=root.subject.rfc4514_string(),
-                                   details={"request": rid, "ceremony": role})
+                                   details={"request": rid, "ceremony": role,
+                                            "person": op.person})
+                store.add_person(person_id=op.person, name=form.name, unit=form.unit, at=at,
+                                 request_id=rid)
                 store.add_certificate(op.cert, request_id=rid, profile="person", at=at, by=None,
-                                      seq=seq)
+                                      seq=seq, person_id=op.person)
+                store.set_current(op.person, op.serial)
             Roles(RoleStore(db), audit, lambda cert: None).bootstrap(
                 {role: op for role, (op, _, _) in issued.items()})
             audit.checkpoint(ca_key.sign, root)
@@ -226,6 +231,12 @@ class CA:
                           "revoked certificate cannot act", code="cert-" + row["status"])
         if not (cert.not_valid_before_utc <= at <= cert.not_valid_after_utc):
             raise CaError(f"{who}'s certificate is not valid now", code="cert-expired")
+        person = person_of(cert.subject)
+        if person:  # a person's: registered, and this is the certificate they act with now
+            registered = self.store.person(person)
+            if registered is None or registered["current_serial"] != row["serial"]:
+                raise CaError(f"{who}'s certificate is not the current certificate of a "
+                              "registered person", code="not-current")
 
     def person_for(self, serial: str) -> tuple[str, x509.Certificate]:
         cert = self.certificate(serial)
@@ -260,17 +271,43 @@ class CA:
             profiles.sans(form, req)  # refuses odd SAN types now
         key = key_sha256(req.public_key())
         with Transaction(self.db):
+            flags = self._flags(form) if profile == "person" else []
             rid = self.store.add_request(
                 profile=profile, form=_form_dict(form), csr=req, key_sha256=key,
                 status="pending", at=stamp(), applicant_serial=applicant.serial if applicant
-                else None)
+                else None, flags=json.dumps(flags), approvals_needed=2 if flags else 1)
             details = {"profile": profile, "form": _form_dict(form), "key_sha256": key}
             if applicant is not None:
                 seq = act(self.audit, applicant, None, "request-submit", str(rid), details)
             else:
                 seq = self.audit.append(action="request-submit", obj=str(rid), details=details)
             self.store.update_request(rid, submit_seq=seq)
+            self._flag(rid, flags)
         return rid
+
+    def _flags(self, form: profiles.Form, person: str | None = None) -> list[str]:
+        """Why a request for a person needs two officers (dual control), if it does: a new
+        person with the name and unit of a registered one (a namesake, or someone trying to
+        become them), or a re-issue for a person who holds a role."""
+        flags = []
+        for p in self.store.persons():
+            if p["id"] != person and same_name(p["name"], form.name) and \
+                    same_name(p["unit"], form.unit):
+                held = [r["role"] for r in self.roles.store.held(p["id"])]
+                flags.append(f"the name and unit of registered person {p['id']}"
+                             + (f", who holds the role(s) {', '.join(held)}" if held else ""))
+        if person:
+            held = [r["role"] for r in self.roles.store.held(person)]
+            if held:
+                flags.append(f"a new certificate for {person}, who holds the role(s) "
+                             f"{', '.join(held)}")
+        return flags
+
+    def _flag(self, rid: int, flags: list[str]) -> None:
+        """A request under dual control is flagged to the auditor: an entry of its own."""
+        if flags:
+            self.audit.append(action="request-flagged", obj=str(rid),
+                              details={"flags": flags, "approvals_needed": 2})
 
     def requests(self, status: str | None = None) -> list[dict[str, Any]]:
         return self.store.requests(status)
@@ -281,8 +318,9 @@ class CA:
             raise CaError(f"no request {rid}", code="not-found")
         return row
 
-    def approve(self, rid: int, op: Operator, reason: str = "") -> None:
-        self._decide(rid, op, "approved", reason)
+    def approve(self, rid: int, op: Operator, reason: str = "") -> int:
+        """Returns how many more approvals the request needs before it can be issued."""
+        return self._decide(rid, op, "approved", reason)
 
     def reject(self, rid: int, op: Operator, reason: str) -> None:
         if not reason.strip():
@@ -290,50 +328,76 @@ class CA:
                           code="no-reason")
         self._decide(rid, op, "rejected", reason)
 
-    def _decide(self, rid: int, op: Operator, outcome: str, reason: str) -> None:
+    def _decide(self, rid: int, op: Operator, outcome: str, reason: str) -> int:
+        """An officer's decision; returns how many more approvals the request needs (dual
+        control: a flagged request is approved by two officers, neither its applicant). A
+        rejection by one is final."""
         role = self.roles.require(op, "request-decide")
         req = self.request(rid)
         if req["status"] != "pending":
             raise CaError(f"request {rid} is {req['status']}, not pending", code="bad-state")
-        self._refuse_self_review(op, req, str(rid))
+        self._refuse_self_review(op, req, str(rid), holder_serial=req["supersedes"])
         action = "request-approve" if outcome == "approved" else "request-reject"
         with Transaction(self.db):
             self._still(rid, "pending")  # another officer may have decided meanwhile
+            approvals = self.store.approvals(rid)
+            if op.person in {a["person"] for a in approvals}:
+                raise CaError(f"{op.name} approved request {rid} already; under dual control "
+                              "another security officer must approve it too",
+                              code="dual-control")
             seq = act(self.audit, op, role, action, str(rid),
                       {"reason": reason, "key_sha256": req["key_sha256"],
-                       "profile": req["profile"]})
-            self.store.update_request(rid, status=outcome, decided_by=op.serial,
-                                      decided_at=stamp(), decision_reason=reason,
-                                      decision_seq=seq)
+                       "profile": req["profile"], "flags": req["flags"]})
+            at = stamp()
+            left = 0
+            if outcome == "approved":
+                self.store.add_approval(request_id=rid, person=op.person,
+                                        officer_serial=op.serial, seq=seq, at=at)
+                left = req["approvals_needed"] - len(approvals) - 1
+            if left <= 0:
+                self.store.update_request(rid, status=outcome, decided_by=op.serial,
+                                          decided_at=at, decision_reason=reason,
+                                          decision_seq=seq)
+        return max(left, 0)
 
     def _refuse_self_review(self, op: Actor, req: dict[str, Any], what: str,
                             holder_serial: str | None = None) -> None:
         """The roles' self-review rule, given what this CA knows of the request: the
-        applicant's certificate, the one being replaced, and the persons they name."""
-        serials = [s for s in (req["applicant_serial"], holder_serial) if s]
-        persons = []
+        applicant's and the submitting officer's certificates, the one being replaced, the
+        persons they name, and the person the request is for."""
+        serials = [s for s in (req.get("applicant_serial"), req.get("submitted_by"),
+                               holder_serial) if s]
+        persons = [req["person_id"]] if req.get("person_id") else []
         for serial in serials:
             row = self.store.certificate(serial)
-            if row is not None:
-                persons.append(person_of(x509.Name.from_rfc4514_string(row["subject"])))
+            if row is not None and row["person_id"]:
+                persons.append(row["person_id"])
         refuse_self_review(op, what=what, name=req["name"], unit=req["unit"],
                            key=req["key_sha256"], their_serials=serials, their_persons=persons)
 
     # -- issuing ----------------------------------------------------------------------------
 
     def issue(self, rid: int, ca_key: TokenKey, op: Operator) -> x509.Certificate:
-        """Issue the certificate of an approved request."""
+        """Issue the certificate of an approved request: a new person is registered under a
+        new person id; a re-issue keeps the person's id and revokes the old certificate
+        (superseded) in the same transaction."""
         self.roles.require(op, "certificate-issue")
         self._check_ca_key(ca_key)
         req = self.request(rid)
         if req["status"] != "approved":
+            left = req["approvals_needed"] - len(self.store.approvals(rid))
+            more = (f"; it needs {left} more approval(s) by another security officer (dual "
+                    "control)") if req["status"] == "pending" and left > 0 else ""
             raise CaError(f"request {rid} is {req['status']}; only an approved request is "
-                          "issued", code="not-approved")
-        return self._issue(req, ca_key, op)
+                          f"issued{more}", code="not-approved")
+        return self._issue(req, ca_key, op, supersede=req["supersedes"])
 
     def _issue(self, req: dict[str, Any], ca_key: TokenKey, op: Operator,
                supersede: str | None = None) -> x509.Certificate:
         csr = x509.load_pem_x509_csr(req["csr_pem"].encode())
+        person = ""
+        if req["profile"] == "person":
+            person = req["person_id"] or new_person_id()
         form = profiles.Form(name=req["name"], unit=req["unit"], division=req["division"],
                              post=req["post"], reason=req["reason"], dns=req["dns"],
                              ip=req["ip"])
@@ -342,14 +406,23 @@ class CA:
         cert = profiles.end_entity(
             req["profile"], form=form, public_key=csr.public_key(), ca_cert=self.cert,
             serial=serial, not_before=start, days=self.config.cert_days,
-            crl_url=self.config.crl_url, csr=csr).sign(ca_key.signer(), hashes.SHA256())
+            crl_url=self.config.crl_url, csr=csr, person_id=person).sign(ca_key.signer(),
+                                                                         hashes.SHA256())
         at = stamp(start)
         with Transaction(self.db):
             self._still(req["id"], "approved")  # issued once, even by two officers at once
             seq = act(self.audit, op, OFFICER, "certificate-issue", serial_hex(serial),
-                      {"request": req["id"], "sha256": cert.fingerprint(hashes.SHA256()).hex()})
+                      {"request": req["id"], "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+                       "person": person})
+            if person and not req["person_id"]:
+                self.store.add_person(person_id=person, name=form.name, unit=form.unit, at=at,
+                                      request_id=req["id"])
             self.store.add_certificate(cert, request_id=req["id"], profile=req["profile"],
-                                       at=at, by=op.serial, seq=seq)
+                                       at=at, by=op.serial, seq=seq, person_id=person)
+            if person:  # the person acts with this certificate now, and their roles go with it
+                self.store.set_current(person, serial_hex(serial))
+                self.roles.store.rebind(person, serial_hex(serial),
+                                        cert.subject.rfc4514_string())
             self.store.update_request(req["id"], status="issued",
                                       cert_serial=serial_hex(serial))
             if supersede:
@@ -358,13 +431,15 @@ class CA:
         self.audit.mirror_checkpoints(self.dir / MIRROR)
         return cert
 
-    def reissue(self, serial: str, csr_data: bytes, ca_key: TokenKey, op: Operator, *,
-                post: str | None = None, division: str | None = None,
-                reason: str = "change of post", source: str = "CSR") -> x509.Certificate:
-        """A change of post (A29): a new certificate with the new form fields, the old one
-        revoked as superseded, in one transaction. The reviewing officer is not the holder."""
+    def reissue(self, serial: str, csr_data: bytes, op: Operator, *, post: str | None = None,
+                division: str | None = None, reason: str = "change of post",
+                source: str = "CSR") -> int:
+        """A change of post (A29): a request for a new certificate of the same person (the
+        same person id), with the new form fields. Like any request it is reviewed by another
+        security officer than the one who submits it (two, if the person holds a role), then
+        issued; the old certificate is revoked as superseded when the new one is issued.
+        Returns the request's id."""
         self.roles.require(op, "certificate-issue")
-        self._check_ca_key(ca_key)
         serial = parse_serial(serial)
         old = self._cert_row(serial)
         if old["status"] == "revoked":
@@ -383,20 +458,26 @@ class CA:
         if prev["profile"] == "node":
             profiles.sans(form, req_csr)  # refuses odd names now, before anything is written
         key = key_sha256(req_csr.public_key())
-        # The holder must not approve their own re-issue.
+        person = old["person_id"] or None
+        # The holder does not submit their own re-issue (nor, later, approve it).
         self._refuse_self_review(op, {"name": form.name, "unit": form.unit, "key_sha256": key,
-                                      "applicant_serial": prev["applicant_serial"]},
-                                 f"re-issue of {serial}", holder_serial=serial)
+                                      "applicant_serial": prev["applicant_serial"],
+                                      "person_id": person}, f"re-issue of {serial}",
+                                 holder_serial=serial)
         at = stamp()
         with Transaction(self.db):
-            seq = act(self.audit, op, OFFICER, "request-approve", f"reissue:{serial}",
-                      {"supersedes": serial, "form": _form_dict(form), "key_sha256": key})
+            flags = self._flags(form, person) if person else []
             rid = self.store.add_request(
                 profile=prev["profile"], form=_form_dict(form), csr=req_csr, key_sha256=key,
-                status="approved", at=at, applicant_serial=prev["applicant_serial"],
-                decided_by=op.serial, decided_at=at, decision_reason=reason, decision_seq=seq,
-                supersedes=serial)
-        return self._issue(self.request(rid), ca_key, op, supersede=serial)
+                status="pending", at=at, applicant_serial=prev["applicant_serial"],
+                supersedes=serial, person_id=person, submitted_by=op.serial,
+                flags=json.dumps(flags), approvals_needed=2 if flags else 1)
+            seq = act(self.audit, op, OFFICER, "request-submit", str(rid),
+                      {"supersedes": serial, "form": _form_dict(form), "key_sha256": key,
+                       "person": person, "flags": flags})
+            self.store.update_request(rid, submit_seq=seq)
+            self._flag(rid, flags)
+        return rid
 
     def _still(self, rid: int, status: str) -> None:
         """Inside a transaction: the request is still in `status` (no race with a peer)."""

@@ -255,8 +255,8 @@ def cmd_request_submit(args: argparse.Namespace, stack: ExitStack) -> int:
 def cmd_request_list(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
     _emit(args, ca.requests(args.status), lambda r: _table(
-        r, ["id", "status", "profile", "name", "unit", "division", "post", "submitted_at",
-            "cert_serial"]))
+        r, ["id", "status", "approvals", "profile", "name", "unit", "division", "post",
+            "submitted_at", "cert_serial"]))
     return 0
 
 
@@ -271,8 +271,12 @@ def cmd_request_show(args: argparse.Namespace, stack: ExitStack) -> int:
 def cmd_request_approve(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
     op = _operator(stack, args)
-    ca.approve(args.id, op, args.reason or "")
-    print(f"request {args.id} approved by {op.name}")
+    left = ca.approve(args.id, op, args.reason or "")
+    if left:
+        print(f"request {args.id}: approved by {op.name}; under dual control it needs {left} "
+              "more approval(s) by another security officer")
+    else:
+        print(f"request {args.id} approved by {op.name}")
     return 0
 
 
@@ -297,12 +301,16 @@ def cmd_ca_issue(args: argparse.Namespace, stack: ExitStack) -> int:
 def cmd_ca_reissue(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
     op = _operator(stack, args)
-    cert = ca.reissue(args.serial, _read(args.csr, "CSR"), _ca_key(stack, args, ca), op,
-                      post=args.post, division=args.division, reason=args.reason,
-                      source=args.csr)
-    _write_out(args.out, cert.public_bytes(serialization.Encoding.PEM))
-    print(f"re-issued as serial {camod.serial_hex(cert.serial_number)}; {args.serial} revoked "
-          "(superseded)", file=sys.stderr if args.out in (None, "-") else sys.stdout)
+    rid = ca.reissue(args.serial, _read(args.csr, "CSR"), op, post=args.post,
+                     division=args.division, reason=args.reason, source=args.csr)
+    req = ca.request(rid)
+    _emit(args, {"id": rid, "status": "pending", "approvals_needed": req["approvals_needed"],
+                 "flags": req["flags"]},
+          lambda d: f"re-issue request {rid} submitted by {op.name}: "
+                    f"{d['approvals_needed']} other security officer(s) approve it "
+                    f"(exchanged ca request approve {rid}), then it is issued (exchanged ca "
+                    f"issue {rid}) and {camod.parse_serial(args.serial)} is revoked "
+                    "(superseded)" + "".join(f"\n  flagged: {f}" for f in d["flags"]))
     return 0
 
 
@@ -332,7 +340,7 @@ def cmd_ca_crl(args: argparse.Namespace, stack: ExitStack) -> int:
 def cmd_ca_list(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
     _emit(args, ca.certificates(args.status), lambda r: _table(
-        r, ["serial", "status", "reason", "profile", "subject", "not_after"]))
+        r, ["serial", "status", "reason", "profile", "person", "subject", "not_after"]))
     return 0
 
 
@@ -363,8 +371,8 @@ def cmd_role_list(args: argparse.Namespace, stack: ExitStack) -> int:
     else:
         items = _ca(stack, args).roles.list(args.status)
     _emit(args, items, lambda r: _table(
-        r, ["id", "role", "division", "status", "suspended", "person", "granted_by",
-            "reviewed_by"]))
+        r, ["id", "role", "division", "status", "suspended", "person", "holder_subject",
+            "granted_by", "reviewed_by"]))
     return 0
 
 
@@ -744,16 +752,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="write the certificate here (default: stdout)")
     _add_pin(p, "ca"); _add_pin(p, "operator")  # noqa: E702
 
-    p = cmd(csub, "reissue", cmd_ca_reissue, "re-issue on a change of post; the old "
-            "certificate is revoked as superseded")
+    p = cmd(csub, "reissue", cmd_ca_reissue, "request a new certificate for the same person "
+            "on a change of post (A29); another officer approves it, then it is issued and "
+            "the old certificate revoked as superseded")
     ca_dir(p)
     p.add_argument("serial")
     p.add_argument("--csr", required=True, help="CSR for the new certificate")
     p.add_argument("--post"); p.add_argument("--division")  # noqa: E702
     p.add_argument("--reason", default="change of post")
     p.add_argument("--operator", required=True, help="pkcs11: URI of your officer key")
-    p.add_argument("--out", "-o")
-    _add_pin(p, "ca"); _add_pin(p, "operator")  # noqa: E702
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
 
     for action, helptext in (("hold", "suspend a certificate (certificateHold)"),
                              ("release", "release a held certificate"),

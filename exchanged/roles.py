@@ -7,10 +7,13 @@ is the one check of it, made at every use. The rules, enforced here:
 - the auditor is never also the administrator or the security officer (A5);
 - the CA's ceremony names three different persons, each at a token of their own;
 - a role granted by an administrator takes effect only after an auditor approves it (A7);
+- a person is an identity, not a name: only a certificate that carries a registered person id
+  (issued by the CA, `exchanged.pki.names`) acts, and roles belong to that id;
 - no one grants a role to themselves, and no one reviews a grant that concerns them or that
-  they made — persons, not certificates, are compared, so a second certificate of the same
-  person does not help;
-- no security officer reviews an issuance request of their own (`refuse_self_review`);
+  they made — persons are compared (a second certificate of the same person does not help),
+  and so are names and units (nor does a certificate for a namesake);
+- no security officer reviews an issuance request of their own (`refuse_self_review`), and a
+  request flagged for dual control needs two who are not its applicant;
 - suspending a person's rights (A39) takes effect at once for every role they hold; only an
   auditor who is not that person lifts it;
 - an operator acts only with a good certificate (not held, not revoked, not expired), checked
@@ -31,11 +34,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from exchanged.common import canonical, parse_time, stamp
 from exchanged.errors import ExchangedError
 from exchanged.pki.keys import key_sha256
-from exchanged.pki.names import organization, person_of
+from exchanged.pki.names import PERSON_ID_RE, attr, common_name, organization, person_of, \
+    same_name
 from exchanged.pki.operator import Actor, SignedOperator
 from exchanged.store.audit import AuditLog
 from exchanged.store.roledb import RoleStore
@@ -122,15 +127,28 @@ def check_ceremony(ca_token: str, people: dict[str, tuple[str, str, str]]) -> No
 
 
 def refuse_self_review(op: Actor, *, what: str, name: str, unit: str, key: str,
-                       their_serials: Iterable[str | None], their_persons: Iterable[str]) -> None:
-    """No officer reviews their own request (A28): matched by the applicant's or the replaced
-    certificate (`their_serials`), the person those certificates name (`their_persons`), the
-    name and unit on the form, or the key (`key`, its SHA-256)."""
+                       their_serials: Iterable[str | None], their_persons: Iterable[str],
+                       approved_by: Iterable[str] = ()) -> None:
+    """No officer reviews their own request (A28): matched by the applicant's, the submitting
+    officer's or the replaced certificate (`their_serials`), the persons those certificates
+    name and the person the request is for (`their_persons`), the name and unit on the form,
+    or the key (`key`, its SHA-256). Under dual control, the second approval is another
+    person's than the first (`approved_by`)."""
     if (op.serial in set(their_serials) or op.person in set(their_persons)
-            or (name == op.name and unit == organization(op.cert))
+            or (same_name(name, op.name) and same_name(unit, organization(op.cert)))
             or key == key_sha256(op.cert.public_key())):
         raise RoleError(f"{op.name} is the applicant of request {what}; another security "
                         "officer must review it", code="self-review")
+    if op.person in set(approved_by):
+        raise RoleError(f"{op.name} approved request {what} already; under dual control "
+                        "another security officer must approve it too", code="dual-control")
+
+
+def _namesakes(a: x509.Certificate | x509.Name, b: x509.Certificate) -> bool:
+    """Two certificates naming the same name in the same unit (whoever holds them)."""
+    subject = a.subject if isinstance(a, x509.Certificate) else a
+    return same_name(attr(subject, NameOID.COMMON_NAME), common_name(b)) and \
+        same_name(attr(subject, NameOID.ORGANIZATION_NAME), organization(b))
 
 
 def check_remote_receiver(signer: x509.Certificate, unit_org: str) -> None:
@@ -161,6 +179,9 @@ class Roles:
         """The operator may do `action` (a key of MAY) now; returns the role they act in."""
         allowed = MAY[action]
         self.cert_status(op.cert)
+        if not op.person:
+            raise RoleError(f"{op.name}'s certificate names no registered person (no person id): "
+                            "only a person certificate of this CA acts", code="no-person")
         if self.store.suspended(op.person):
             raise RoleError(f"{op.name}'s rights are suspended (A39); an auditor must lift the "
                             "suspension first", code="suspended")
@@ -178,7 +199,7 @@ class Roles:
         different persons, each signing their own acceptance. Only when no role exists yet."""
         if not self.store.empty():
             raise RoleError("roles already exist; use `exchanged role grant`", code="exists")
-        _distinct_persons((op.person for op in people.values()), len(people))
+        _distinct_persons((op.person for op in people.values() if op.person), len(people))
         for role, op in people.items():
             seq = act(self.audit, op, role, "role-bootstrap", op.person, {"grant": role})
             self.store.add(person=op.person, holder_serial=op.serial,
@@ -196,6 +217,11 @@ class Roles:
         if set(people) - {ADMIN, AUDITOR}:
             raise RoleError("only the administrator and the auditor are declared; other "
                             "roles are granted and reviewed", code="bad-role")
+        for role, person in people.items():
+            if not PERSON_ID_RE.fullmatch(person):
+                raise RoleError(f"the {role} is declared as {person!r}: declare a person by "
+                                "their person id (P- and 16 hex digits: `exchanged ca list` "
+                                "shows it)", code="bad-role")
         if len(set(people.values())) != len(people):
             raise RoleError("the administrator and the auditor must be different persons (A5)",
                             code="separation")
@@ -218,9 +244,12 @@ class Roles:
             raise RoleError(f"the {role} role {'needs' if role in PER_DIVISION else 'takes no'} "
                             "--division", code="bad-role")
         person = person_of(grantee.subject)
-        if person == admin.person:
-            raise RoleError(f"{admin.name} cannot grant a role to themselves",
-                            code="self-grant")
+        if not person:
+            raise RoleError(f"{grantee.subject.rfc4514_string()} names no registered person: "
+                            "roles are for person certificates of this CA", code="no-person")
+        if person == admin.person or _namesakes(grantee, admin.cert):
+            raise RoleError(f"{admin.name} cannot grant a role to themselves (nor to a "
+                            "certificate with their own name and unit)", code="self-grant")
         self.cert_status(grantee)
         for row in self.store.held(person, ("active", "pending")):
             if row["role"] == role and row["division"] == division:
@@ -244,7 +273,8 @@ class Roles:
         if row["status"] != "pending":
             raise RoleError(f"role grant {role_id} is {row['status']}, not pending",
                             code="bad-state")
-        if auditor.person in (row["person"], row["granted_by"]):
+        if auditor.person in (row["person"], row["granted_by"]) or _namesakes(
+                x509.Name.from_rfc4514_string(row["holder_subject"]), auditor.cert):
             raise RoleError(f"{auditor.name} may not review a grant they made or that concerns "
                             "them", code="self-review")
         if approve:  # the grantee's situation may have changed since the grant
@@ -318,7 +348,7 @@ class Roles:
         self.store.remember_request(digest, str(p["at"]))
         action, obj, reason = p["action"], p["object"], str(p.get("reason") or "")
         if action == "role-grant":
-            if grantee is None or person_of(grantee.subject) != obj:
+            if grantee is None or not obj or person_of(grantee.subject) != obj:
                 raise RoleError("a grant carries the grantee's certificate", code="bad-request")
             return self.grant(op, grantee, p["grant"], p.get("division") or "")
         if action in ("role-approve", "role-refuse"):

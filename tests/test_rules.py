@@ -21,9 +21,11 @@ from exchanged.store.db import Transaction, connect
 from exchanged.store.roledb import RoleStore
 
 
-def person_cert(name: str, unit: str = "General Office") -> x509.Certificate:
+def person_cert(name: str, unit: str = "General Office", person: str = "") -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, unit),
+                         *([x509.NameAttribute(NameOID.SERIAL_NUMBER, person)] if person
+                           else []),
                          x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
@@ -60,18 +62,28 @@ def test_every_act_of_the_table_names_known_roles() -> None:
     assert MAY and all(set(roles) <= set(ROLES) for roles in MAY.values())
 
 
+PERSON = "P-0123456789ABCDEF"
+
+
 def test_require_reads_the_table(log: AuditLog) -> None:
-    """The same person is allowed what their role may do and refused the rest, by name."""
-    cert = person_cert("Liu Yang")
+    """The same person is allowed what their role may do and refused the rest; a certificate
+    with the same name but no registered person id is no one."""
     roles = Roles(RoleStore(log.db), log, lambda c: None)
     with Transaction(log.db):
-        roles.store.add(person="CN=Liu Yang,O=General Office", holder_serial="1",
-                        holder_subject="", role="deputy-receiver", division="Registry",
-                        status="active", granted_by=None, granted_at="t", grant_seq=0)
-    op = SignedOperator(cert, canonical({"action": "x", "object": "y", "at": "t"}), b"")
+        roles.store.add(person=PERSON, holder_serial="1", holder_subject="",
+                        role="deputy-receiver", division="Registry", status="active",
+                        granted_by=None, granted_at="t", grant_seq=0)
+    body = canonical({"action": "x", "object": "y", "at": "t"})
+    op = SignedOperator(person_cert("Liu Yang", person=PERSON), body, b"")
     assert roles.require(op, "document-sign-for") == "deputy-receiver"
     with pytest.raises(RoleError, match="not an active auditor"):
         roles.require(op, "audit-read")
+    namesake = SignedOperator(person_cert("Liu Yang"), body, b"")
+    with pytest.raises(RoleError, match="names no registered person"):
+        roles.require(namesake, "document-sign-for")
+    other = SignedOperator(person_cert("Liu Yang", person="P-FEDCBA9876543210"), body, b"")
+    with pytest.raises(RoleError, match="not an active"):
+        roles.require(other, "document-sign-for")
 
 
 def test_ceremony_needs_three_persons_on_three_tokens() -> None:
@@ -84,12 +96,17 @@ def test_ceremony_needs_three_persons_on_three_tokens() -> None:
         check_ceremony("ca", {**ok, "auditor": ("aud", "A", "U")})
 
 
-def test_self_review_is_matched_by_person_as_well_as_by_certificate() -> None:
-    officer = person_cert("Wang Fang")
+def test_self_review_is_matched_by_person_name_and_approval() -> None:
+    officer = person_cert("Wang Fang", person=PERSON)
     op = SignedOperator(officer, canonical({}), b"")
     refuse_self_review(op, what="7", name="Someone Else", unit="U", key="00",
-                       their_serials=["abc"], their_persons=["CN=Someone Else,O=U"])
+                       their_serials=["abc"], their_persons=["P-1111111111111111"])
     with pytest.raises(RoleError, match="is the applicant of request 7"):
         refuse_self_review(op, what="7", name="Someone Else", unit="U", key="00",
-                           their_serials=["abc"],
-                           their_persons=["CN=Wang Fang,O=General Office"])
+                           their_serials=["abc"], their_persons=[PERSON])
+    with pytest.raises(RoleError, match="is the applicant of request 7"):  # folded names
+        refuse_self_review(op, what="7", name="ｗａｎｇ  fang", unit="general office",
+                           key="00", their_serials=[], their_persons=[])
+    with pytest.raises(RoleError, match="approved request 7 already"):
+        refuse_self_review(op, what="7", name="Someone Else", unit="U", key="00",
+                           their_serials=[], their_persons=[], approved_by=[PERSON])

@@ -115,16 +115,23 @@ class Demo:
                  f'pin_file = "{self.pin(token)}"', "", "[trust]",
                  f'ca = ["{self.work}/ca/ca.pem"]', f'crls = ["{d}/ca.crl"]', "", "[limits]",
                  "read_timeout = 10", "drain_timeout = 5"]
-        # The node's first administrator and auditor, declared by its installer (A8); every
-        # other role is granted by the administrator and approved by the auditor.
-        lines += ["", "[roles]", 'administrator = "CN=Zhang Wei,O=General Office"',
-                  'auditor = "CN=Chen Jing,O=General Office"']
+        # The node's first administrator and auditor, declared by its installer (A8) by their
+        # person ids (`exchanged ca list`); every other role is granted by the administrator
+        # and approved by the auditor.
+        lines += ["", "[roles]", f'administrator = "{self.person_id("Zhang Wei")}"',
+                  f'auditor = "{self.person_id("Chen Jing")}"']
         for peer, (pport, pname, porg) in peers.items():
             lines += ["", f"[peers.{peer}]", f'address = "127.0.0.1:{pport}"',
                       f'name = "{pname}"', f'org = "{porg}"']
         (d / "exchanged.toml").write_text("\n".join(lines) + "\n")
         self.publish_crl(unit)
         return d / "exchanged.toml"
+
+    def person_id(self, name: str) -> str:
+        """The registered person id of `name` (the demo has no namesakes)."""
+        listed = json.loads(self.x("ca", "list", "--dir", "ca", "--json", quiet=True))
+        return str(next(c["person"] for c in listed if c["person"] and
+                        f"CN={name}," in c["subject"]))
 
     def publish_crl(self, *units: str) -> None:
         for unit in units or ("finance", "office"):

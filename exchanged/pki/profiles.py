@@ -57,12 +57,16 @@ class Form:
                 raise ProfileError(f"not an IP address: {ip!r}") from None
 
 
-def subject_for(profile: str, form: Form) -> x509.Name:
+def subject_for(profile: str, form: Form, person_id: str = "") -> x509.Name:
+    """The subject the profile gives: O=unit, [OU=division, title=post, serialNumber=person
+    id, for a person], CN=name. Nothing of the CSR's subject is kept."""
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, form.unit)]
     if profile == "person":
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, form.division))
         if form.post:
             attrs.append(x509.NameAttribute(NameOID.TITLE, form.post))
+        if person_id:
+            attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, person_id))
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, form.name))
     return x509.Name(attrs)
 
@@ -108,12 +112,14 @@ def sans(form: Form, csr: x509.CertificateSigningRequest | None) -> list[x509.Ge
 
 def end_entity(profile: str, *, form: Form, public_key: object, ca_cert: x509.Certificate,
                serial: int, not_before: dt.datetime, days: int, crl_url: str | None,
-               csr: x509.CertificateSigningRequest | None = None) -> x509.CertificateBuilder:
-    """The builder for a node's or a person's certificate, ready to be signed by the CA."""
+               csr: x509.CertificateSigningRequest | None = None,
+               person_id: str = "") -> x509.CertificateBuilder:
+    """The builder for a node's or a person's certificate, ready to be signed by the CA. A
+    person's carries their registered `person_id`."""
     form.check(profile)
     not_after = min(not_before + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     b = (x509.CertificateBuilder()
-         .subject_name(subject_for(profile, form))
+         .subject_name(subject_for(profile, form, person_id))
          .issuer_name(ca_cert.subject)
          .public_key(public_key)  # type: ignore[arg-type]
          .serial_number(serial)

@@ -13,12 +13,19 @@ Layout (README "CA directory" repeats it for operators):
       `signature` is the detached CMS SignedData made on their token. Columns named *_seq
       below point at such entries.
 - roles, suspensions, role_requests   who holds which role (exchanged/store/roledb.py)
+- persons(id, name, unit, created_at, request_id, current_serial)    the registry: each person
+      once, under a stable id (`P-` + 16 hex digits) carried in their certificates' subject
+      (serialNumber); `current_serial` is the certificate they act with now
 - requests(id, submitted_at, profile, name, unit, division, post, reason, dns, ip, csr_pem,
       key_sha256, applicant_serial, status, decided_by, decided_at, decision_reason,
-      decision_seq, cert_serial, supersedes, submit_seq)
-      status: pending -> approved -> issued, or pending -> rejected
+      decision_seq, cert_serial, supersedes, submit_seq, person_id, approvals_needed, flags,
+      submitted_by)
+      status: pending -> approved -> issued, or pending -> rejected. `person_id` is set for a
+      re-issue (the same person); a new person gets an id when issued. `approvals_needed` is
+      2 (dual control) when `flags` (JSON list of reasons) says why
+- approvals(request_id, person, officer_serial, seq, at)    one row per approving officer
 - certificates(serial, request_id, profile, subject, not_before, not_after, pem, status,
-      issued_at, issued_by, issue_seq, revoked_at, reason)
+      issued_at, issued_by, issue_seq, revoked_at, reason, person_id)
       status: good | held | revoked; `reason` is the RFC 5280 reason name while held/revoked
 - status_changes(id, serial, action, reason, at, officer_serial, seq)   hold/release/revoke
 - crls(number, this_update, next_update, entries, path, sha256)
@@ -43,7 +50,7 @@ from exchanged.store.audit import AuditLog
 from exchanged.store.db import StoreError, connect, insert, one, rows, update
 from exchanged.store.roledb import RoleStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the person registry, dual control
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,14 +62,23 @@ CREATE TABLE IF NOT EXISTS requests (
     csr_pem TEXT NOT NULL, key_sha256 TEXT NOT NULL, applicant_serial TEXT,
     status TEXT NOT NULL CHECK (status IN ('pending','approved','rejected','issued')),
     decided_by TEXT, decided_at TEXT, decision_reason TEXT,
-    decision_seq INTEGER, cert_serial TEXT, supersedes TEXT, submit_seq INTEGER);
+    decision_seq INTEGER, cert_serial TEXT, supersedes TEXT, submit_seq INTEGER,
+    person_id TEXT, approvals_needed INTEGER NOT NULL DEFAULT 1 CHECK (approvals_needed >= 1),
+    flags TEXT NOT NULL DEFAULT '[]', submitted_by TEXT);
 CREATE INDEX IF NOT EXISTS requests_status ON requests(status);
+CREATE TABLE IF NOT EXISTS persons (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, unit TEXT NOT NULL, created_at TEXT NOT NULL,
+    request_id INTEGER REFERENCES requests(id), current_serial TEXT);
+CREATE TABLE IF NOT EXISTS approvals (
+    request_id INTEGER NOT NULL REFERENCES requests(id), person TEXT NOT NULL,
+    officer_serial TEXT NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (request_id, person));
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, request_id INTEGER REFERENCES requests(id), profile TEXT NOT NULL,
     subject TEXT NOT NULL, not_before TEXT NOT NULL, not_after TEXT NOT NULL, pem TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('good','held','revoked')),
     issued_at TEXT NOT NULL, issued_by TEXT, issue_seq INTEGER,
-    revoked_at TEXT, reason TEXT);
+    revoked_at TEXT, reason TEXT, person_id TEXT);
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates(status);
 CREATE TABLE IF NOT EXISTS status_changes (
     id INTEGER PRIMARY KEY, serial TEXT NOT NULL REFERENCES certificates(serial),
@@ -140,7 +156,8 @@ class CaStore:
     def request(self, rid: int) -> dict[str, Any] | None:
         row = one(self.db, "SELECT * FROM requests WHERE id = ?", [rid])
         if row is not None:
-            row["dns"], row["ip"] = json.loads(row["dns"]), json.loads(row["ip"])
+            for k in ("dns", "ip", "flags"):
+                row[k] = json.loads(row[k])
         return row
 
     def request_status(self, rid: int) -> str | None:
@@ -149,13 +166,43 @@ class CaStore:
 
     def requests(self, status: str | None = None) -> list[dict[str, Any]]:
         return self._listing("SELECT id, submitted_at, profile, name, unit, division, post, "
-                             "status, decided_by, cert_serial FROM requests", status, "id")
+                             "status, (SELECT count(*) FROM approvals a WHERE a.request_id = "
+                             "requests.id) || '/' || approvals_needed AS approvals, flags, "
+                             "decided_by, cert_serial FROM requests", status, "id")
+
+    # -- the person registry ----------------------------------------------------------------
+
+    def add_person(self, *, person_id: str, name: str, unit: str, at: str,
+                   request_id: int | None) -> None:
+        insert(self.db, "persons", {"id": person_id, "name": name, "unit": unit,
+                                    "created_at": at, "request_id": request_id})
+
+    def person(self, person_id: str) -> dict[str, Any] | None:
+        return one(self.db, "SELECT * FROM persons WHERE id = ?", [person_id])
+
+    def persons(self) -> list[dict[str, Any]]:
+        return rows(self.db, "SELECT * FROM persons ORDER BY created_at, id")
+
+    def set_current(self, person_id: str, serial: str) -> None:
+        update(self.db, "persons", "id", person_id, {"current_serial": serial})
+
+    # -- approvals (dual control) -----------------------------------------------------------
+
+    def add_approval(self, *, request_id: int, person: str, officer_serial: str, seq: int,
+                     at: str) -> None:
+        insert(self.db, "approvals", {"request_id": request_id, "person": person,
+                                      "officer_serial": officer_serial, "seq": seq, "at": at})
+
+    def approvals(self, request_id: int) -> list[dict[str, Any]]:
+        return rows(self.db, "SELECT * FROM approvals WHERE request_id = ? ORDER BY seq",
+                    [request_id])
 
     # -- certificates -----------------------------------------------------------------------
 
     def add_certificate(self, cert: x509.Certificate, *, request_id: int | None, profile: str,
-                        at: str, by: str | None, seq: int | None) -> None:
-        insert(self.db, "certificates", {
+                        at: str, by: str | None, seq: int | None, person_id: str | None = None
+                        ) -> None:
+        insert(self.db, "certificates", {"person_id": person_id or None,
             "serial": serial_hex(cert.serial_number), "request_id": request_id,
             "profile": profile, "subject": cert.subject.rfc4514_string(),
             "not_before": stamp(cert.not_valid_before_utc),
@@ -170,9 +217,9 @@ class CaStore:
                                [serial]).fetchone() is not None
 
     def certificates(self, status: str | None = None) -> list[dict[str, Any]]:
-        return self._listing("SELECT serial, profile, subject, not_before, not_after, status, "
-                             "reason, revoked_at, request_id FROM certificates", status,
-                             "issued_at")
+        return self._listing("SELECT serial, profile, subject, person_id AS person, "
+                             "not_before, not_after, status, reason, revoked_at, request_id "
+                             "FROM certificates", status, "issued_at")
 
     def _listing(self, select: str, status: str | None, order: str) -> list[dict[str, Any]]:
         if status:

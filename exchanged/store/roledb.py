@@ -57,8 +57,8 @@ class RoleStore:
                              "ORDER BY id", [person, *statuses])
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
-        sql = ("SELECT id, person, role, division, status, holder_serial, granted_by, "
-               "granted_at, reviewed_by, reviewed_at FROM roles")
+        sql = ("SELECT id, person, holder_subject, role, division, status, holder_serial, "
+               "granted_by, granted_at, reviewed_by, reviewed_at FROM roles")
         params: list[Any] = []
         if status:
             sql += " WHERE status = ?"
@@ -82,6 +82,11 @@ class RoleStore:
 
     def set(self, role_id: int, **values: Any) -> None:
         update(self.db, "roles", "id", role_id, values)
+
+    def rebind(self, person: str, serial: str, subject: str) -> None:
+        """The person's roles now go with their new certificate (a re-issue)."""
+        self.db.execute("UPDATE roles SET holder_serial = ?, holder_subject = ? WHERE person = ? "
+                        "AND status IN ('active', 'pending')", [serial, subject, person])
 
     # -- suspensions ------------------------------------------------------------------------
 
