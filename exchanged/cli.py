@@ -493,6 +493,17 @@ def cmd_audit_export(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
+def cmd_audit_witnessed(args: argparse.Namespace, stack: ExitStack) -> int:
+    """The checkpoints this node keeps for a peer it witnesses (one record a line)."""
+    records = _ask(args, "witnessed", unit=args.unit)["records"]
+    _write_out(args.out, "".join(records).encode())
+    if args.out not in (None, "-"):
+        print(f"{len(records)} checkpoint(s) of {args.unit} written to {args.out}; compare "
+              f"them with its log: exchanged audit verify --node-config ... --checkpoints "
+              f"{args.out}")
+    return 0
+
+
 def cmd_audit_checkpoint(args: argparse.Namespace, stack: ExitStack) -> int:
     ca = _ca(stack, args)
     seq = ca.checkpoint(_ca_key(stack, args, ca))
@@ -871,6 +882,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="new directory for the bundle")
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
     _add_pin(p, "operator")
+    p = cmd(asub, "witnessed", cmd_audit_witnessed, "the signed audit checkpoints this node "
+            "keeps for a peer it witnesses (for audit verify --checkpoints)")
+    p.add_argument("--config", "-c", default=os.environ.get("EXCHANGED_CONFIG",
+                                                            "/etc/exchanged/exchanged.toml"),
+                   help="this (the witness's) node configuration")
+    p.add_argument("--unit", required=True, help="the witnessed peer unit")
+    p.add_argument("--out", "-o", help="write the records here (default: stdout)")
     p = cmd(asub, "checkpoint", cmd_audit_checkpoint, "sign the head of the audit log on the "
             "CA token")
     ca_dir(p); _add_pin(p, "ca")  # noqa: E702

@@ -39,8 +39,14 @@ from cryptography.x509.oid import NameOID
 from exchanged.common import canonical, parse_time, stamp
 from exchanged.errors import ExchangedError
 from exchanged.pki.keys import key_sha256
-from exchanged.pki.names import PERSON_ID_RE, attr, common_name, organization, person_of, \
-    same_name
+from exchanged.pki.names import (
+    PERSON_ID_RE,
+    attr,
+    common_name,
+    organization,
+    person_of,
+    same_name,
+)
 from exchanged.pki.operator import Actor, SignedOperator
 from exchanged.store.audit import AuditLog
 from exchanged.store.roledb import RoleStore

@@ -27,8 +27,10 @@ from exchanged.transport.protocol import (
     BodyChunk,
     BodyEnd,
     ClientConnection,
+    CheckpointAccepted,
     ConnectionClosed,
     Continue,
+    DeliverCheckpoint,
     DeliverReceipt,
     Event,
     LocalProtocolError,
@@ -220,6 +222,48 @@ def test_deliver_receipt_end_to_end() -> None:
     assert response == b"HTTP/1.1 204 No Content\r\n\r\n"
     client.receive_data(response)
     assert events(client) == [ReceiptAccepted(did)]
+
+
+def test_deliver_checkpoint_end_to_end() -> None:
+    client, server = ClientConnection("node-a"), ServerConnection()
+    record = b'{"at":"t","hash":"h","head":"p","seq":42,"signature":"c2ln"}'
+    data = client.send(DeliverCheckpoint(42, record))
+    assert data == (b"POST /v1/checkpoints/42 HTTP/1.1\r\nHost: node-a\r\nUser-Agent: "
+                    b"exchanged\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                    b"\r\n" % len(record) + record)
+    seen = []
+    for i in range(0, len(data), 29):
+        server.receive_data(data[i:i + 29])
+        seen += events(server)
+    assert seen == [DeliverCheckpoint(42, record)]
+    client.receive_data(server.send(CheckpointAccepted(42)))
+    assert events(client) == [CheckpointAccepted(42)]
+    assert client.state is State.IDLE and server.state is State.IDLE
+
+
+def test_a_checkpoint_is_accepted_by_its_own_number_only() -> None:
+    client, server = ClientConnection("node-a"), ServerConnection()
+    server.receive_data(client.send(DeliverCheckpoint(42, b"{}")))
+    events(server)
+    with pytest.raises(LocalProtocolError, match="the checkpoint is 42"):
+        server.send(CheckpointAccepted(43))
+
+
+@pytest.mark.parametrize("head, code", [
+    (b"POST /v1/checkpoints/0 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 2\r\n\r\n", "not-found"),
+    (b"POST /v1/checkpoints/7 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 5000\r\n\r\n", "too-large"),
+    (b"POST /v1/checkpoints/7 HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+     b"Content-Length: 2\r\n\r\n", "unsupported-media-type"),
+    (b"GET /v1/checkpoints/7 HTTP/1.1\r\nHost: x\r\n\r\n", "method-not-allowed"),
+])
+def test_a_bad_checkpoint_request_is_refused(head: bytes, code: str) -> None:
+    server = ServerConnection()
+    server.receive_data(head)
+    with pytest.raises(RemoteProtocolError) as e:
+        drain(server)
+    assert e.value.code == code
 
 
 def test_receipt_rejected() -> None:

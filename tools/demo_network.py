@@ -109,8 +109,12 @@ class Demo:
                peers: dict[str, tuple[int, str, str]]) -> Path:
         d = self.work / unit
         d.mkdir(exist_ok=True)
+        # Each node keeps a copy of its peers' signed audit checkpoints, and gives its own to
+        # its (first) peer: a log cut back is found even if its own copy went with it.
+        witness = [f'witness = "{next(iter(peers))}"',
+                   f"witness_for = {json.dumps(sorted(peers))}"] if peers else []
         lines = ["[node]", f'unit = "{unit}"', f'name = "{name}"', f'data_dir = "{d}/data"',
-                 f'listen = "127.0.0.1:{port}"', "", "[pkcs11]",
+                 f'listen = "127.0.0.1:{port}"', *witness, "", "[pkcs11]",
                  f'key = "pkcs11:token={token};object=me"', f'cert = "{self.work}/{token}.pem"',
                  f'pin_file = "{self.pin(token)}"', "", "[trust]",
                  f'ca = ["{self.work}/ca/ca.pem"]', f'crls = ["{d}/ca.crl"]', "", "[limits]",

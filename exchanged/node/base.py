@@ -94,6 +94,8 @@ class Node:
         node.token = Token.open(uri, pin, module=c.module)
         node.key = node.token.key_from_uri(uri)
         node.signer = Operator(node.key, node.cert)
+        if node.store.audit.head()[0] == 0:  # a new log begins with a signed anchor
+            node.audit_event("node-init", c.unit)
         node.peers = PeerCheck(node.trusted, list(c.crls), c.peers)
         node.roles = Roles(RoleStore(node.store.db), node.store.audit, node.person_status)
         with node.store.transaction():
@@ -157,8 +159,11 @@ class Node:
     def audit_event(self, action: str, obj: str, *, outcome: str = "ok",
                     actor: str | None = None, details: dict[str, Any] | None = None,
                     checkpoint: bool = False) -> None:
-        """Append to the node's audit log (and sign a checkpoint on the node token if asked)."""
+        """Append to the node's audit log (and sign a checkpoint on the node token if asked;
+        the first entry of a new log is a checkpoint, as at the CA)."""
         with self.store.transaction():
+            if self.store.audit.head()[0] == 0:
+                self.store.audit.checkpoint(self.key.sign, self.cert)
             self.store.audit.append(action=action, obj=obj, outcome=outcome,
                                     actor_subject=actor, details=details or {})
             if checkpoint:

@@ -59,8 +59,12 @@ class Config:
     alert_command: tuple[str, ...] = ()
     control_socket: Path | None = None
     source: Path | None = None
-    # The node's first administrator and auditor ("CN=...,O=..."), declared once (A8).
+    # The node's first administrator and auditor (person ids), declared once (A8).
     roles: dict[str, str] = field(default_factory=dict)
+    # The peer that keeps a copy of this node's signed audit checkpoints, and the peers whose
+    # checkpoints this node keeps (both sides configure it).
+    witness: str | None = None
+    witness_for: tuple[str, ...] = ()
 
     @property
     def socket_path(self) -> Path:
@@ -101,6 +105,11 @@ class Config:
             return (base / v).resolve()
 
         alert = node.get("alert_command", [])
+        witness = node.get("witness")
+        witness_for = tuple(str(u) for u in node.get("witness_for", []))
+        for w in ([str(witness)] if witness else []) + list(witness_for):
+            if w not in peers:
+                raise ConfigError(f"witness {w!r} is not a configured peer: add [peers.{w}]")
         return cls(
             unit=unit, name=str(node.get("name", unit)), data_dir=path(node["data_dir"]),
             listen_host=host, listen_port=port, module=p11.get("module"), key=str(p11["key"]),
@@ -109,7 +118,8 @@ class Config:
             crls=tuple(path(c) for c in trust.get("crls", [])), peers=peers, limits=limits,
             alert_command=tuple(str(a) for a in alert),
             control_socket=path(node["control_socket"]) if node.get("control_socket") else None,
-            source=source, roles={str(k): str(v) for k, v in data.get("roles", {}).items()})
+            source=source, roles={str(k): str(v) for k, v in data.get("roles", {}).items()},
+            witness=str(witness) if witness else None, witness_for=witness_for)
 
 
 def _address(text: str) -> tuple[str, int]:

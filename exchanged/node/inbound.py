@@ -36,6 +36,7 @@ from exchanged.common import stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
 from exchanged.roles import check_remote_receiver
+from exchanged.store.audit import parse_record, record_signed
 from exchanged.store.db import StoreError
 from exchanged.store.nodedb import BlobWriter
 from exchanged.transport import protocol as proto
@@ -229,6 +230,8 @@ class Inbound:
                     await node.send(tls, conn.send(answer))
                 elif isinstance(event, proto.DeliverReceipt):
                     await node.send(tls, conn.send(await self._signed_for(peer, event)))
+                elif isinstance(event, proto.DeliverCheckpoint):
+                    await node.send(tls, conn.send(await self._witness(peer, leaf, event)))
                 if conn.must_close or (node.stopping and writer is None):
                     return
         finally:
@@ -367,6 +370,45 @@ class Inbound:
                                 str(e))
         log.info("%s signed for by %s", event.doc_id, signer.subject.rfc4514_string())
         return proto.ReceiptAccepted(event.doc_id)
+
+    async def _witness(self, peer: Peer, leaf: x509.Certificate, event: proto.DeliverCheckpoint
+                       ) -> proto.CheckpointAccepted | proto.Reject:
+        """A peer we witness gives us one of its signed audit checkpoints: check it is its
+        node's signature, keep it. The same number with other content means the peer's log
+        was rewritten: refused, audited, alerted."""
+        node = self.node
+        if peer.unit not in node.config.witness_for:
+            return proto.Reject("unknown-sender", f"{node.config.unit} does not witness "
+                                f"{peer.unit}'s audit log (witness_for)")
+        try:
+            record = parse_record(event.record)
+        except (ValueError, TypeError) as e:
+            return proto.Reject("bad-request", f"not a checkpoint record: {e}")
+        if record["seq"] != event.seq or not record_signed(record, leaf.public_key()):
+            return proto.Reject("bad-signature", f"checkpoint {event.seq} is not signed by "
+                                f"{peer.unit}'s node")
+        try:
+            new = await node.db(self._store_witnessed, peer, record)
+        except StoreError as e:
+            log.error("%s", e)
+            await node.audit("witness-conflict", peer.unit, outcome="refused",
+                             details={"seq": record["seq"], "error": str(e)})
+            node.alert("witness-conflict", detail=str(e))
+            return proto.Reject(e.code if e.code in proto.REASON_CODES else "busy", str(e))
+        except (OSError, sqlite3.Error) as e:
+            return proto.Reject("busy", f"the witness could not keep the checkpoint ({e})")
+        if new:
+            log.info("witnessed %s's audit checkpoint %d", peer.unit, record["seq"])
+        return proto.CheckpointAccepted(event.seq)
+
+    def _store_witnessed(self, peer: Peer, record: dict[str, Any]) -> bool:
+        store = self.node.store
+        with store.transaction():
+            new = store.witness(peer.unit, record)
+            if new:
+                store.audit.append(action="checkpoint-witnessed", obj=peer.unit,
+                                   details={"seq": record["seq"], "hash": record["hash"]})
+        return new
 
     def _store_signed_for(self, doc: str, receipt: bytes, signer: x509.Certificate,
                           payload: dict[str, Any]) -> None:

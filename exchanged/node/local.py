@@ -28,6 +28,7 @@ from exchanged.node.outbound import Outbound
 from exchanged.node.wire import ControlError
 from exchanged.pki import verify
 from exchanged.pki.operator import SignedOperator
+from exchanged.store.audit import mirror_line
 
 
 class LocalCommands:
@@ -41,7 +42,8 @@ class LocalCommands:
         return {"status": self.status, "send": self.send, "outbox": self.outbox,
                 "inbox": self.inbox, "inbox-show": self.inbox_show,
                 "outbox-show": self.outbox_show, "sign-for": self.sign_for,
-                "export": self.export, "role": self.role, "role-list": self.role_list}
+                "export": self.export, "role": self.role, "role-list": self.role_list,
+                "witnessed": self.witnessed}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
         node = self.node
@@ -194,6 +196,16 @@ class LocalCommands:
                     digest: bytes) -> int | str:
         with self.node.store.transaction():
             return self.node.roles.apply_request(op, grantee, digest)
+
+    async def witnessed(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The audit checkpoints this node keeps for a peer it witnesses, as lines that
+        `exchanged audit verify --checkpoints` compares with that peer's log."""
+        unit = str(req["unit"])
+        if unit not in self.node.config.witness_for:
+            raise ControlError(f"{self.node.config.unit} does not witness {unit} (witness_for)",
+                               code="not-found")
+        found = await self.node.db(self.node.store.witnessed, unit)
+        return {"unit": unit, "records": [mirror_line(r).decode() for r in found]}
 
     async def role_list(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"items": await self.node.db(self.node.roles.list, req.get("status"))}

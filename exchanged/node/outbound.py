@@ -17,6 +17,7 @@ import trio
 from exchanged import receipts
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
+from exchanged.store.audit import mirror_line
 from exchanged.store.nodedb import OutItem
 from exchanged.transport import protocol as proto
 from exchanged.transport.peers import Peer, PeerRefused
@@ -28,6 +29,7 @@ ACK_SECONDS_PER_BYTE = 1 / (16 * 1024 * 1024)
 # Refusals that say "not now" rather than "never": the document is sent again later.
 TRANSIENT = frozenset({"busy", "timeout", "internal-error", "truncated"})
 RESTART_SECONDS = 10  # a sender that failed unexpectedly starts again after this long
+WITNESS_RETRY_SECONDS = 30  # our witness unreachable or refusing: try again after this long
 
 
 class Outbound:
@@ -38,6 +40,7 @@ class Outbound:
         self.wake: dict[str, trio.Event] = {}
         self.senders: set[str] = set()  # units that have a sender task now
         self.nursery: trio.Nursery | None = None
+        self.witness_retry = 0.0  # trio time before which our witness is not tried again
 
     def start(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -84,16 +87,22 @@ class Outbound:
             self.wake[unit] = trio.Event()
             items = await node.db(node.store.due, time.time(), recipient=unit)
             owed = await node.db(node.store.receipts_to_return, unit)
-            if items or owed:
-                await self._deliver(unit, items, owed)
+            checkpoints = []
+            if unit == node.config.witness:
+                checkpoints = await node.db(node.store.unwitnessed)
+            later = trio.current_time() < self.witness_retry
+            if items or owed or (checkpoints and not later):
+                await self._deliver(unit, items, owed, [] if later else checkpoints)
                 continue
             nxt = await node.db(node.store.next_due_time, recipient=unit)
             wait = 3600.0 if nxt is None else max(0.05, nxt - time.time())
+            if checkpoints:
+                wait = min(wait, max(0.05, self.witness_retry - trio.current_time()))
             with trio.move_on_after(wait):
                 await self.wake[unit].wait()
 
-    async def _deliver(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]]
-                       ) -> None:
+    async def _deliver(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]],
+                       checkpoints: list[dict[str, Any]]) -> None:
         node = self.node
         peer = node.config.peers.get(unit)
         if peer is None:  # removed from the configuration meanwhile
@@ -114,12 +123,17 @@ class Outbound:
                                  details={"code": e.code, "error": str(e)})
             for item in items:
                 await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
+            if checkpoints:
+                self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
             await trio.sleep(1)  # receipts retry on the next round
             return
         try:
             conn = proto.ClientConnection(f"{peer.host}:{peer.port}")
             for r in owed:
                 await self._send_receipt(tls, conn, r)
+            for cp in checkpoints:
+                if not await self._send_checkpoint(tls, conn, cp, unit):
+                    break
             for item in items:
                 await self._send_one(tls, conn, item, peer)
                 if conn.state is not proto.State.IDLE:
@@ -210,6 +224,23 @@ class Outbound:
         await node.db(node.store.mark_receipt_returned, r["doc_id"],
                       isinstance(answer, proto.ReceiptAccepted), sender=r["sender"],
                       error=getattr(answer, "message", None) or "refused")
+
+    async def _send_checkpoint(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                               row: dict[str, Any], unit: str) -> bool:
+        """One of our signed audit checkpoints to our witness; True if it keeps it."""
+        node = self.node
+        record = mirror_line(row).rstrip(b"\n")
+        await node.send(tls, conn.send(proto.DeliverCheckpoint(row["seq"], record)))
+        answer = await self._response(tls, conn)
+        if isinstance(answer, proto.CheckpointAccepted):
+            await node.db(node.store.mark_witnessed, row["seq"])
+            return True
+        message = getattr(answer, "message", type(answer).__name__)
+        log.error("witness %s refused audit checkpoint %d: %s", unit, row["seq"], message)
+        await node.audit("witness-refused", unit, outcome="refused",
+                         details={"seq": row["seq"], "error": message})
+        self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
+        return False
 
     async def _response(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                         extra: float = 0.0) -> Any:

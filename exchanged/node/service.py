@@ -133,6 +133,8 @@ class Service:
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                 if await node.audit("checkpoint-timer", self.config.unit, checkpoint=True):
                     last_checkpoint = time.monotonic()
+                    if self.config.witness:
+                        self.outbound.poke(self.config.witness)
 
 
 async def _nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED

@@ -226,10 +226,31 @@ class AuditLog:
 
 
 def mirror_line(row: dict[str, Any]) -> bytes:
-    """A checkpoint as the mirror file (or a witness) keeps it: self-verifying."""
-    return canonical({"seq": row["seq"], "at": row["at"], "head": row["prev"],
+    """A checkpoint as the mirror file (or a witness) keeps it: self-verifying. `row` is an
+    audit row (its `prev`) or a witnessed one (its `head`)."""
+    return canonical({"seq": row["seq"], "at": row["at"], "head": row.get("head", row.get("prev")),
                       "hash": row["hash"],
                       "signature": base64.b64encode(row["signature"]).decode()}) + b"\n"
+
+
+def parse_record(line: bytes) -> dict[str, Any]:
+    """One checkpoint record (a mirror line, or what a witness was given); ValueError if it
+    is not one."""
+    item = json.loads(line)
+    if not isinstance(item, dict) or set(item) != {"seq", "at", "head", "hash", "signature"}:
+        raise ValueError("not a checkpoint record")
+    if isinstance(item["seq"], bool) or not isinstance(item["seq"], int) or item["seq"] < 1 \
+            or not all(isinstance(item[k], str) for k in ("at", "head", "hash", "signature")):
+        raise ValueError("a checkpoint record's fields have the wrong types")
+    item["signature"] = base64.b64decode(item["signature"], validate=True)
+    return item
+
+
+def record_signed(item: dict[str, Any], public_key: Any) -> bool:
+    """The record's signature is the checkpoint's, by `public_key`."""
+    return _checkpoint_ok({"seq": item["seq"], "at": item["at"], "prev": item["head"],
+                           "signature": item["signature"],
+                           "details": canonical({"head": item["head"]}).decode()}, public_key)
 
 
 def read_mirror(path: Path) -> list[dict[str, Any]]:
@@ -241,10 +262,8 @@ def read_mirror(path: Path) -> list[dict[str, Any]]:
     out = []
     for n, line in enumerate(lines, 1):
         try:
-            item = json.loads(line)
-            item["signature"] = base64.b64decode(item["signature"], validate=True)
-            int(item["seq"])
-        except (ValueError, KeyError, TypeError):
+            item = parse_record(line)
+        except (ValueError, TypeError):
             item = {"seq": None, "line": n}
         out.append(item)
     return out
@@ -372,14 +391,7 @@ def _mirrored(item: dict[str, Any], signed: dict[int, dict[str, Any]], public_ke
     seq = item.get("seq")
     if seq is None:
         return [Finding(None, f"line {item.get('line')} of the checkpoint copy cannot be read")]
-    try:
-        genuine = _checkpoint_ok({"seq": seq, "at": item["at"], "prev": item["head"],
-                                  "signature": item["signature"],
-                                  "details": canonical({"head": item["head"]}).decode()},
-                                 public_key)
-    except (KeyError, TypeError):
-        genuine = False
-    if not genuine:
+    if not record_signed(item, public_key):
         return [Finding(seq, "a checkpoint in the copy kept outside the database has no valid "
                              "signature: the copy was tampered with")]
     row = signed.get(seq)

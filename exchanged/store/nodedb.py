@@ -37,6 +37,9 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
       store-and-forward too: `receipts_to_return()` lists those not yet accepted by the sender
       whose `receipt_next_at` has come; `mark_receipt_returned()` records the sender's answer
       (a refusal is retried with the same backoff as documents, never given up).
+- witnessed(unit, seq, at, head, hash, signature, received_at)    the signed audit checkpoints
+      of the peers this node witnesses (as in audit.mirror_line); meta `witness_seq` is the
+      last of our own checkpoints our witness has taken
 
 `metadata` is canonical JSON; `urgency` is its "urgency" as a rank (0 extra-urgent, 1 urgent,
 2 normal) so that `due()` sorts in SQL. Receipts are the raw bytes the peer sent (CMS).
@@ -127,6 +130,10 @@ CREATE INDEX IF NOT EXISTS inbox_receipts ON inbox(sender, receipt_next_at)
     WHERE receipt_next_at IS NOT NULL AND receipt_returned_at IS NULL;
 CREATE INDEX IF NOT EXISTS inbox_doc ON inbox(doc_id);
 CREATE INDEX IF NOT EXISTS inbox_state ON inbox(state);
+CREATE TABLE IF NOT EXISTS witnessed (
+    unit TEXT NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL, head TEXT NOT NULL,
+    hash TEXT NOT NULL, signature BLOB NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (unit, seq));
 """
 
 
@@ -693,6 +700,51 @@ class NodeStore:
         where, params = ("WHERE state = ?", [state]) if state else ("", [])
         return [_decode(r) for r in rows(self.db, f"SELECT * FROM inbox {where} ORDER BY id",
                                          params)]
+
+    # -- witnessing ------------------------------------------------------------------------------
+
+    def witness(self, unit: str, record: dict[str, Any]) -> bool:
+        """Keep a peer's signed checkpoint (checked by the caller): True if new, False if the
+        same one was kept before; another checkpoint under the same number is StoreError
+        "id-conflict" — the peer's log was rewritten."""
+        with self._change():
+            old = one(self.db, "SELECT at, head, hash, signature FROM witnessed WHERE unit = ? "
+                      "AND seq = ?", [unit, record["seq"]])
+            if old is not None:
+                if (old["at"], old["head"], old["hash"], old["signature"]) != (
+                        record["at"], record["head"], record["hash"], record["signature"]):
+                    raise StoreError(f"{unit} gave checkpoint {record['seq']} before with other "
+                                     "content: its audit log was rewritten", code="id-conflict")
+                return False
+            newest = self.db.execute("SELECT max(seq) FROM witnessed WHERE unit = ?",
+                                     [unit]).fetchone()[0]
+            if newest is not None and record["seq"] < newest:
+                raise StoreError(f"{unit} gave checkpoint {record['seq']}, older than "
+                                 f"checkpoint {newest} it gave before: its audit log was cut "
+                                 "back", code="id-conflict")
+            self.db.execute("INSERT INTO witnessed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [unit, record["seq"], record["at"], record["head"], record["hash"],
+                             record["signature"], time.time()])
+        return True
+
+    def witnessed(self, unit: str) -> list[dict[str, Any]]:
+        """The checkpoints kept for `unit`, oldest first, as `audit.mirror_line` writes them."""
+        return rows(self.db, "SELECT seq, at, head, hash, signature FROM witnessed WHERE "
+                             "unit = ? ORDER BY seq", [unit])
+
+    def unwitnessed(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Our own checkpoints our witness has not taken yet, oldest first."""
+        found = self.db.execute("SELECT value FROM meta WHERE key = 'witness_seq'").fetchone()
+        after = int(found[0]) if found else 0
+        return list(self.audit.rows("WHERE action = 'checkpoint' AND seq > ?", [after],
+                                    limit=limit))
+
+    def mark_witnessed(self, seq: int) -> None:
+        with self._change():
+            self.db.execute("INSERT INTO meta (key, value) VALUES ('witness_seq', ?) ON CONFLICT"
+                            "(key) DO UPDATE SET value = excluded.value WHERE "
+                            "CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER)",
+                            [str(seq)])
 
     # -- overview -------------------------------------------------------------------------------
 

@@ -11,8 +11,13 @@ request (client -> server)      on the wire                            answers (
                                                                        200 duplicate) or ``Reject``
 ``DeliverReceipt``              ``POST /v1/receipts/{doc_id}``         ``ReceiptAccepted`` (204) or
                                                                        ``Reject``
+``DeliverCheckpoint``           ``POST /v1/checkpoints/{seq}``         ``CheckpointAccepted`` (204)
+                                                                       or ``Reject``
 ``Ping``                        ``GET /v1/ping``                       ``Pong`` (200) or ``Reject``
 ==============================  =====================================  ============================
+
+A checkpoint is the sender's signed audit checkpoint (a JSON record, at most 4 KiB), given to
+a peer that witnesses it (keeps a copy outside the sender's reach).
 
 A document submission looks like this on the wire (curl can send it with ``--data-binary``)::
 
@@ -74,7 +79,8 @@ __all__ = [
     "DEFAULT_MAX_RECEIPT_SIZE", "DEFAULT_MAX_RESPONSE_SIZE", "NEED_DATA", "PAUSED",
     "PACKAGE_TYPE", "RECEIPT_TYPE", "REASON_CODES",
     "Acknowledge", "BodyChunk", "BodyEnd", "ClientConnection", "ConnectionClosed",
-    "ConnectionStatistics", "Continue", "DeliverReceipt", "Event", "LocalProtocolError", "Ping",
+    "CheckpointAccepted", "ConnectionStatistics", "Continue", "DeliverCheckpoint",
+    "DeliverReceipt", "Event", "LocalProtocolError", "Ping",
     "Pong", "ProtocolError", "ReceiptAccepted", "Reject", "RemoteProtocolError", "Request",
     "Response", "ServerConnection", "State", "SubmitDocument",
 ]
@@ -94,6 +100,7 @@ PACKAGE_TYPE: Final = "application/vnd.exchanged.package"
 RECEIPT_TYPE: Final = "application/cms"  # RFC 7193
 _RECEIPT_TYPES: Final = frozenset({RECEIPT_TYPE, "application/pkcs7-mime"})
 _JSON_TYPE: Final = "application/json"
+MAX_CHECKPOINT_SIZE: Final = 4096
 
 REASON_CODES: Final[Mapping[str, int]] = MappingProxyType({
     # The peer's HTTP was malformed, or a header we need was missing or wrong.
@@ -307,6 +314,24 @@ class DeliverReceipt(Event):
 
 
 @dataclass(frozen=True)
+class DeliverCheckpoint(Event):
+    """A signed audit checkpoint of the sender's log (``record``: its JSON), given to a
+    witness. A server yields it once the whole (size-limited) body has arrived."""
+
+    seq: int
+    record: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or \
+                not 0 < self.seq < 10**18:
+            raise LocalProtocolError(f"seq must be a positive int, not {_short(self.seq)}")
+        object.__setattr__(self, "record", _bytes(self.record, "record"))
+        if len(self.record) > MAX_CHECKPOINT_SIZE:
+            raise LocalProtocolError(f"a checkpoint record of {len(self.record)} bytes is over "
+                                     f"{MAX_CHECKPOINT_SIZE}")
+
+
+@dataclass(frozen=True)
 class Ping(Event):
     """Are you there, and what time is it?"""
 
@@ -364,6 +389,17 @@ class ReceiptAccepted(Event):
 
 
 @dataclass(frozen=True)
+class CheckpointAccepted(Event):
+    """The witness keeps checkpoint ``seq`` (204)."""
+
+    seq: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq <= 0:
+            raise LocalProtocolError(f"seq must be a positive int, not {_short(self.seq)}")
+
+
+@dataclass(frozen=True)
 class Pong(Event):
     """The answer to ``Ping``: who answered, and its clock (timezone-aware)."""
 
@@ -389,8 +425,8 @@ class ConnectionClosed(Event):
 
 
 _E = TypeVar("_E", bound=Event)
-Request: TypeAlias = SubmitDocument | DeliverReceipt | Ping
-Response: TypeAlias = Acknowledge | Reject | ReceiptAccepted | Pong
+Request: TypeAlias = SubmitDocument | DeliverReceipt | DeliverCheckpoint | Ping
+Response: TypeAlias = Acknowledge | Reject | ReceiptAccepted | CheckpointAccepted | Pong
 
 
 class _Sentinel:
@@ -616,6 +652,7 @@ class _Connection:
 
 
 _ROUTE_RE: Final = re.compile(rb"/v1/(documents|receipts)/([^/?#]+)")
+_CHECKPOINT_RE: Final = re.compile(rb"/v1/checkpoints/([1-9][0-9]{0,17})")
 
 
 class ServerConnection(_Connection):
@@ -643,7 +680,8 @@ class ServerConnection(_Connection):
         self.max_metadata_size = _check_limit(max_metadata_size, "max_metadata_size")
         self._request: Request | None = None
         self._receipt_doc_id = ""
-        self._receipt = bytearray()
+        self._checkpoint_seq = 0
+        self._receipt = bytearray()  # a receipt's or a checkpoint's body, as it arrives
         self._hasher = hashlib.sha256()
         self._body_received = 0
         self._answered = False  # a response (or error response) went out in this cycle
@@ -712,8 +750,11 @@ class ServerConnection(_Connection):
         self._check_head_size(len(req.method) + len(target) + 11, req.headers)
         method = req.method.decode("ascii", "replace")
         route = _ROUTE_RE.fullmatch(target)
+        checkpoint = _CHECKPOINT_RE.fullmatch(target)
         if target == b"/v1/ping":
             kind, allowed = "ping", ("GET",)
+        elif checkpoint is not None:
+            kind, allowed = "checkpoints", ("POST",)
         elif route is not None:
             kind, allowed = route.group(1).decode(), ("POST",)
         else:
@@ -731,6 +772,23 @@ class ServerConnection(_Connection):
             if transfer_encoding or length:
                 raise RemoteProtocolError("a ping has no body")
             self._request = Ping()
+            self._goto(State.RECV_BODY)
+            return None
+
+        if checkpoint is not None:
+            if transfer_encoding or length is None:
+                raise RemoteProtocolError("Content-Length is required (chunked uploads are "
+                                          "refused)", code="length-required")
+            if length > MAX_CHECKPOINT_SIZE:
+                raise RemoteProtocolError(f"a checkpoint of {length} bytes is over the limit of "
+                                          f"{MAX_CHECKPOINT_SIZE}", code="too-large")
+            if content_type != _JSON_TYPE:
+                raise RemoteProtocolError(f"a checkpoint must be {_JSON_TYPE}, not "
+                                          f"{_short(content_type)}", code="unsupported-media-type")
+            if length == 0:
+                raise RemoteProtocolError("an empty checkpoint")
+            self._checkpoint_seq = int(checkpoint.group(1))
+            self._request = None
             self._goto(State.RECV_BODY)
             return None
 
@@ -789,7 +847,7 @@ class ServerConnection(_Connection):
             self._hasher.update(data)
             self._body_received += len(data)
             return BodyChunk(data)
-        if self._receipt_doc_id:
+        if self._receipt_doc_id or self._checkpoint_seq:
             self._receipt += data  # h11 stops at Content-Length, which we capped
             return None
         raise RemoteProtocolError("a body where none belongs")  # not reached: length 0
@@ -805,6 +863,12 @@ class ServerConnection(_Connection):
             self._receipt_doc_id = ""
             self._receipt = bytearray()
             return receipt
+        if self._checkpoint_seq:
+            checkpoint = DeliverCheckpoint(self._checkpoint_seq, bytes(self._receipt))
+            self._request = checkpoint
+            self._checkpoint_seq = 0
+            self._receipt = bytearray()
+            return checkpoint
         assert isinstance(self._request, Ping)
         return self._request
 
@@ -847,6 +911,12 @@ class ServerConnection(_Connection):
             if event.doc_id != request.doc_id:
                 raise self._misuse(f"ReceiptAccepted for {event.doc_id}, but the receipt is for "
                                    f"{request.doc_id}")
+        elif isinstance(event, CheckpointAccepted):
+            if not complete or not isinstance(request, DeliverCheckpoint):
+                raise self._misuse("CheckpointAccepted answers a delivered checkpoint")
+            if event.seq != request.seq:
+                raise self._misuse(f"CheckpointAccepted for {event.seq}, but the checkpoint is "
+                                   f"{request.seq}")
         elif isinstance(event, Pong):
             if not complete or not isinstance(request, Ping):
                 raise self._misuse("Pong answers a Ping")
@@ -1023,6 +1093,13 @@ class ClientConnection(_Connection):
             out = self._h11_send(h11.Request(method=b"POST", target=_target(event),
                                              headers=headers),
                                  h11.Data(data=event.receipt), h11.EndOfMessage())
+        elif isinstance(event, DeliverCheckpoint):
+            headers += [(b"Content-Type", _JSON_TYPE.encode()),
+                        (b"Content-Length", str(len(event.record)).encode())]
+            out = self._h11_send(h11.Request(method=b"POST",
+                                             target=f"/v1/checkpoints/{event.seq}".encode(),
+                                             headers=headers),
+                                 h11.Data(data=event.record), h11.EndOfMessage())
         elif isinstance(event, Ping):
             out = self._h11_send(h11.Request(method=b"GET", target=b"/v1/ping", headers=headers),
                                  h11.EndOfMessage())
@@ -1169,6 +1246,8 @@ class ClientConnection(_Connection):
             return ack
         if isinstance(request, DeliverReceipt) and status == 204:
             return ReceiptAccepted(request.doc_id)
+        if isinstance(request, DeliverCheckpoint) and status == 204:
+            return CheckpointAccepted(request.seq)
         if isinstance(request, Ping) and status == 200:
             data = self._json(response, body)
             when = data.get("time")
