@@ -226,8 +226,10 @@ def test_alert_reload_and_the_nodes_audit_log(demo, tmp_path: Path) -> None:  # 
             d.start("office")
         _send_many(d, paths["finance"], 1)
         d.wait_for("the alert", lambda: marker.exists() and "doc 0" in marker.read_text())
-        # Drop finance from office's peers and reload: finance is refused from now on.
-        cfg.write_text(cfg.read_text().split("[peers.finance]")[0])
+        # Drop finance from office's peers (and so from its witnessing) and reload: finance
+        # is refused from now on.
+        cfg.write_text("\n".join(line for line in cfg.read_text().split("[peers.finance]")[0]
+                                 .splitlines() if not line.startswith("witness")) + "\n")
         d.daemons["office"].send_signal(signal.SIGHUP)
         d.wait_for("the reload", lambda: audit_rows(d, "office", "config-reload"))
         _send_many(d, paths["finance"], 1)

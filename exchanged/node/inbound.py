@@ -390,11 +390,13 @@ class Inbound:
         try:
             new = await node.db(self._store_witnessed, peer, record)
         except StoreError as e:
-            log.error("%s", e)
-            await node.audit("witness-conflict", peer.unit, outcome="refused",
-                             details={"seq": record["seq"], "error": str(e)})
-            node.alert("witness-conflict", detail=str(e))
-            return proto.Reject(e.code if e.code in proto.REASON_CODES else "busy", str(e))
+            if e.code == "id-conflict":
+                log.error("%s", e)
+                await node.audit("witness-conflict", peer.unit, outcome="refused",
+                                 details={"seq": record["seq"], "error": str(e)})
+                node.alert("witness-conflict", detail=str(e))
+                return proto.Reject("id-conflict", str(e))
+            return proto.Reject("busy", str(e))
         except (OSError, sqlite3.Error) as e:
             return proto.Reject("busy", f"the witness could not keep the checkpoint ({e})")
         if new:

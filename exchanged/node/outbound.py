@@ -131,13 +131,17 @@ class Outbound:
             conn = proto.ClientConnection(f"{peer.host}:{peer.port}")
             for r in owed:
                 await self._send_receipt(tls, conn, r)
-            for cp in checkpoints:
-                if not await self._send_checkpoint(tls, conn, cp, unit):
-                    break
             for item in items:
                 await self._send_one(tls, conn, item, peer)
                 if conn.state is not proto.State.IDLE:
                     break
+            if checkpoints and conn.state is proto.State.IDLE:  # after the documents
+                self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
+                for cp in checkpoints:
+                    if not await self._send_checkpoint(tls, conn, cp, unit):
+                        break
+                else:
+                    self.witness_retry = 0.0
         except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError,
                 ExchangedError) as e:
             log.warning("delivery to %s interrupted: %s", unit, describe(e))
@@ -239,7 +243,6 @@ class Outbound:
         log.error("witness %s refused audit checkpoint %d: %s", unit, row["seq"], message)
         await node.audit("witness-refused", unit, outcome="refused",
                          details={"seq": row["seq"], "error": message})
-        self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
         return False
 
     async def _response(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,

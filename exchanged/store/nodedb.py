@@ -100,6 +100,7 @@ BACKOFF_BASE = 2.0  # seconds
 BACKOFF_CAP = 600.0  # seconds
 MAX_ATTEMPTS = 1000
 MAX_AGE = 7 * 86400.0  # seconds since enqueue after which the node gives up
+MAX_WITNESSED_PER_HOUR = 120  # checkpoints kept for one peer (a node signs ~12 an hour)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -716,8 +717,12 @@ class NodeStore:
                     raise StoreError(f"{unit} gave checkpoint {record['seq']} before with other "
                                      "content: its audit log was rewritten", code="id-conflict")
                 return False
-            newest = self.db.execute("SELECT max(seq) FROM witnessed WHERE unit = ?",
-                                     [unit]).fetchone()[0]
+            newest, recent = self.db.execute(
+                "SELECT max(seq), sum(received_at > ?) FROM witnessed WHERE unit = ?",
+                [time.time() - 3600, unit]).fetchone()
+            if (recent or 0) >= MAX_WITNESSED_PER_HOUR:  # a flood from a peer we witness
+                raise StoreError(f"{unit} gave more than {MAX_WITNESSED_PER_HOUR} checkpoints "
+                                 "in the last hour; later ones wait", code="busy")
             if newest is not None and record["seq"] < newest:
                 raise StoreError(f"{unit} gave checkpoint {record['seq']}, older than "
                                  f"checkpoint {newest} it gave before: its audit log was cut "
