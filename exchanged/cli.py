@@ -357,7 +357,7 @@ def _node_role(args: argparse.Namespace, stack: ExitStack, action: str, obj: str
     """A role change at a node: signed here, on the operator's token, and sent to the daemon,
     which checks the signature, the person and the rules (exchanged.roles) and applies it."""
     op = _operator(stack, args)
-    return _ask(args, "role", **receipts.role_request(
+    return _ask(args, "role", **receipts.signed_request(
         op, action=action, obj=obj, node=_node_config(args).unit, grantee=cert, **extra))
 
 
@@ -569,12 +569,19 @@ def cmd_send(args: argparse.Namespace, stack: ExitStack) -> int:
                       editable=str(Path(args.editable).resolve()), urgency=args.urgency,
                       classification=args.classification, number=args.number,
                       deadline=args.deadline, paper_original=args.paper_original,
-                      doc_id=args.id)
+                      doc_id=args.id, phoned=args.phoned, division=args.division,
+                      corrects=args.corrects)
     finally:
         done.set()
     _emit(args, answer, lambda d: f"queued {d['doc_id']} for {args.to} ({d['size']:,} bytes, "
-          f"sha256 {d['sha256'][:16]}...)")
+          f"sha256 {d['sha256'][:16]}...)" + (f", number {d['number']}" if d['number'] else ""))
     return 0
+
+
+def _when(v: Any) -> Any:
+    if isinstance(v, int | float):
+        return dt.datetime.fromtimestamp(v, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return v
 
 
 def _readable(item: dict[str, Any]) -> str:
@@ -584,8 +591,15 @@ def _readable(item: dict[str, Any]) -> str:
         if k == "metadata" and isinstance(v, dict):
             lines += [f"  {mk:16} {mv}" for mk, mv in v.items()]
             continue
+        if isinstance(v, list):  # receipts, copies, custody: one line each
+            lines.append(f"{k:18} {len(v)}")
+            for e in v:
+                shown = {ek: _when(ev) if ek.endswith("at") else ev for ek, ev in e.items()
+                         if ek != "receipt"} if isinstance(e, dict) else f"{str(e)[:40]}..."
+                lines.append(f"  {shown}")
+            continue
         if k.endswith("_at") and isinstance(v, int | float):
-            v = dt.datetime.fromtimestamp(v, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            v = _when(v)
         elif k.endswith("receipt") and isinstance(v, str):
             v = f"signed receipt, {len(v) * 3 // 4:,} bytes (--json for the CMS)"
         lines.append(f"{k:18} {v if v is not None else ''}")
@@ -604,8 +618,80 @@ def cmd_outbox(args: argparse.Namespace, stack: ExitStack) -> int:
 
 
 def cmd_inbox(args: argparse.Namespace, stack: ExitStack) -> int:
-    items = _ask(args, "inbox", state=args.state)["items"]
-    _emit(args, items, lambda r: _table(r, ["doc_id", "sender", "state", "received_at"]))
+    items = _ask(args, "inbox", state=args.state, division=args.division)["items"]
+    for r in items:  # what a reader of the box wants at a glance
+        meta = r.get("metadata") or {}
+        r["title"] = meta.get("title", "")
+        r["urgency"] = meta.get("urgency", "")
+        r["paper"] = ("received" if r.get("paper_received_at") else "awaited") \
+            if meta.get("paper_original") else ""
+        if r.get("copy_state"):
+            r["state"] = f"copy {r['copy_state']}"
+    _emit(args, items, lambda r: _table(r, ["doc_id", "sender", "state", "box", "urgency",
+                                            "register_number", "paper", "title"]))
+    return 0
+
+
+def _box_act(args: argparse.Namespace, stack: ExitStack, action: str,
+             **extra: Any) -> dict[str, Any]:
+    """An act on the exchange box, signed here on the operator's token and sent to the daemon
+    (which checks the person, the role and the rules, and records it)."""
+    op = _operator(stack, args)
+    return _ask(args, "act", **receipts.signed_request(
+        op, action=action, obj=args.id, node=_node_config(args).unit, **extra))
+
+
+def cmd_inbox_register(args: argparse.Namespace, stack: ExitStack) -> int:
+    answer = _box_act(args, stack, "document-register")
+    _emit(args, answer, lambda d: f"{args.id} registered as {d['number']}")
+    return 0
+
+
+def cmd_inbox_distribute(args: argparse.Namespace, stack: ExitStack) -> int:
+    answer = _box_act(args, stack, "document-distribute", divisions=args.division)
+    _emit(args, answer, lambda d: f"{args.id} distributed to {', '.join(d['divisions'])}: each "
+          "division's receiver signs for its copy (exchanged inbox sign-for ID --division D)")
+    return 0
+
+
+def cmd_inbox_forward(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.to_registrar:
+        answer = _box_act(args, stack, "document-to-registrar")
+        _emit(args, answer, lambda d: f"{args.id} passed to the archives section (the unit's "
+              "box) for registration")
+        return 0
+    item = _ask(args, "inbox-show", doc_id=args.id)["item"]
+    answer = _box_act(args, stack, "document-forward", to=args.to, note=args.note or "",
+                      sha256=item["package_sha256"])
+    _emit(args, answer, lambda d: f"{args.id} forwarded to {d['to']}, the original package "
+          "with its custody record")
+    return 0
+
+
+def cmd_inbox_return(args: argparse.Namespace, stack: ExitStack) -> int:
+    import base64
+    if not args.reason.strip():
+        raise UsageError("a return needs a reason the sender can act on")
+    item = _ask(args, "inbox-show", doc_id=args.id)["item"]
+    notice = receipts.return_notice(_operator(stack, args), doc_id=args.id,
+                                    sha256=item["package_sha256"], sender=item["sender"],
+                                    recipient=_node_config(args).unit, reason=args.reason)
+    answer = _ask(args, "return", doc_id=args.id, notice=base64.b64encode(notice).decode())
+    _emit(args, answer, lambda d: f"{args.id} returned to {item['sender']} by {d['by']}: "
+          f"{d['reason']}")
+    return 0
+
+
+def cmd_inbox_paper(args: argparse.Namespace, stack: ExitStack) -> int:
+    answer = _box_act(args, stack, "document-paper-received")
+    _emit(args, answer, lambda d: f"{args.id}: the paper original is recorded as received")
+    return 0
+
+
+def cmd_due(args: argparse.Namespace, stack: ExitStack) -> int:
+    items = _ask(args, "due", division=args.division)["items"]
+    _emit(args, items, lambda r: _table(r, ["status", "doc_id", "urgency", "deadline", "box",
+                                            "waiting_for", "sender", "title"]))
     return 0
 
 
@@ -622,10 +708,11 @@ def cmd_inbox_sign_for(args: argparse.Namespace, stack: ExitStack) -> int:
     item = _ask(args, "inbox-show", doc_id=args.id)["item"]
     receipt = receipts.signed_for(_operator(stack, args), doc_id=args.id,
                                   sha256=item["package_sha256"], sender=item["sender"],
-                                  recipient=cfg.unit)
-    answer = _ask(args, "sign-for", doc_id=args.id,
+                                  recipient=cfg.unit, division=args.division or "")
+    answer = _ask(args, "sign-for", doc_id=args.id, division=args.division or "",
                   receipt=base64.b64encode(receipt).decode())
-    _emit(args, answer, lambda d: f"{args.id} signed for by {d['by']}; the receipt goes back "
+    _emit(args, answer, lambda d: f"{args.id} signed for by {d['by']} ({d['role']}"
+          f"{', ' + d['division'] + ' copy' if d['division'] else ''}); the receipt goes back "
           f"to {item['sender']}")
     return 0
 
@@ -909,7 +996,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdf", required=True, help="the PDF scan of the sealed document")
     p.add_argument("--editable", required=True,
                    help="the editable file (txt, doc, docx, wps, ofd, rtf)")
-    p.add_argument("--number", help="the document number")
+    p.add_argument("--number", help="the issuing number (A24): 'auto' takes the unit's next "
+                                    "(per year, gap-free, [box] outgoing_number); an explicit "
+                                    "one must be unused")
     p.add_argument("--urgency", choices=("normal", "urgent", "extra-urgent"), default="normal")
     p.add_argument("--classification", default="internal",
                    choices=("public", "internal", "secret", "confidential", "top-secret"))
@@ -917,25 +1006,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-original", action="store_true",
                    help="a paper original travels too (dual track, N2)")
     p.add_argument("--id", help="the document id (a UUID; default: a new one)")
+    p.add_argument("--division", help="the recipient's division it is addressed to (default: "
+                                      "the unit's box, its archives section)")
+    p.add_argument("--phoned", metavar="'WHO, WHEN'",
+                   help="an urgent document outside office hours: whom you phoned first, and "
+                        "when (A20); recorded and signed with the document")
+    p.add_argument("--corrects", metavar="ID", help="a returned document this one corrects")
     json_opt(p)
     p = cmd(sub, "outbox", cmd_outbox, "documents this unit sent, and their state")
     node_cfg(p)
     p.add_argument("id", nargs="?", help="show one document")
     p.add_argument("--state")
     json_opt(p)
-    inbox = cmd(sub, "inbox", cmd_inbox, "this unit's exchange box")
+    inbox = cmd(sub, "inbox", cmd_inbox, "this unit's exchange box (or a division's)")
     node_cfg(inbox)
     inbox.add_argument("--state")
+    inbox.add_argument("--division", help="a division's box: its documents and its copies")
     json_opt(inbox)
     isub = inbox.add_subparsers(dest="sub", required=False, metavar="SUBCOMMAND")
     p = cmd(isub, "show", cmd_inbox_show, "one incoming document")
     node_cfg(p); p.add_argument("id"); json_opt(p)  # noqa: E702
-    p = cmd(isub, "sign-for", cmd_inbox_sign_for, "sign for a document with your personal "
-            "token; the signed receipt goes back to the sender")
+
+    def person_act(name: str, handler: Handler, helptext: str) -> argparse.ArgumentParser:
+        p = cmd(isub, name, handler, helptext)
+        node_cfg(p)
+        p.add_argument("id")
+        p.add_argument("--operator", required=True, help="pkcs11: URI of your personal key")
+        _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+        return p
+
+    p = person_act("sign-for", cmd_inbox_sign_for, "sign for a document (the archives "
+                   "section for the unit's box, a division's receiver for its box or copy) "
+                   "with your personal token; the signed receipt goes back to the sender")
+    p.add_argument("--division", help="sign for the copy this division was given")
+    person_act("register", cmd_inbox_register, "the archives section registers a document "
+               "it signed for: the next register number (per unit and year, gap-free)")
+    p = person_act("distribute", cmd_inbox_distribute, "the archives section passes a "
+                   "registered document to divisions; each signs for its copy")
+    p.add_argument("--division", action="append", required=True, help="repeatable")
+    p = person_act("forward", cmd_inbox_forward, "forward a document to a unit this one "
+                   "manages (the original package and a signed custody record), or, from a "
+                   "division, to the archives section for registration")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", help="the managed unit")
+    where.add_argument("--to-registrar", action="store_true",
+                       help="to the unit's box (A19)")
+    p.add_argument("--note", help="kept in the signed custody record")
+    p = person_act("return", cmd_inbox_return, "send a document back to its sender with the "
+                   "reason (N4); the sender sees it")
+    p.add_argument("--reason", required=True)
+    person_act("paper-received", cmd_inbox_paper, "record that the paper original arrived "
+               "(N2)")
+    p = cmd(sub, "due", cmd_due, "what is overdue or due soon, urgent first, per box")
     node_cfg(p)
-    p.add_argument("id")
-    p.add_argument("--operator", required=True, help="pkcs11: URI of your personal key")
-    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p.add_argument("--division", help="one division's box")
+    json_opt(p)
     p = cmd(isub, "export", cmd_inbox_export, "write a document's files, metadata and receipts "
             "to a directory")
     node_cfg(p); p.add_argument("id"); p.add_argument("dir"); json_opt(p)  # noqa: E702

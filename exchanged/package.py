@@ -228,9 +228,15 @@ class Metadata:
     paper_original: bool = False
     doc_id: str = field(default_factory=new_id)
     created: str = field(default_factory=stamp)
+    division: str = ""  # the recipient's division it is addressed to ("": the unit's box)
+    phoned: str = ""  # an urgent document sent outside office hours: "WHO, WHEN" (A20)
+    corrects: str | None = None  # the doc_id of a returned document this one corrects (N4)
 
     FIELDS = ("doc_id", "sender", "recipient", "title", "number", "urgency", "classification",
-              "deadline", "paper_original", "created")
+              "deadline", "paper_original", "created", "division", "phoned", "corrects")
+    # Written into the manifest only when set, so that a document without them is signed as
+    # it always was.
+    OPTIONAL = ("division", "phoned", "corrects")
     REQUIRED = frozenset({"doc_id", "sender", "recipient", "title", "urgency", "classification",
                           "created"})
 
@@ -251,13 +257,20 @@ class Metadata:
         if not isinstance(self.paper_original, bool):
             raise _form(f"paper_original must be true or false, not {_short(self.paper_original)}")
         put("created", _created(self.created))
+        _text("division", self.division, max_len=64, required=False)
+        _text("phoned", self.phoned, max_len=200, required=False)
+        if self.corrects is not None:
+            if not isinstance(self.corrects, str) or not UUID_RE.fullmatch(self.corrects):
+                raise _form(f"corrects must be a document id, not {_short(self.corrects)}")
+            put("corrects", self.corrects.lower())
 
     @property
     def classified(self) -> bool:
         return self.classification in CLASSIFIED
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return {name: getattr(self, name) for name in self.FIELDS
+                if name not in self.OPTIONAL or getattr(self, name)}
 
     @classmethod
     def from_dict(cls, data: object) -> Metadata:

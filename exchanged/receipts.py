@@ -8,8 +8,13 @@ Each is canonical JSON inside an attached CMS SignedData, so it travels alone an
 - the **signed-for receipt**: the recipient unit's designated receiver, on their personal
   token, signs for the document (`signed_for`, `check_signed_for`); it travels back to the
   sender;
-- the **role request**: an operator, on their own token, asks a node's daemon for a role change
-  (`role_request`, `open_role_request`); the daemon applies it under `exchanged.roles`.
+- the **return notice**: the recipient unit's registrar or receiver sends a document back with
+  the reason (N4: the wrong form is the sender's fault) (`return_notice`, `check_return`); it
+  travels back like a signed-for receipt;
+- the **signed request**: an operator, on their own token, asks a node's daemon for an act (a
+  role change, an act on the exchange box) (`signed_request`, `open_request`); the daemon
+  applies it under `exchanged.roles`. A forward's signed request is also its **custody
+  record**, travelling with the forwarded document (`check_forward`).
 
 Whether the signer may sign what they signed (a good certificate, the right role, the right
 unit) is the caller's question, answered by `exchanged.pki.verify` and `exchanged.roles`.
@@ -30,7 +35,8 @@ from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, cms_content, verify_detached
 from exchanged.pki.operator import Operator, SignedOperator
 
-DELIVERY, SIGNED_FOR = "delivery", "signed-for"
+DELIVERY, SIGNED_FOR, RETURN = "delivery", "signed-for", "return"
+FORWARD = "document-forward"
 
 
 class ReceiptError(ExchangedError):
@@ -81,39 +87,82 @@ def _check(kind: str, payload: dict[str, Any], **want: str) -> None:
 
 # -- signed for -------------------------------------------------------------------------------
 
-def signed_for(op: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str) -> bytes:
-    """A receiver signs for a document on their personal token."""
-    _, cms = op.sign({"type": SIGNED_FOR, "doc_id": doc_id, "sha256": sha256, "sender": sender,
-                      "recipient": recipient, "by": op.serial, "at": stamp()}, detached=False)
+def signed_for(op: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str,
+               division: str = "") -> bytes:
+    """A receiver signs for a document on their personal token: for the unit (the archives
+    section), or for the copy `division` was given."""
+    body = {"type": SIGNED_FOR, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+            "recipient": recipient, "by": op.serial, "at": stamp()}
+    _, cms = op.sign({**body, "division": division} if division else body, detached=False)
     return cms
 
 
 def check_signed_for(payload: dict[str, Any], *, doc_id: str, sha256: str, sender: str,
-                     recipient: str) -> None:
+                     recipient: str, division: str | None = "") -> None:
     """The signed-for receipt is for exactly this document: its id, its content, its sender
-    and its recipient unit."""
+    and its recipient unit (and the division whose copy it is, unless `division` is None:
+    any)."""
     _check(SIGNED_FOR, payload, doc_id=doc_id, sha256=sha256, sender=sender,
            recipient=recipient)
+    if division is not None and payload.get("division", "") != division:
+        raise ReceiptError(f"the receipt is for the {payload.get('division') or 'unit'}'s copy, "
+                           f"not the {division or 'unit'}'s")
 
 
-# -- role requests ----------------------------------------------------------------------------
+# -- returned ---------------------------------------------------------------------------------
 
-def role_request(op: Operator, *, action: str, obj: str, node: str,
-                 grantee: x509.Certificate | None = None, **extra: Any) -> dict[str, Any]:
-    """A role change at node `node`, signed on the operator's token: the control request's
-    arguments (the signed request, and the grantee's certificate for a grant)."""
+def return_notice(op: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str,
+                  reason: str) -> bytes:
+    """The recipient sends a document back, with the reason the sender will see."""
+    _, cms = op.sign({"type": RETURN, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+                      "recipient": recipient, "reason": reason, "by": op.serial,
+                      "at": stamp()}, detached=False)
+    return cms
+
+
+def check_return(payload: dict[str, Any], *, doc_id: str, sha256: str, sender: str,
+                 recipient: str) -> str:
+    """The return notice is for exactly this document; returns its reason."""
+    _check(RETURN, payload, doc_id=doc_id, sha256=sha256, sender=sender, recipient=recipient)
+    reason = payload.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ReceiptError("a return notice gives its reason")
+    return reason
+
+
+# -- forwarded --------------------------------------------------------------------------------
+
+def check_forward(payload: dict[str, Any], *, doc_id: str, sha256: str, from_unit: str,
+                  to_unit: str) -> None:
+    """A custody record: the forward of exactly this document (id, content) from one unit to
+    the next."""
+    want = {"action": FORWARD, "object": doc_id, "sha256": sha256, "node": from_unit,
+            "to": to_unit}
+    wrong = [k for k, v in want.items() if payload.get(k) != v]
+    if wrong:
+        raise ReceiptError(f"the custody record is not the forward of {doc_id} from "
+                           f"{from_unit} to {to_unit} ({', '.join(wrong)} differ)")
+
+
+# -- signed requests --------------------------------------------------------------------------
+
+def signed_request(op: Operator, *, action: str, obj: str, node: str,
+                   grantee: x509.Certificate | None = None, **extra: Any) -> dict[str, Any]:
+    """An act at node `node` (a role change, an act on the exchange box), signed on the
+    operator's token: the control request's arguments (the signed request, and the grantee's
+    certificate for a grant)."""
     _, cms = op.sign({"action": action, "object": obj, "actor": op.serial, "at": stamp(),
                       "node": node, **extra}, detached=False)
     cert = grantee.public_bytes(serialization.Encoding.PEM).decode() if grantee else None
     return {"request": base64.b64encode(cms).decode(), "cert": cert}
 
 
-def open_role_request(cms: bytes, issuer: x509.Certificate, *, node: str,
-                      grantee_pem: str | None) -> tuple[SignedOperator, x509.Certificate | None,
-                                                        bytes]:
-    """A signed role request as the daemon receives it: (the operator, the grantee's
-    certificate if one came, the digest that identifies the request for replay checks: of
-    what was signed, so that a second signature over the same request is the same request)."""
+def open_request(cms: bytes, issuer: x509.Certificate, *, node: str,
+                 grantee_pem: str | None = None) -> tuple[SignedOperator,
+                                                          x509.Certificate | None, bytes]:
+    """A signed request as the daemon receives it: (the operator, the grantee's certificate
+    if one came, the digest that identifies the request for replay checks: of what was
+    signed, so that a second signature over the same request is the same request)."""
     signer, content, payload = open_signed(cms, issuer, "signed request", code="bad-signature")
     if payload.get("node") != node:
         raise ReceiptError(f"the request is addressed to node {payload.get('node')!r}",

@@ -1,8 +1,9 @@
 """Who may do what: the roles of A5/A11, their separation, and every check of them, in one place.
 
-Roles: administrator, security officer, auditor, business liaison, and per division a receiver
-and a deputy receiver. `MAY` is the one table of which role may do which act; `Roles.require`
-is the one check of it, made at every use. The rules, enforced here:
+Roles: administrator, security officer, auditor, business liaison, the registrar (the unit's
+archives section, A15), and per division a receiver and a deputy receiver (A11, A35). `MAY` is
+the one table of which role may do which act; `Roles.require` is the one check of it, made at
+every use. The rules, enforced here:
 
 - the auditor is never also the administrator or the security officer (A5);
 - the CA's ceremony names three different persons, each at a token of their own;
@@ -52,8 +53,8 @@ from exchanged.store.audit import AuditLog
 from exchanged.store.roledb import RoleStore
 
 ADMIN, OFFICER, AUDITOR, LIAISON = "administrator", "security-officer", "auditor", "liaison"
-RECEIVER, DEPUTY = "receiver", "deputy-receiver"
-ROLES = (ADMIN, OFFICER, AUDITOR, LIAISON, RECEIVER, DEPUTY)
+RECEIVER, DEPUTY, REGISTRAR = "receiver", "deputy-receiver", "registrar"
+ROLES = (ADMIN, OFFICER, AUDITOR, LIAISON, REGISTRAR, RECEIVER, DEPUTY)
 PER_DIVISION = (RECEIVER, DEPUTY)
 # Pairs no one person may hold together (A5).
 INCOMPATIBLE = frozenset({frozenset({AUDITOR, ADMIN}), frozenset({AUDITOR, OFFICER})})
@@ -72,8 +73,19 @@ MAY: dict[str, tuple[str, ...]] = {
     "person-resume": (AUDITOR,),
     # the audit log: show, verify, export
     "audit-read": (AUDITOR,),
-    # a node's exchange box
-    "document-sign-for": (RECEIVER, DEPUTY),
+    # a node's exchange box (exchanged.box): the unit's box is the archives section's
+    # (A15), a division's box its receiver's and deputy's (A11, A35)
+    "box-sign-for": (REGISTRAR,),  # sign for what is in the unit's box
+    "document-sign-for": (RECEIVER, DEPUTY),  # sign for what is in a division's box
+    "document-register": (REGISTRAR,),
+    "document-distribute": (REGISTRAR,),
+    "document-forward": (REGISTRAR,),  # to a unit this one manages (A15)
+    "document-to-registrar": (RECEIVER, DEPUTY),  # a division passes it on (A19)
+    "box-return": (REGISTRAR,),  # send back what is in the unit's box (N4)
+    "document-return": (RECEIVER, DEPUTY),  # ... or in a division's box
+    "box-paper-received": (REGISTRAR,),
+    "document-paper-received": (RECEIVER, DEPUTY),
+    "archive-export": (REGISTRAR, AUDITOR),
 }
 
 REQUEST_MAX_AGE = 300  # seconds: a signed role request older than this is refused
@@ -171,10 +183,12 @@ class Roles:
     """The role table of one database (the CA's or a node's) and the rules over it."""
 
     def __init__(self, store: RoleStore, audit: AuditLog,
-                 cert_status: Callable[[x509.Certificate], None]) -> None:
+                 cert_status: Callable[[x509.Certificate], None],
+                 divisions: tuple[str, ...] | None = None) -> None:
         self.store = store
         self.audit = audit
         self.cert_status = cert_status
+        self.divisions = divisions  # a node's configured divisions (None: any, at the CA)
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
         return self.store.list(status)
@@ -249,6 +263,10 @@ class Roles:
         if (role in PER_DIVISION) != bool(division):
             raise RoleError(f"the {role} role {'needs' if role in PER_DIVISION else 'takes no'} "
                             "--division", code="bad-role")
+        if division and self.divisions is not None and division not in self.divisions:
+            raise RoleError(f"there is no division {division!r} here (one of "
+                            f"{', '.join(self.divisions) or 'none configured'})",
+                            code="bad-role")
         person = person_of(grantee.subject)
         if not person:
             raise RoleError(f"{grantee.subject.rfc4514_string()} names no registered person: "
@@ -332,13 +350,12 @@ class Roles:
         act(self.audit, auditor, acting, "person-resume", person, {"reason": reason})
         self.store.resume(person)
 
-    def apply_request(self, op: SignedOperator, grantee: x509.Certificate | None,
-                      digest: bytes, now: dt.datetime | None = None) -> int | str:
-        """A role change signed on the operator's own machine and sent to a node: fresh, not
-        applied before (a replay, say of an old resume after a new suspension, is refused),
-        then checked and applied like any other. Inside the caller's transaction, so the
-        record of `digest` commits with the change. Returns the new grant's id, or the
-        object acted on."""
+    def accept_request(self, op: SignedOperator, digest: bytes,
+                       now: dt.datetime | None = None) -> None:
+        """An act signed on the operator's own machine and sent to a node (a role change, an
+        act on the exchange box) is fresh and not applied before (a replay, say of an old
+        resume after a new suspension, is refused). Inside the caller's transaction, so the
+        record of `digest` commits with the act."""
         p = op.request
         try:
             age = ((now or dt.datetime.now(dt.UTC)) - parse_time(str(p["at"]))).total_seconds()
@@ -352,6 +369,14 @@ class Roles:
             raise RoleError("this signed request was already applied: sign a new one",
                             code="replay")
         self.store.remember_request(digest, str(p["at"]))
+
+    def apply_request(self, op: SignedOperator, grantee: x509.Certificate | None,
+                      digest: bytes, now: dt.datetime | None = None) -> int | str:
+        """A role change signed on the operator's own machine and sent to a node: accepted
+        (`accept_request`), then checked and applied like any other. Inside the caller's
+        transaction. Returns the new grant's id, or the object acted on."""
+        self.accept_request(op, digest, now)
+        p = op.request
         action, obj, reason = p["action"], p["object"], str(p.get("reason") or "")
         if action == "role-grant":
             if grantee is None or not obj or person_of(grantee.subject) != obj:

@@ -145,14 +145,15 @@ def test_a_person_certificate_is_refused_and_audited(demo) -> None:  # type: ign
     assert any("peer-wrong-key-usage" in r[3] for r in rows), rows
 
 
-def _send_many(d: Demo, cfg: str, n: int) -> list[str]:
+def _send_many(d: Demo, cfg: str, n: int, **extra: str) -> list[str]:
     (d.work / "m.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(100_000) + b"\n%%EOF\n")
     (d.work / "m.txt").write_text("body\n")
     from exchanged import client
     from exchanged.node.config import Config
     sock = Config.load(cfg).socket_path
     return [client.request(sock, "send", to="office", title=f"doc {i}",
-                            pdf=str(d.work / "m.pdf"), editable=str(d.work / "m.txt"))["doc_id"]
+                            pdf=str(d.work / "m.pdf"), editable=str(d.work / "m.txt"),
+                            **extra)["doc_id"]
             for i in range(n)]
 
 
@@ -288,15 +289,16 @@ def test_roles_at_a_node_follow_the_same_rules(demo) -> None:  # type: ignore[no
         "grant", "auditor.pem", "--role", "administrator", *admin, ok=False)
     # Someone who is not an administrator cannot grant at all.
     assert "not an active administrator" in role(
-        "grant", "receiver.pem", "--role", "receiver", "--division", "Registry", *receiver,
+        "grant", "receiver.pem", "--role", "receiver", "--division", "Secretariat", *receiver,
         ok=False)
     # A grant is pending until the auditor approves it; the administrator cannot approve it.
     grant = json.loads(role("grant", "receiver.pem", "--role", "deputy-receiver", "--division",
-                            "Registry", *admin, "--json"))["id"]
+                            "Secretariat", *admin, "--json"))["id"]
     assert "not an active auditor" in role("review", str(grant), "--approve", *admin, ok=False)
     role("review", str(grant), "--approve", *auditor)
-    # Liu Yang can sign for documents; suspended (A39), she cannot, at once.
-    [doc] = _send_many(d, paths["finance"], 1)
+    # Liu Yang can sign for documents in her division's box; suspended (A39), she cannot, at
+    # once.
+    [doc] = _send_many(d, paths["finance"], 1, division="Secretariat")
     d.wait_for("the document at office", lambda: d.item("office", "inbox", doc))
     role("suspend", "receiver.pem", "--reason", "key reported lost", *auditor)
     out = d.x("inbox", "sign-for", doc, "--config", cfg, *receiver, ok=False, quiet=True)

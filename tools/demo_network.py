@@ -106,7 +106,10 @@ class Demo:
         return serial
 
     def config(self, unit: str, name: str, token: str, port: int,
-               peers: dict[str, tuple[int, str, str]]) -> Path:
+               peers: dict[str, tuple[int, str, str]], *,
+               divisions: tuple[str, ...] = ("Secretariat", "Finance Division",
+                                             "Personnel Division"),
+               manages: tuple[str, ...] = ()) -> Path:
         d = self.work / unit
         d.mkdir(exist_ok=True)
         # Each node keeps a copy of its peers' signed audit checkpoints, and gives its own to
@@ -124,6 +127,11 @@ class Demo:
         # and approved by the auditor.
         lines += ["", "[roles]", f'administrator = "{self.person_id("Zhang Wei")}"',
                   f'auditor = "{self.person_id("Chen Jing")}"']
+        # The exchange box: divisions, and the units this one forwards to (A15). The demo's
+        # office is always open, so that an urgent document goes at any hour it is run.
+        lines += ["", "[box]", f"divisions = {json.dumps(list(divisions), ensure_ascii=False)}",
+                  f"manages = {json.dumps(list(manages))}", "", "[office_hours]",
+                  "days = [1, 2, 3, 4, 5, 6, 7]", 'start = "00:00"', 'end = "00:00"']
         for peer, (pport, pname, porg) in peers.items():
             lines += ["", f"[peers.{peer}]", f'address = "127.0.0.1:{pport}"',
                       f'name = "{pname}"', f'org = "{porg}"']
@@ -253,11 +261,12 @@ def run(d: Demo) -> int:
     d.x("outbox", "--config", cfg_a)
     d.x("inbox", "--config", cfg_b)
 
-    d.say("Liu Yang may sign for documents only once she is office's designated receiver: "
+    d.say("Liu Yang may sign for documents only once she is office's registrar (its archives "
+          "section, A15): "
           "granted by the administrator, approved by the auditor")
     d.x("inbox", "sign-for", doc, "--config", cfg_b, *d.op("receiver"), ok=False)
     grant = json.loads(d.x("role", "grant", "--config", cfg_b, "receiver.pem", "--role",
-                           "receiver", "--division", "Secretariat", *d.op("admin"), "--json"))
+                           "registrar", *d.op("admin"), "--json"))
     d.x("role", "review", "--config", cfg_b, str(grant["id"]), "--approve", "--reason",
         "designated by the head of the secretariat", *d.op("auditor"))
     d.x("role", "list", "--config", cfg_b)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import trio
 from cryptography import x509
 
+from exchanged.box import Box
 from exchanged.errors import ExchangedError
 from exchanged.node.config import Config
 from exchanged.pki import verify
@@ -57,6 +58,7 @@ class Node:
     signer: Operator
     peers: PeerCheck
     roles: Roles
+    box: Box
     server_ctx: Any
     client_ctx: Any
     port: int = 0  # where the listener is bound (set by the service)
@@ -97,7 +99,9 @@ class Node:
         if node.store.audit.head()[0] == 0:  # a new log begins with a signed anchor
             node.audit_event("node-init", c.unit)
         node.peers = PeerCheck(node.trusted, list(c.crls), c.peers)
-        node.roles = Roles(RoleStore(node.store.db), node.store.audit, node.person_status)
+        node.roles = Roles(RoleStore(node.store.db), node.store.audit, node.person_status,
+                           divisions=c.box.divisions)
+        node.box = Box(node.store, node.roles, c.unit, c.box, node.ca_cert)
         with node.store.transaction():
             if node.roles.bootstrap_declared(c.roles, f"configuration {c.source}"):
                 log.info("roles declared in the configuration: %s", c.roles)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import tomllib
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exchanged.box import BoxError, BoxSettings, OfficeHours, check_number_format
 from exchanged.errors import ExchangedError
 from exchanged.transport.peers import Peer
 
@@ -65,6 +67,7 @@ class Config:
     # checkpoints this node keeps (both sides configure it).
     witness: str | None = None
     witness_for: tuple[str, ...] = ()
+    box: BoxSettings = BoxSettings()
 
     @property
     def socket_path(self) -> Path:
@@ -81,6 +84,8 @@ class Config:
             raise ConfigError(f"cannot read {p}: {e}") from None
         try:
             return cls.from_dict(data, base=p.parent, source=p)
+        except BoxError as e:
+            raise ConfigError(f"{p}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{p}: bad, unknown or missing setting: {e}") from None
 
@@ -110,7 +115,12 @@ class Config:
         for w in ([str(witness)] if witness else []) + list(witness_for):
             if w not in peers:
                 raise ConfigError(f"witness {w!r} is not a configured peer: add [peers.{w}]")
+        box = _box(data.get("box", {}), data.get("office_hours", {}), data.get("reminders", {}))
+        for m in box.manages:
+            if m not in peers:
+                raise ConfigError(f"managed unit {m!r} is not a configured peer: add [peers.{m}]")
         return cls(
+            box=box,
             unit=unit, name=str(node.get("name", unit)), data_dir=path(node["data_dir"]),
             listen_host=host, listen_port=port, module=p11.get("module"), key=str(p11["key"]),
             cert=path(p11["cert"]), pin_file=str(path(p11["pin_file"])) if p11.get("pin_file")
@@ -120,6 +130,56 @@ class Config:
             control_socket=path(node["control_socket"]) if node.get("control_socket") else None,
             source=source, roles={str(k): str(v) for k, v in data.get("roles", {}).items()},
             witness=str(witness) if witness else None, witness_for=witness_for)
+
+
+def _box(box: dict[str, Any], hours: dict[str, Any], reminders: dict[str, Any]) -> BoxSettings:
+    """[box], [office_hours] and [reminders] (see conf/exchanged.toml)."""
+    default = BoxSettings()
+    oh = default.office_hours
+    try:
+        office = OfficeHours(
+            days=tuple(int(d) for d in hours.get("days", oh.days)),
+            start=_clock(hours.get("start"), oh.start), end=_clock(hours.get("end"), oh.end),
+            holidays=frozenset(dt.date.fromisoformat(str(d))
+                               for d in hours.get("holidays", [])),
+            utc_offset=_offset(hours.get("utc_offset"), oh.utc_offset))
+        if not set(office.days) <= set(range(1, 8)):
+            raise ValueError("office_hours.days are ISO weekdays, 1 (Monday) to 7")
+        divisions = tuple(str(d) for d in box.get("divisions", []))
+        if len(set(divisions)) != len(divisions) or any(not d.strip() for d in divisions):
+            raise ValueError("box.divisions must be distinct, non-empty names")
+        return BoxSettings(
+            divisions=divisions,
+            incoming_number=check_number_format(str(box.get("incoming_number",
+                                                            default.incoming_number)),
+                                                "incoming"),
+            outgoing_number=check_number_format(str(box.get("outgoing_number",
+                                                            default.outgoing_number)),
+                                                "outgoing"),
+            manages=tuple(str(u) for u in box.get("manages", [])), office_hours=office,
+            urgent_reminder_minutes=int(reminders.get("urgent_every_minutes",
+                                                      default.urgent_reminder_minutes)),
+            reminder_times=tuple(_clock(t, dt.time(0)) for t in reminders.get(
+                "times", [t.strftime("%H:%M") for t in default.reminder_times])))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the exchange box's settings: {e}") from None
+
+
+def _clock(text: object, default: dt.time) -> dt.time:
+    if text is None:
+        return default
+    return dt.time.fromisoformat(str(text))
+
+
+def _offset(text: object, default: dt.timedelta) -> dt.timedelta:
+    """"+08:00" -> 8 hours."""
+    if text is None:
+        return default
+    m = re.fullmatch(r"([+-])(\d{2}):(\d{2})", str(text))
+    if not m:
+        raise ValueError(f"utc_offset {text!r}: expected +HH:MM")
+    minutes = int(m.group(2)) * 60 + int(m.group(3))
+    return dt.timedelta(minutes=-minutes if m.group(1) == "-" else minutes)
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -17,6 +17,7 @@ A refused package's blob is deleted at once.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
 import shutil
@@ -32,9 +33,12 @@ from cryptography import x509
 
 from exchanged import package as pkg
 from exchanged import receipts
+from exchanged.box import MAX_HOPS
 from exchanged.common import stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
+from exchanged.pki import verify
+from exchanged.receipts import ReceiptError
 from exchanged.roles import check_remote_receiver
 from exchanged.store.audit import parse_record, record_signed
 from exchanged.store.db import StoreError
@@ -277,7 +281,8 @@ class Inbound:
                                       f"the document ({e}); send it again later")
         self.in_flight[sha] += 1
         try:
-            answer = await self._check_and_store(peer, leaf, doc, sha)
+            answer = await self._check_and_store(peer, leaf, doc, sha,
+                                                 submit.metadata.get("custody"))
         finally:
             self.in_flight[sha] -= 1
             if not self.in_flight[sha]:
@@ -286,15 +291,23 @@ class Inbound:
             await node.db(node.store.drop_blob_if_unused, sha)
         return answer
 
-    async def _check_and_store(self, peer: Peer, leaf: x509.Certificate, doc: str, sha: str
-                               ) -> proto.Acknowledge | proto.Reject:
+    async def _check_and_store(self, peer: Peer, leaf: x509.Certificate, doc: str, sha: str,
+                               custody: Any) -> proto.Acknowledge | proto.Reject:
         node = self.node
+        records: list[dict[str, Any]] = []
+        if custody is not None:  # forwarded: the records say from whom, through whom
+            try:
+                records = await trio.to_thread.run_sync(self._custody, peer, doc, sha, custody)
+            except ExchangedError as e:
+                return await self._refuse(peer, doc, "bad-form", f"the custody records do not "
+                                          f"hold: {e}")
+        recipient = records[0]["node"] if records else node.config.unit
         workdir = Path(tempfile.mkdtemp(dir=node.config.data_dir, prefix=".unpack-"))
         try:
             received = await trio.to_thread.run_sync(
                 lambda: pkg.read(node.store.blob_path(sha), workdir, issuer=node.ca_cert,
                                  max_file_size=node.config.limits.max_document_bytes,
-                                 expected_recipient=node.config.unit))
+                                 expected_recipient=recipient))
         except ExchangedError as e:
             return await self._refuse(peer, doc, _reason(e.code), str(e))
         except OSError as e:
@@ -303,21 +316,32 @@ class Inbound:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         meta = received.metadata
-        if received.signer != leaf:  # signed by the very node that is talking to us
+        if records:  # signed by the node of the unit that first sent it, good per our CRLs
+            problem = await trio.to_thread.run_sync(self._origin_problem, received.signer, meta)
+            if problem:
+                return await self._refuse(peer, doc, "wrong-sender", problem)
+        elif received.signer != leaf:  # signed by the very node that is talking to us
             return await self._refuse(peer, doc, "wrong-sender", "the package is signed by "
                                       f"{received.signer.subject.rfc4514_string()}, not by the "
                                       "node that sent it")
-        if meta.doc_id != doc or meta.sender != peer.unit or meta.recipient != node.config.unit:
+        if meta.doc_id != doc or (not records and (meta.sender != peer.unit
+                                                   or meta.recipient != node.config.unit)):
             return await self._refuse(peer, doc, "bad-form",
                                       f"the package is {meta.doc_id} from {meta.sender} to "
                                       f"{meta.recipient}; this is {node.config.unit} talking "
                                       f"to {peer.unit} about {doc}")
+        box = meta.division if not records else ""
+        if box and box not in node.config.box.divisions:
+            return await self._refuse(peer, doc, "bad-form", f"the document is addressed to "
+                                      f"division {box!r}; {node.config.unit} has none by that "
+                                      "name")
         received_at = stamp()
         receipt = await node.tok(receipts.delivery, node.signer, doc_id=doc, sha256=sha,
                                  sender=peer.unit, recipient=node.config.unit,
                                  received_at=received_at)
         try:
-            new = await node.db(self._store_received, doc, peer, meta, sha, receipt)
+            new = await node.db(self._store_received, doc, peer, meta, sha, receipt, box,
+                                [str(c) for c in custody or ()])
         except StoreError as e:  # id-conflict is final; the store failing is not their fault
             return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
                                       else "busy", str(e))
@@ -331,17 +355,63 @@ class Inbound:
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
 
     def _store_received(self, doc: str, peer: Peer, meta: pkg.Metadata, sha: str,
-                        receipt: bytes) -> bool:
+                        receipt: bytes, box: str, custody: list[str]) -> bool:
         store = self.node.store
         with store.transaction():
             new = store.receive(doc_id=doc, sender=peer.unit, metadata=meta.to_dict(),
                                 package_sha256=sha, size=store.blob_path(sha).stat().st_size,
-                                delivery_receipt=receipt)
+                                delivery_receipt=receipt, box=box, origin=meta.sender,
+                                custody=custody)
             store.audit.append(action="document-received" if new else "document-duplicate",
                                obj=doc, actor_subject=f"{peer.name},{peer.org}",
                                details={"sender": peer.unit, "sha256": sha,
-                                        "title": meta.title, "urgency": meta.urgency})
+                                        "title": meta.title, "urgency": meta.urgency,
+                                        "box": box, "origin": meta.sender,
+                                        "forwards": len(custody)})
         return new
+
+    def _custody(self, peer: Peer, doc: str, sha: str, custody: Any) -> list[dict[str, Any]]:
+        """A forwarded document's custody records, each checked: signed by a person (good per
+        our CRLs) of our CA, each the forward of this very document from one unit to the
+        next, the last from the peer talking to us (signed by someone of its unit) to us."""
+        node = self.node
+        if not isinstance(custody, list) or not 0 < len(custody) <= MAX_HOPS or \
+                not all(isinstance(c, str) for c in custody):
+            raise ReceiptError(f"custody must be a list of 1 to {MAX_HOPS} signed records")
+        records = []
+        for n, c in enumerate(custody):
+            try:
+                cms = base64.b64decode(c, validate=True)
+            except ValueError:
+                raise ReceiptError(f"record {n + 1} is not base64") from None
+            signer, _, payload = receipts.open_signed(cms, node.ca_cert, "custody record")
+            node.person_status(signer)
+            records.append({**payload, "_signer": signer})
+        for a, b in zip(records, records[1:], strict=False):
+            if a.get("to") != b.get("node"):
+                raise ReceiptError(f"the records do not follow each other ({a.get('to')} then "
+                                   f"{b.get('node')})")
+        for r in records:
+            receipts.check_forward(r, doc_id=doc, sha256=sha, from_unit=str(r.get("node")),
+                                   to_unit=str(r.get("to")))
+        last = records[-1]
+        if last["node"] != peer.unit or last["to"] != node.config.unit:
+            raise ReceiptError(f"the last forward is from {last['node']} to {last['to']}, not "
+                               f"from {peer.unit} to {node.config.unit}")
+        check_remote_receiver(last["_signer"], peer.org)
+        return records
+
+    def _origin_problem(self, signer: x509.Certificate, meta: pkg.Metadata) -> str | None:
+        """A forwarded package is signed by a node of the unit that sent it first."""
+        try:
+            verify.validate(signer, trusted=self.node.trusted, crls=self.node.peers.crls,
+                            purpose="node")
+        except verify.ValidationError as e:
+            return f"the forwarded package's signer is not good: {e}"
+        if pkg.signer_unit(signer) != meta.sender:
+            return (f"the forwarded package is signed by {signer.subject.rfc4514_string()}, "
+                    f"not by the node of {meta.sender}, its sender")
+        return None
 
     async def _refuse(self, peer: Peer, doc: str, code: str, message: str) -> proto.Reject:
         log.warning("rejected %s from %s: %s", doc, peer.unit, message)
@@ -351,16 +421,25 @@ class Inbound:
 
     async def _signed_for(self, peer: Peer, event: proto.DeliverReceipt
                           ) -> proto.ReceiptAccepted | proto.Reject:
-        """The recipient's receiver signed for one of our documents: check, keep."""
+        """Something the recipient unit's people signed about one of our documents: a
+        signed-for receipt (the unit's, or a division's for its copy) or a return notice
+        (N4, with its reason). Check it, keep it; a repeat is taken again and changes
+        nothing."""
         node = self.node
         try:
             signer, _, payload = receipts.open_signed(event.receipt, node.ca_cert)
             item = await node.db(node.store.out_item, event.doc_id)
             if item["recipient"] != peer.unit:
                 raise receipts.ReceiptError(f"{event.doc_id} was not sent to {peer.unit}")
-            receipts.check_signed_for(payload, doc_id=event.doc_id,
-                                      sha256=item["package_sha256"], sender=node.config.unit,
-                                      recipient=peer.unit)
+            kind, division = payload.get("type"), str(payload.get("division") or "")
+            want = {"doc_id": event.doc_id, "sha256": item["package_sha256"],
+                    "sender": node.config.unit, "recipient": peer.unit}
+            if kind == receipts.SIGNED_FOR:
+                receipts.check_signed_for(payload, **want, division=division)
+            elif kind == receipts.RETURN:
+                receipts.check_return(payload, **want)
+            else:
+                raise receipts.ReceiptError(f"a receipt of an unknown kind {kind!r}")
             # A person of the recipient unit, with a certificate good now, signed it.
             node.person_status(signer)
             check_remote_receiver(signer, peer.org)
@@ -368,7 +447,9 @@ class Inbound:
         except ExchangedError as e:
             return proto.Reject("unknown-document" if e.code == "not-found" else "bad-receipt",
                                 str(e))
-        log.info("%s signed for by %s", event.doc_id, signer.subject.rfc4514_string())
+        log.info("%s %s by %s", event.doc_id, "returned" if kind == receipts.RETURN else
+                 f"signed for{' (' + division + ')' if division else ''}",
+                 signer.subject.rfc4514_string())
         return proto.ReceiptAccepted(event.doc_id)
 
     async def _witness(self, peer: Peer, leaf: x509.Certificate, event: proto.DeliverCheckpoint
@@ -414,12 +495,20 @@ class Inbound:
 
     def _store_signed_for(self, doc: str, receipt: bytes, signer: x509.Certificate,
                           payload: dict[str, Any]) -> None:
-        store = self.node.store
+        store, rows = self.node.store, self.node.box.rows
+        kind, division = str(payload["type"]), str(payload.get("division") or "")
+        subject = signer.subject.rfc4514_string()
         with store.transaction():
-            store.mark_signed_for(doc, receipt)
-            store.audit.append(action="document-signed-for", obj=doc,
-                               actor=format(signer.serial_number, "x"),
-                               actor_subject=signer.subject.rfc4514_string(),
+            if not rows.record_receipt(doc, kind, division, format(signer.serial_number, "x"),
+                                       subject, receipt):
+                return  # taken before: the recipient retried
+            if kind == receipts.RETURN:
+                rows.mark_returned(doc, subject, str(payload["reason"]))
+            elif not division and store.out_item(doc)["state"] == "delivered":
+                store.mark_signed_for(doc, receipt)
+            store.audit.append(action="document-returned-to-us" if kind == receipts.RETURN
+                               else "document-signed-for", obj=doc,
+                               actor=format(signer.serial_number, "x"), actor_subject=subject,
                                details=payload, signature=receipt)
 
 

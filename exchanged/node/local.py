@@ -9,6 +9,7 @@ command line; here they are checked (`exchanged.receipts`, `exchanged.pki.verify
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import shutil
 import tempfile
@@ -18,8 +19,9 @@ from typing import Any
 import trio
 from cryptography import x509
 
+from exchanged import box, receipts
 from exchanged import package as pkg
-from exchanged import receipts
+from exchanged.box import URGENT
 from exchanged.common import new_id, stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.base import Node
@@ -31,18 +33,28 @@ from exchanged.pki.operator import SignedOperator
 from exchanged.store.audit import mirror_line
 
 
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["metadata"] = json.loads(row["metadata"])
+    return row
+
+
 class LocalCommands:
     """The control socket's commands, over one running node."""
 
     def __init__(self, node: Node, outbound: Outbound) -> None:
         self.node = node
         self.outbound = outbound
+        # Numbered sends one at a time: the number is read, signed into the package, then
+        # taken with the enqueue; a send that fails in between takes none (gap-free).
+        self.numbering = trio.Lock()
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "send": self.send, "outbox": self.outbox,
                 "inbox": self.inbox, "inbox-show": self.inbox_show,
                 "outbox-show": self.outbox_show, "sign-for": self.sign_for,
-                "export": self.export, "role": self.role, "role-list": self.role_list,
+                "return": self.return_, "due": self.due, "export": self.export,
+                "act": self.act, "role": self.act, "role-list": self.role_list,
                 "witnessed": self.witnessed}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -56,26 +68,61 @@ class LocalCommands:
     async def send(self, req: dict[str, Any]) -> dict[str, Any]:
         node = self.node
         to = req["to"]
-        if to not in node.config.peers and to != node.config.unit:
-            raise ControlError(f"{to} is not a configured peer (A13): add it to the "
-                               "configuration", code="unknown-peer")
-        meta = pkg.Metadata(
-            doc_id=req.get("doc_id") or new_id(), sender=node.config.unit, recipient=to,
-            title=req["title"], number=req.get("number") or "",
-            urgency=req.get("urgency") or "normal",
-            classification=req.get("classification") or "internal",
-            deadline=req.get("deadline"), paper_original=bool(req.get("paper_original")),
-            created=stamp())
+        doc_id = req.get("doc_id") or new_id()
         try:
-            sha, size = await node.tok(self._package, meta, Path(req["pdf"]),
-                                       Path(req["editable"]))
+            if to not in node.config.peers and to != node.config.unit:
+                raise ControlError(f"{to} is not a configured peer (A13): add it to the "
+                                   "configuration", code="unknown-peer")
+            urgency = req.get("urgency") or "normal"
+            phoned = str(req.get("phoned") or "").strip()
+            hours = node.config.box.office_hours
+            if urgency in URGENT and not phoned and not hours.open_at(dt.datetime.now(dt.UTC)):
+                raise ControlError(f"it is outside {node.config.unit}'s office hours: an urgent "
+                                   f"document needs a phone call to {to} first (A20); say who "
+                                   "you spoke to and when with --phoned 'WHO, WHEN'",
+                                   code="phone-first")
+            if req.get("corrects"):
+                await node.db(self._check_corrects, str(req["corrects"]))
+            number = str(req.get("number") or "")
+            if number == "auto":
+                async with self.numbering:
+                    return await self._send(req, doc_id, to, urgency, phoned, auto=True)
+            used = await node.db(node.box.rows.outgoing_number_used, number) if number else None
+            if used:
+                raise ControlError(f"the number {number!r} is used by another document of "
+                                   f"{node.config.unit}; numbers are unique", code="number-used")
+            return await self._send(req, doc_id, to, urgency, phoned, auto=False)
         except ExchangedError as e:
-            await node.audit("document-send", meta.doc_id, outcome="refused",
+            await node.audit("document-send", doc_id, outcome="refused",
                              details={"recipient": to, "code": e.code, "error": str(e)})
             raise
-        await node.db(self._enqueue, meta, sha, size)
+
+    async def _send(self, req: dict[str, Any], doc_id: str, to: str, urgency: str,
+                    phoned: str, *, auto: bool) -> dict[str, Any]:
+        node = self.node
+        year = node.config.box.office_hours.local(dt.datetime.now(dt.UTC)).year
+        number = str(req.get("number") or "")
+        seq = 0
+        if auto:
+            seq = await node.db(node.box.rows.peek_number, "outgoing", year)
+            number = box.number(node.config.box.outgoing_number, node.config.unit, year, seq)
+        meta = pkg.Metadata(
+            doc_id=doc_id, sender=node.config.unit, recipient=to, title=req["title"],
+            number=number, urgency=urgency,
+            classification=req.get("classification") or "internal",
+            deadline=req.get("deadline"), paper_original=bool(req.get("paper_original")),
+            created=stamp(), division=str(req.get("division") or ""), phoned=phoned,
+            corrects=req.get("corrects") or None)
+        sha, size = await node.tok(self._package, meta, Path(req["pdf"]), Path(req["editable"]))
+        await node.db(self._enqueue, meta, sha, size, (year, seq) if auto else None)
         self.outbound.poke(to)
-        return {"doc_id": meta.doc_id, "sha256": sha, "size": size}
+        return {"doc_id": meta.doc_id, "sha256": sha, "size": size, "number": number}
+
+    def _check_corrects(self, doc_id: str) -> None:
+        item = self.node.store.out_item(doc_id)
+        if item["state"] != "returned":
+            raise ControlError(f"{doc_id} was not returned (it is {item['state']}); --corrects "
+                               "names a document the recipient sent back", code="bad-state")
 
     def _package(self, meta: pkg.Metadata, pdf: Path, editable: Path) -> tuple[str, int]:
         """Build the package (signed on the node token), store it as a blob: (sha256, size)."""
@@ -92,14 +139,23 @@ class LocalCommands:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _enqueue(self, meta: pkg.Metadata, sha: str, size: int) -> None:
+    def _enqueue(self, meta: pkg.Metadata, sha: str, size: int,
+                 numbered: tuple[int, int] | None) -> None:
         store = self.node.store
         with store.transaction():
+            if numbered is not None:  # the number read before packaging is taken now
+                year, seq = numbered
+                if self.node.box.rows.take_number("outgoing", year) != seq:
+                    raise ControlError("the outgoing number moved while packaging; send again",
+                                       code="busy")
             store.enqueue(doc_id=meta.doc_id, recipient=meta.recipient,
                           metadata=meta.to_dict(), package_sha256=sha, size=size)
             store.audit.append(action="document-sent", obj=meta.doc_id,
                                details={"recipient": meta.recipient, "title": meta.title,
-                                        "sha256": sha, "urgency": meta.urgency})
+                                        "sha256": sha, "urgency": meta.urgency,
+                                        "number": meta.number, "phoned": meta.phoned,
+                                        "division": meta.division,
+                                        "corrects": meta.corrects})
 
     # -- the boxes --------------------------------------------------------------------------
 
@@ -107,47 +163,72 @@ class LocalCommands:
         return {"items": await self.node.db(self.node.store.outbox, req.get("state"))}
 
     async def inbox(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("division"):
+            division = str(req["division"])
+            if division not in self.node.config.box.divisions:
+                raise ControlError(f"{self.node.config.unit} has no division {division!r}",
+                                   code="no-division")
+            rows = await self.node.db(self.node.box.rows.box, division)
+            return {"items": [_decoded(r) for r in rows
+                              if not req.get("state") or r["state"] == req["state"]]}
         return {"items": await self.node.db(self.node.store.inbox, req.get("state"))}
 
     async def inbox_show(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"item": await self.node.db(self.node.store.in_item, req["doc_id"])}
+        def show() -> dict[str, Any]:
+            item = self.node.store.in_item(req["doc_id"])
+            rows = self.node.box.rows
+            item["copies"] = [{k: v for k, v in c.items() if k != "receipt"}
+                              for c in rows.copies(rows.item(req["doc_id"]))]
+            item["receipts_out"] = self.node.store.receipts_for(req["doc_id"])
+            return item
+        return {"item": await self.node.db(show)}
 
     async def outbox_show(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"item": await self.node.db(self.node.store.out_item, req["doc_id"])}
+        def show() -> dict[str, Any]:
+            item = self.node.store.out_item(req["doc_id"])
+            item["receipts"] = self.node.box.rows.receipts(req["doc_id"])
+            return item
+        return {"item": await self.node.db(show)}
+
+    async def due(self, req: dict[str, Any]) -> dict[str, Any]:
+        division = req.get("division") or None
+        return {"items": await self.node.db(self.node.box.due, dt.datetime.now(dt.UTC),
+                                            division)}
 
     async def sign_for(self, req: dict[str, Any]) -> dict[str, Any]:
-        """A receiver signed for an inbox document with their personal token (in the CLI,
-        which holds their token): check the signature and the person, record it, send it
-        back."""
+        """A receiver signed for a document (or the copy their division was given) with their
+        personal token (in the CLI, which holds their token): check the signature and the
+        person, record it, send it back. Who may sign for what is the box's and the roles'."""
+        node = self.node
+        doc, division = req["doc_id"], str(req.get("division") or "")
+        op, payload = await self._signed(base64.b64decode(req["receipt"]), "receipt")
+        role = await node.db(node.box.sign_for, op, doc, payload, division)
+        self.outbound.poke(str(payload["sender"]))
+        return {"doc_id": doc, "by": op.cert.subject.rfc4514_string(), "role": role,
+                "division": division}
+
+    async def return_(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A document sent back to its sender with the reason (N4), the notice signed on the
+        returner's token."""
         node = self.node
         doc = req["doc_id"]
-        receipt = base64.b64decode(req["receipt"])
-        item = await node.db(node.store.in_item, doc)
-        signer, content, payload = receipts.open_signed(receipt, node.ca_cert)
+        op, payload = await self._signed(base64.b64decode(req["notice"]), "return notice")
+        reason = await node.db(node.box.return_, op, doc, payload)
+        self.outbound.poke(str(payload["sender"]))
+        return {"doc_id": doc, "by": op.cert.subject.rfc4514_string(), "reason": reason}
+
+    async def _signed(self, cms: bytes, what: str) -> tuple[SignedOperator, dict[str, Any]]:
+        """Something a person signed that travels: verified, by a person certificate good per
+        our CRLs."""
+        node = self.node
+        signer, content, payload = receipts.open_signed(cms, node.ca_cert, what)
         try:
             await trio.to_thread.run_sync(lambda: verify.validate(
                 signer, trusted=node.trusted, crls=node.peers.crls, purpose="person"))
         except verify.ValidationError as e:
-            raise ControlError(f"the receiver's certificate is not usable: {e}",
+            raise ControlError(f"the signer's certificate is not usable: {e}",
                                code="bad-receipt") from None
-        receipts.check_signed_for(payload, doc_id=doc, sha256=item["package_sha256"],
-                                  sender=item["sender"], recipient=node.config.unit)
-        await node.db(self._record_sign_for, doc, SignedOperator(signer, content, receipt),
-                      payload)
-        self.outbound.poke(item["sender"])
-        return {"doc_id": doc, "by": signer.subject.rfc4514_string()}
-
-    def _record_sign_for(self, doc: str, op: SignedOperator, payload: dict[str, Any]) -> None:
-        node = self.node
-        # Only a designated receiver (or deputy) of this unit signs for documents (A11, A20).
-        role = node.roles.require(op, "document-sign-for")
-        assert op.presigned is not None
-        receipt = op.presigned[1]
-        with node.store.transaction():
-            node.store.mark_in_signed_for(doc, receipt, op.serial)
-            node.store.audit.append(action="document-signed-for", obj=doc, actor=op.serial,
-                                    actor_subject=op.cert.subject.rfc4514_string(),
-                                    role=role, details=payload, signature=receipt)
+        return SignedOperator(signer, content, cms), payload
 
     async def export(self, req: dict[str, Any]) -> dict[str, Any]:
         node = self.node
@@ -182,14 +263,34 @@ class LocalCommands:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    # -- roles at this node (the same rules as at the CA: exchanged.roles) ------------------
+    # -- acts signed on a person's token (roles: the same rules as at the CA) ----------------
 
-    async def role(self, req: dict[str, Any]) -> dict[str, Any]:
-        """A role change signed on the operator's token by the CLI; checked and applied here."""
+    async def act(self, req: dict[str, Any]) -> dict[str, Any]:
+        """An act signed on the operator's token by the CLI — a role change, or an act on the
+        exchange box — checked (fresh, once, by whom) and applied here."""
         node = self.node
-        op, grantee, digest = receipts.open_role_request(
+        op, grantee, digest = receipts.open_request(
             base64.b64decode(req["request"]), node.ca_cert, node=node.config.unit,
             grantee_pem=req.get("cert"))
+        action, doc = str(op.request.get("action")), str(op.request.get("object"))
+        b = node.box
+        if action == "document-register":
+            return {"number": await node.db(b.register, op, doc, digest)}
+        if action == "document-distribute":
+            await node.db(b.distribute, op, doc, list(op.request.get("divisions") or []),
+                          digest)
+            return {"divisions": op.request.get("divisions")}
+        if action == "document-forward":
+            to = str(op.request.get("to"))
+            await node.db(b.forward, op, doc, to, digest)
+            self.outbound.poke(to)
+            return {"to": to}
+        if action == "document-to-registrar":
+            await node.db(b.to_registrar, op, doc, digest)
+            return {}
+        if action == "document-paper-received":
+            await node.db(b.paper_received, op, doc, digest)
+            return {}
         return {"id": await node.db(self._apply_role, op, grantee, digest)}
 
     def _apply_role(self, op: SignedOperator, grantee: x509.Certificate | None,

@@ -156,7 +156,8 @@ class Outbound:
         path = node.store.blob_path(item.package_sha256)
         try:
             await node.send(tls, conn.send(proto.SubmitDocument(
-                item.doc_id, item.size, item.package_sha256)))
+                item.doc_id, item.size, item.package_sha256,
+                {"custody": item.custody} if item.custody else {})))
             with open(path, "rb") as f:  # noqa: ASYNC230 — local disk, read in slices
                 while conn.body_remaining:
                     data = await trio.to_thread.run_sync(f.read, DISK_SLICE)
@@ -225,8 +226,8 @@ class Outbound:
         node = self.node
         await node.send(tls, conn.send(proto.DeliverReceipt(r["doc_id"], r["receipt"])))
         answer = await self._response(tls, conn)
-        await node.db(node.store.mark_receipt_returned, r["doc_id"],
-                      isinstance(answer, proto.ReceiptAccepted), sender=r["sender"],
+        await node.db(node.store.mark_receipt_returned, r["id"],
+                      isinstance(answer, proto.ReceiptAccepted),
                       error=getattr(answer, "message", None) or "refused")
 
     async def _send_checkpoint(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,

@@ -11,8 +11,10 @@ interrupted one is simply sent again.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import signal
+import sqlite3
 import time
 
 import trio
@@ -120,9 +122,11 @@ class Service:
         node = self.node
         last_checkpoint = time.monotonic()
         interval = (self.notifier.watchdog_seconds or 20) / 2
+        last_reminder = dt.datetime.now(dt.UTC)
         while True:
             await trio.sleep(min(interval, 5))
             self.notifier.watchdog()
+            last_reminder = await self._remind(last_reminder)
             try:
                 if await trio.to_thread.run_sync(node.peers.reload):
                     log.info("CRLs changed on disk: reloaded")
@@ -135,6 +139,28 @@ class Service:
                     last_checkpoint = time.monotonic()
                     if self.config.witness:
                         self.outbound.poke(self.config.witness)
+
+
+    async def _remind(self, since: dt.datetime) -> dt.datetime:
+        """Reminders (A16, A35): the alert command again for each urgent document nobody has
+        signed for, every urgent_every_minutes; and at each reminder time of day, for
+        whatever is pending."""
+        node, now = self.node, dt.datetime.now(dt.UTC)
+        try:
+            urgent, pending = await node.db(node.box.reminders, now, since)
+        except (ExchangedError, OSError, sqlite3.Error) as e:
+            log.error("reminders failed: %s", e)
+            return since
+        for item in urgent:
+            log.warning("urgent document %s (%r from %s) is not signed for in the %s box",
+                        item["doc_id"], item["title"], item["sender"], item["box"])
+            node.alert("urgent-pending", every_time=True, doc_id=item["doc_id"],
+                       title=item["title"], sender=item["sender"], urgency=item["urgency"],
+                       box=item["box"])
+        if pending:
+            log.info("reminder: %d document(s) wait for someone to act (exchanged due)", pending)
+            node.alert("pending", every_time=True, count=str(pending))
+        return now
 
 
 async def _nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED

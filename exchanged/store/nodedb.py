@@ -24,19 +24,28 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
 - roles, suspensions, role_requests   who holds which role on this node (store/roledb.py)
 - outbox(id, doc_id UNIQUE, recipient, metadata, urgency, package_sha256, size, state,
       created_at, queued_at, updated_at, attempts, next_attempt_at, last_error, delivered_at,
-      delivery_receipt, signed_for_at, signed_for_receipt, reject_code, reject_message)
+      delivery_receipt, signed_for_at, signed_for_receipt, reject_code, reject_message,
+      custody, returned_at, returned_by, return_reason)
       state: queued -> sending -> delivered -> signed-for; sending -> queued (schedule_retry,
       recover); queued/sending -> failed (gave up); sending/delivered -> rejected (final, with
-      the peer's code and message); failed -> queued (requeue, by an operator).
+      the peer's code and message); failed -> queued (requeue, by an operator);
+      delivered/signed-for -> returned (the recipient sent it back, N4: with its reason).
       `attempts` and `max_age` count from `queued_at` (the enqueue, or the last requeue).
-- inbox(id, sender, doc_id, metadata, urgency, package_sha256, size, state, received_at,
-      updated_at, delivery_receipt, signed_for_at, signed_for_receipt, signed_for_by,
-      receipt_attempts, receipt_next_at, receipt_error, receipt_returned_at)
-      UNIQUE(sender, doc_id); state: received -> signed-for (-> registered -> distributed,
-      reserved for the registry). The signed-for receipt goes back to the sender
-      store-and-forward too: `receipts_to_return()` lists those not yet accepted by the sender
-      whose `receipt_next_at` has come; `mark_receipt_returned()` records the sender's answer
-      (a refusal is retried with the same backoff as documents, never given up).
+      `custody` (JSON list) is the forward records a forwarded document travels with.
+- inbox(id, sender, doc_id, metadata, urgency, package_sha256, size, state, box, origin,
+      custody, received_at, updated_at, delivery_receipt, signed_for_at, signed_for_receipt,
+      signed_for_by, register_number UNIQUE, registered_at, registered_by, paper_received_at,
+      paper_received_by, closed_at, closed_by, close_note, reminded_at)
+      UNIQUE(sender, doc_id); `box` is '' for the unit's box (the archives section's) or the
+      division a document is addressed to or was passed to; `origin` the unit that first sent
+      it (not the sender, for a forwarded document). The exchange box's states and acts are
+      `exchanged.box`'s: received -> signed-for -> registered -> distributed; received or
+      signed-for -> returned; signed-for/registered -> forwarded.
+- receipts_out(id, sender, doc_id, kind, receipt, created_at, next_at, attempts, error,
+      returned_at)    what goes back to senders, store-and-forward: signed-for receipts (of
+      the unit, and of each division a copy went to) and return notices. `receipts_to_return()`
+      lists those whose `next_at` has come; `mark_receipt_returned()` records the sender's
+      answer (a refusal is retried with the documents' backoff, never given up).
 - witnessed(unit, seq, at, head, hash, signature, received_at)    the signed audit checkpoints
       of the peers this node witnesses (as in audit.mirror_line); meta `witness_seq` is the
       last of our own checkpoints our witness has taken
@@ -78,11 +87,12 @@ from cryptography import x509
 
 from exchanged.common import canonical
 from exchanged.store.audit import MIRROR, AuditLog, Report
+from exchanged.store.boxdb import BoxStore
 from exchanged.store.db import StoreError, Transaction, change, connect, one, rows
 from exchanged.store.files import fsync_dir
 from exchanged.store.roledb import RoleStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the exchange box (inbox boxes and acts, receipts_out, copies, numbers)
 DB_NAME = "node.db"
 BLOBS = "blobs"
 TEMP_PREFIX = ".tmp-"
@@ -93,8 +103,8 @@ MAX_BLOB_SIZE = 1 << 30  # default limit of one package (1 GiB)
 CHUNK = 1 << 20  # read size when hashing a blob file
 
 URGENCY = {"extra-urgent": 0, "urgent": 1, "normal": 2}
-OUT_STATES = ("queued", "sending", "delivered", "signed-for", "rejected", "failed")
-IN_STATES = ("received", "signed-for", "registered", "distributed")
+OUT_STATES = ("queued", "sending", "delivered", "signed-for", "rejected", "failed", "returned")
+IN_STATES = ("received", "signed-for", "registered", "distributed", "returned", "forwarded")
 
 BACKOFF_BASE = 2.0  # seconds
 BACKOFF_CAP = 600.0  # seconds
@@ -111,24 +121,33 @@ CREATE TABLE IF NOT EXISTS outbox (
     metadata TEXT NOT NULL, urgency INTEGER NOT NULL CHECK (urgency IN (0, 1, 2)),
     package_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN
-        ('queued','sending','delivered','signed-for','rejected','failed')),
+        ('queued','sending','delivered','signed-for','rejected','failed','returned')),
     created_at REAL NOT NULL, queued_at REAL NOT NULL, updated_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, last_error TEXT,
     delivered_at REAL, delivery_receipt BLOB, signed_for_at REAL, signed_for_receipt BLOB,
-    reject_code TEXT, reject_message TEXT);
+    reject_code TEXT, reject_message TEXT, custody TEXT NOT NULL DEFAULT '[]',
+    returned_at REAL, returned_by TEXT, return_reason TEXT);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, recipient, next_attempt_at);
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL,
     metadata TEXT NOT NULL, urgency INTEGER NOT NULL CHECK (urgency IN (0, 1, 2)),
     package_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('received','signed-for','registered','distributed')),
+    state TEXT NOT NULL CHECK (state IN ('received','signed-for','registered','distributed',
+                                         'returned','forwarded')),
+    box TEXT NOT NULL DEFAULT '', origin TEXT NOT NULL DEFAULT '',
+    custody TEXT NOT NULL DEFAULT '[]',
     received_at REAL NOT NULL, updated_at REAL NOT NULL, delivery_receipt BLOB,
     signed_for_at REAL, signed_for_receipt BLOB, signed_for_by TEXT,
-    receipt_attempts INTEGER NOT NULL DEFAULT 0, receipt_next_at REAL, receipt_error TEXT,
-    receipt_returned_at REAL,
+    register_number TEXT UNIQUE, registered_at REAL, registered_by TEXT,
+    paper_received_at REAL, paper_received_by TEXT,
+    closed_at REAL, closed_by TEXT, close_note TEXT, reminded_at REAL,
     UNIQUE (sender, doc_id));
-CREATE INDEX IF NOT EXISTS inbox_receipts ON inbox(sender, receipt_next_at)
-    WHERE receipt_next_at IS NOT NULL AND receipt_returned_at IS NULL;
+CREATE TABLE IF NOT EXISTS receipts_out (
+    id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL, kind TEXT NOT NULL,
+    receipt BLOB NOT NULL, created_at REAL NOT NULL, next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, returned_at REAL);
+CREATE INDEX IF NOT EXISTS receipts_due ON receipts_out(sender, next_at)
+    WHERE returned_at IS NULL;
 CREATE INDEX IF NOT EXISTS inbox_doc ON inbox(doc_id);
 CREATE INDEX IF NOT EXISTS inbox_state ON inbox(state);
 CREATE TABLE IF NOT EXISTS witnessed (
@@ -264,6 +283,7 @@ class OutItem:
     attempts: int
     created_at: float
     next_attempt_at: float
+    custody: list[str]  # a forwarded document's custody records (base64 CMS)
 
 
 def _urgency(metadata: dict[str, Any]) -> int:
@@ -279,6 +299,8 @@ def _urgency(metadata: dict[str, Any]) -> int:
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
     row["metadata"] = json.loads(row["metadata"])
     row["urgency"] = next(k for k, v in URGENCY.items() if v == row["urgency"])
+    if "custody" in row:
+        row["custody"] = json.loads(row["custody"])
     return row
 
 
@@ -327,6 +349,7 @@ class NodeStore:
                 conn.executescript(_SCHEMA)
                 AuditLog.create(db)
                 RoleStore.create(db)
+                BoxStore.create(db)
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES "
                              "('schema_version', ?), ('kind', 'node')", [str(SCHEMA_VERSION)])
             found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
@@ -450,8 +473,9 @@ class NodeStore:
     # -- outbox ---------------------------------------------------------------------------------
 
     def enqueue(self, *, doc_id: str, recipient: str, metadata: dict[str, Any],
-                package_sha256: str, size: int) -> bool:
-        """Queue a document whose package blob is already committed; due at once.
+                package_sha256: str, size: int, custody: list[str] | None = None) -> bool:
+        """Queue a document whose package blob is already committed; due at once. `custody`
+        is the forward records (base64 CMS) of a document we forward.
 
         Idempotent by `doc_id`: True if queued now, False if it was already there with the
         same package and recipient; anything else under that id is StoreError "id-conflict"."""
@@ -471,10 +495,10 @@ class NodeStore:
             now = time.time()
             self.db.execute(
                 "INSERT INTO outbox (doc_id, recipient, metadata, urgency, package_sha256, "
-                "size, state, created_at, queued_at, updated_at, attempts, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, 0, ?)",
+                "size, state, created_at, queued_at, updated_at, attempts, next_attempt_at, "
+                "custody) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, 0, ?, ?)",
                 [doc_id, recipient, canonical(metadata).decode(), urgency, package_sha256,
-                 size, now, now, now, now])
+                 size, now, now, now, now, json.dumps(custody or [])])
         return True
 
     def due(self, now: float, limit: int = 100, *, recipient: str | None = None
@@ -484,7 +508,7 @@ class NodeStore:
         where, params = ("AND recipient = ? ", [recipient]) if recipient is not None else ("", [])
         found = rows(self.db,
                      "SELECT doc_id, recipient, metadata, package_sha256, size, urgency, "
-                     "attempts, created_at, next_attempt_at FROM outbox "
+                     "attempts, created_at, next_attempt_at, custody FROM outbox "
                      f"WHERE state = 'queued' {where}AND next_attempt_at <= ? "
                      "ORDER BY urgency, created_at, id LIMIT ?", [*params, now, limit])
         return [OutItem(**_decode(r)) for r in found]
@@ -499,8 +523,8 @@ class NodeStore:
         found = self.db.execute(
             "SELECT MIN(t) FROM ("
             f"SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'queued' {out_where} "
-            "UNION ALL SELECT MIN(receipt_next_at) FROM inbox WHERE receipt_next_at IS NOT NULL "
-            f"AND receipt_returned_at IS NULL {in_where})", [*params, *params]).fetchone()
+            "UNION ALL SELECT MIN(next_at) FROM receipts_out WHERE returned_at IS NULL "
+            f"{in_where})", [*params, *params]).fetchone()
         return None if found[0] is None else float(found[0])
 
     def _move_out(self, doc_id: str, action: str, allowed: tuple[str, ...], new: str,
@@ -598,8 +622,12 @@ class NodeStore:
     # -- inbox ----------------------------------------------------------------------------------
 
     def receive(self, *, doc_id: str, sender: str, metadata: dict[str, Any],
-                package_sha256: str, size: int, delivery_receipt: bytes | None = None) -> bool:
-        """Record a received document whose package blob is already committed.
+                package_sha256: str, size: int, delivery_receipt: bytes | None = None,
+                box: str = "", origin: str | None = None, custody: list[str] | None = None
+                ) -> bool:
+        """Record a received document whose package blob is already committed, in `box` (''
+        for the unit's; a division's name if it is addressed to one). `origin` and `custody`
+        are a forwarded document's first sender and forward records.
 
         True if new; False if this (sender, doc_id) was already received with the same
         package (acknowledge it again: `in_item()` has the stored delivery receipt); a
@@ -618,10 +646,10 @@ class NodeStore:
             now = time.time()
             self.db.execute(
                 "INSERT INTO inbox (sender, doc_id, metadata, urgency, package_sha256, size, "
-                "state, received_at, updated_at, delivery_receipt) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?)",
+                "state, received_at, updated_at, delivery_receipt, box, origin, custody) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?)",
                 [sender, doc_id, canonical(metadata).decode(), urgency, package_sha256, size,
-                 now, now, delivery_receipt])
+                 now, now, delivery_receipt, box, origin or sender, json.dumps(custody or [])])
         return True
 
     def _in_row(self, doc_id: str, sender: str | None) -> dict[str, Any]:
@@ -655,42 +683,55 @@ class NodeStore:
                                  "not received", code="bad-state")
             now = time.time()
             self.db.execute("UPDATE inbox SET state = 'signed-for', signed_for_at = ?, "
-                            "signed_for_receipt = ?, signed_for_by = ?, updated_at = ?, "
-                            "receipt_next_at = ? WHERE id = ?",
-                            [now, receipt, by_serial, now, now, row["id"]])
+                            "signed_for_receipt = ?, signed_for_by = ?, updated_at = ? "
+                            "WHERE id = ?", [now, receipt, by_serial, now, row["id"]])
+            self.queue_receipt(row["sender"], doc_id, "signed-for", receipt, now=now)
+
+    def queue_receipt(self, sender: str, doc_id: str, kind: str, receipt: bytes, *,
+                      now: float | None = None) -> int:
+        """Something signed that goes back to `sender` (a signed-for receipt, a return
+        notice), due at once; call inside the transaction that records why."""
+        now = time.time() if now is None else now
+        cur = self.db.execute("INSERT INTO receipts_out (sender, doc_id, kind, receipt, "
+                              "created_at, next_at) VALUES (?, ?, ?, ?, ?, ?)",
+                              [sender, doc_id, kind, receipt, now, now])
+        return int(cur.lastrowid or 0)
 
     def receipts_to_return(self, sender: str | None = None, now: float | None = None,
                            limit: int = 100) -> list[dict[str, Any]]:
-        """Signed-for receipts that `sender` (or any sender) has not accepted yet and whose
-        time has come, oldest first: [{"doc_id", "sender", "receipt", "attempts"}]."""
+        """What `sender` (or any sender) has not accepted yet and whose time has come, oldest
+        first: [{"id", "doc_id", "sender", "kind", "receipt", "attempts"}]."""
         now = time.time() if now is None else now
         where, params = ("AND sender = ? ", [sender]) if sender is not None else ("", [])
         return rows(self.db,
-                    "SELECT doc_id, sender, signed_for_receipt AS receipt, "
-                    "receipt_attempts AS attempts FROM inbox WHERE receipt_next_at IS NOT NULL "
-                    f"AND receipt_returned_at IS NULL {where}AND receipt_next_at <= ? "
-                    "ORDER BY receipt_next_at, id LIMIT ?", [*params, now, limit])
+                    "SELECT id, doc_id, sender, kind, receipt, attempts FROM receipts_out "
+                    f"WHERE returned_at IS NULL {where}AND next_at <= ? "
+                    "ORDER BY next_at, id LIMIT ?", [*params, now, limit])
 
-    def mark_receipt_returned(self, doc_id: str, accepted: bool, *, sender: str | None = None,
+    def receipts_for(self, doc_id: str) -> list[dict[str, Any]]:
+        """Everything queued back to the sender of `doc_id`, and whether it was taken."""
+        return rows(self.db, "SELECT id, sender, kind, created_at, attempts, error, returned_at "
+                             "FROM receipts_out WHERE doc_id = ? ORDER BY id", [doc_id])
+
+    def mark_receipt_returned(self, receipt_id: int, accepted: bool, *,
                               error: str = "refused by the sender",
                               now: float | None = None) -> float | None:
-        """The sender's answer to a returned signed-for receipt. Accepted: done (None).
+        """The sender's answer to a returned receipt or notice. Accepted: done (None).
         Otherwise it is tried again after the documents' backoff; returns when."""
         now = time.time() if now is None else now
         with self._change():
-            row = self._in_row(doc_id, sender)
-            if row["receipt_next_at"] is None or row["receipt_returned_at"] is not None:
-                raise StoreError(f"document {doc_id} has no signed-for receipt waiting to be "
-                                 "returned", code="bad-state")
+            row = one(self.db, "SELECT * FROM receipts_out WHERE id = ?", [receipt_id])
+            if row is None or row["returned_at"] is not None:
+                raise StoreError(f"receipt {receipt_id} is not waiting to be returned",
+                                 code="bad-state")
             if accepted:
-                self.db.execute("UPDATE inbox SET receipt_returned_at = ?, receipt_error = NULL,"
-                                " updated_at = ? WHERE id = ?", [now, now, row["id"]])
+                self.db.execute("UPDATE receipts_out SET returned_at = ?, error = NULL "
+                                "WHERE id = ?", [now, receipt_id])
                 return None
-            attempts = row["receipt_attempts"] + 1
+            attempts = row["attempts"] + 1
             at = now + backoff_delay(attempts, self.rng)
-            self.db.execute("UPDATE inbox SET receipt_attempts = ?, receipt_next_at = ?, "
-                            "receipt_error = ?, updated_at = ? WHERE id = ?",
-                            [attempts, at, error, now, row["id"]])
+            self.db.execute("UPDATE receipts_out SET attempts = ?, next_at = ?, error = ? "
+                            "WHERE id = ?", [attempts, at, error, receipt_id])
         return at
 
     def inbox(self, state: str | None = None) -> list[dict[str, Any]]:
