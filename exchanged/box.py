@@ -198,7 +198,7 @@ class Box:
                 raise BoxError(f"document {doc_id} is in the unit's box already",
                                code="bad-state")
             role = self.roles.require(op, "document-to-registrar", division=row["box"])
-            self._act(op, role, "document-to-registrar", doc_id, {"from": row["box"]})
+            self._act(op, role, "document-to-registrar", doc_id, {})
             self.rows.pass_to(row, "")
 
     # -- forward, return --------------------------------------------------------------------
@@ -221,6 +221,10 @@ class Box:
                                "is never forwarded outside the unit (A38)", code="classified")
             receipts.check_forward(op.request, doc_id=doc_id, sha256=row["package_sha256"],
                                    from_unit=self.unit, to_unit=to)
+            # The record vouches for the origin: who first sent it, and the node certificate
+            # that signed it (which the first forwarder saw come from its configured peer).
+            self._check_signed(op, {"origin": row["origin"],
+                                    "origin_signer": row["signer_sha256"]})
             custody = [*self.store.in_item(doc_id, sender=row["sender"])["custody"],
                        base64.b64encode(op.presigned[1] if op.presigned else b"").decode()]
             if len(custody) > MAX_HOPS:

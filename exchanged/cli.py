@@ -662,7 +662,8 @@ def cmd_inbox_forward(args: argparse.Namespace, stack: ExitStack) -> int:
         return 0
     item = _ask(args, "inbox-show", doc_id=args.id)["item"]
     answer = _box_act(args, stack, "document-forward", to=args.to, note=args.note or "",
-                      sha256=item["package_sha256"])
+                      sha256=item["package_sha256"], origin=item["origin"],
+                      origin_signer=item["signer_sha256"])
     _emit(args, answer, lambda d: f"{args.id} forwarded to {d['to']}, the original package "
           "with its custody record")
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 from typing import Any
 
 from cryptography import x509
@@ -151,8 +152,10 @@ def signed_request(op: Operator, *, action: str, obj: str, node: str,
     """An act at node `node` (a role change, an act on the exchange box), signed on the
     operator's token: the control request's arguments (the signed request, and the grantee's
     certificate for a grant)."""
+    # The nonce makes two requests for the same act in the same second two requests; a
+    # replay (even signed anew) repeats the nonce and is refused.
     _, cms = op.sign({"action": action, "object": obj, "actor": op.serial, "at": stamp(),
-                      "node": node, **extra}, detached=False)
+                      "node": node, "nonce": secrets.token_hex(8), **extra}, detached=False)
     cert = grantee.public_bytes(serialization.Encoding.PEM).decode() if grantee else None
     return {"request": base64.b64encode(cms).decode(), "cert": cert}
 

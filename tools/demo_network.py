@@ -146,7 +146,7 @@ class Demo:
                         f"CN={name}," in c["subject"]))
 
     def publish_crl(self, *units: str) -> None:
-        for unit in units or ("finance", "office"):
+        for unit in units or sorted(p.parent.name for p in self.work.glob("*/exchanged.toml")):
             crl = (self.work / "ca" / "ca.crl").read_bytes()
             tmp = self.work / unit / ".ca.crl.tmp"
             tmp.write_bytes(crl)
@@ -212,16 +212,26 @@ def main() -> int:
         d.stop()
 
 
-def setup(d: Demo) -> dict[str, str]:
-    """Tokens, the CA, certificates for both nodes and a receiver, both configurations (the
-    daemons are not started). Returns the office node's serial and both configuration paths."""
-    d.say("Tokens: the CA's, its three officials', two nodes', and office's receiver's")
-    out = d.run(["bash", str(ROOT / "softhsm-setup.sh"), str(d.tok), "ca", "admin", "officer",
-                 "auditor", "finance-node", "office-node", "receiver"], quiet=True)
-    d.env["SOFTHSM2_CONF"] = re.search(r"SOFTHSM2_CONF=(\S+)", out).group(1)  # type: ignore[union-attr]
-    print("  7 SoftHSM tokens made; PINs in files of mode 600")
+# The third unit and the exchange box's people (setup(..., box=True)): office manages the
+# district office; its divisions' receivers; district's registrar.
+BOX_PEOPLE = (("fin-receiver", "Zhou Min", "Finance Division"),
+              ("per-receiver", "Wu Lei", "Personnel Division"))
 
-    d.say("The CA, and certificates for both nodes and for office's receiver")
+
+def setup(d: Demo, *, box: bool = False) -> dict[str, str]:
+    """Tokens, the CA, certificates for the nodes and the people, the configurations (the
+    daemons are not started). Finance and office; with `box`, also the district office (which
+    office manages, A15) and the receivers of office's divisions. Returns the office node's
+    serial and the configuration paths."""
+    labels = ["ca", "admin", "officer", "auditor", "finance-node", "office-node", "receiver"]
+    if box:
+        labels += ["district-node", "district-registrar", *(t for t, _, _ in BOX_PEOPLE)]
+    d.say("Tokens: the CA's, its three officials', the nodes', and the receivers'")
+    out = d.run(["bash", str(ROOT / "softhsm-setup.sh"), str(d.tok), *labels], quiet=True)
+    d.env["SOFTHSM2_CONF"] = re.search(r"SOFTHSM2_CONF=(\S+)", out).group(1)  # type: ignore[union-attr]
+    print(f"  {len(labels)} SoftHSM tokens made; PINs in files of mode 600")
+
+    d.say("The CA, and certificates for the nodes and for office's people")
     d.init_ca("Demo Root CA")
     print("  CA 'Demo Root CA' created (ca/)")
     d.issue("finance-node", "node", "node-finance", "Finance Bureau", "--ip", "127.0.0.1")
@@ -229,15 +239,31 @@ def setup(d: Demo) -> dict[str, str]:
                             "--ip", "127.0.0.1")
     d.issue("receiver", "person", "Liu Yang", "General Office Archives", "--division",
             "Secretariat")
+    if box:
+        d.issue("district-node", "node", "district", "District Office", "--ip", "127.0.0.1")
+        d.issue("district-registrar", "person", "Ma Li", "District Office", "--division",
+                "Secretariat")
+        for token, name, division in BOX_PEOPLE:
+            d.issue(token, "person", name, "General Office Archives", "--division", division)
 
-    d.say("Two nodes on loopback, each configured with the other as its only peer (A13)")
-    pa, pb = free_port(), free_port()
+    d.say("The nodes on loopback, each configured with its peers only (A13)")
+    pa, pb, pc = free_port(), free_port(), free_port()
+    office_peers = {"finance": (pa, "node-finance", "Finance Bureau")}
+    if box:
+        office_peers["district"] = (pc, "district", "District Office")
+        d.config("district", "District Office", "district-node", pc,
+                 {"office": (pb, "node-office", "General Office Archives")},
+                 divisions=("Secretariat",))
     d.config("finance", "Finance Bureau", "finance-node", pa,
              {"office": (pb, "node-office", "General Office Archives")})
-    d.config("office", "General Office Archives", "office-node", pb,
-             {"finance": (pa, "node-finance", "Finance Bureau")})
-    return {"office_serial": office_serial, "finance": str(d.work / "finance" / "exchanged.toml"),
-            "office": str(d.work / "office" / "exchanged.toml")}
+    d.config("office", "General Office Archives", "office-node", pb, office_peers,
+             manages=("district",) if box else ())
+    paths = {"office_serial": office_serial,
+             "finance": str(d.work / "finance" / "exchanged.toml"),
+             "office": str(d.work / "office" / "exchanged.toml")}
+    if box:
+        paths["district"] = str(d.work / "district" / "exchanged.toml")
+    return paths
 
 
 def run(d: Demo) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from exchanged import package as pkg
 from exchanged import receipts
@@ -317,7 +318,8 @@ class Inbound:
             shutil.rmtree(workdir, ignore_errors=True)
         meta = received.metadata
         if records:  # signed by the node of the unit that first sent it, good per our CRLs
-            problem = await trio.to_thread.run_sync(self._origin_problem, received.signer, meta)
+            problem = await trio.to_thread.run_sync(self._origin_problem, received.signer, meta,
+                                                    records)
             if problem:
                 return await self._refuse(peer, doc, "wrong-sender", problem)
         elif received.signer != leaf:  # signed by the very node that is talking to us
@@ -341,7 +343,8 @@ class Inbound:
                                  received_at=received_at)
         try:
             new = await node.db(self._store_received, doc, peer, meta, sha, receipt, box,
-                                [str(c) for c in custody or ()])
+                                [str(c) for c in custody or ()],
+                                received.signer.fingerprint(hashes.SHA256()).hex())
         except StoreError as e:  # id-conflict is final; the store failing is not their fault
             return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
                                       else "busy", str(e))
@@ -355,13 +358,13 @@ class Inbound:
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
 
     def _store_received(self, doc: str, peer: Peer, meta: pkg.Metadata, sha: str,
-                        receipt: bytes, box: str, custody: list[str]) -> bool:
+                        receipt: bytes, box: str, custody: list[str], signer: str) -> bool:
         store = self.node.store
         with store.transaction():
             new = store.receive(doc_id=doc, sender=peer.unit, metadata=meta.to_dict(),
                                 package_sha256=sha, size=store.blob_path(sha).stat().st_size,
                                 delivery_receipt=receipt, box=box, origin=meta.sender,
-                                custody=custody)
+                                custody=custody, signer_sha256=signer)
             store.audit.append(action="document-received" if new else "document-duplicate",
                                obj=doc, actor_subject=f"{peer.name},{peer.org}",
                                details={"sender": peer.unit, "sha256": sha,
@@ -401,16 +404,21 @@ class Inbound:
         check_remote_receiver(last["_signer"], peer.org)
         return records
 
-    def _origin_problem(self, signer: x509.Certificate, meta: pkg.Metadata) -> str | None:
-        """A forwarded package is signed by a node of the unit that sent it first."""
+    def _origin_problem(self, signer: x509.Certificate, meta: pkg.Metadata,
+                        records: list[dict[str, Any]]) -> str | None:
+        """A forwarded package is signed by the node of the unit that sent it first: the
+        node certificate the first forwarder took it from (its configured peer, checked then,
+        and named in every custody record), good per our CRLs now."""
         try:
             verify.validate(signer, trusted=self.node.trusted, crls=self.node.peers.crls,
                             purpose="node")
         except verify.ValidationError as e:
             return f"the forwarded package's signer is not good: {e}"
-        if pkg.signer_unit(signer) != meta.sender:
-            return (f"the forwarded package is signed by {signer.subject.rfc4514_string()}, "
-                    f"not by the node of {meta.sender}, its sender")
+        fingerprint = signer.fingerprint(hashes.SHA256()).hex()
+        for r in records:
+            if r.get("origin") != meta.sender or r.get("origin_signer") != fingerprint:
+                return (f"the forwarded package is signed by {signer.subject.rfc4514_string()}"
+                        f" of {meta.sender}, which is not the origin its custody records name")
         return None
 
     async def _refuse(self, peer: Peer, doc: str, code: str, message: str) -> proto.Reject:

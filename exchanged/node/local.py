@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from exchanged import box, receipts
 from exchanged import package as pkg
@@ -148,8 +149,16 @@ class LocalCommands:
                 if self.node.box.rows.take_number("outgoing", year) != seq:
                     raise ControlError("the outgoing number moved while packaging; send again",
                                        code="busy")
-            store.enqueue(doc_id=meta.doc_id, recipient=meta.recipient,
-                          metadata=meta.to_dict(), package_sha256=sha, size=size)
+            if meta.recipient == self.node.config.unit:  # within the unit: into its own box
+                if meta.division and meta.division not in self.node.config.box.divisions:
+                    raise ControlError(f"{meta.recipient} has no division {meta.division!r}",
+                                       code="no-division")
+                store.receive(doc_id=meta.doc_id, sender=meta.sender, metadata=meta.to_dict(),
+                              package_sha256=sha, size=size, box=meta.division,
+                              signer_sha256=self.node.cert.fingerprint(hashes.SHA256()).hex())
+            else:
+                store.enqueue(doc_id=meta.doc_id, recipient=meta.recipient,
+                              metadata=meta.to_dict(), package_sha256=sha, size=size)
             store.audit.append(action="document-sent", obj=meta.doc_id,
                                details={"recipient": meta.recipient, "title": meta.title,
                                         "sha256": sha, "urgency": meta.urgency,

@@ -33,12 +33,14 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
       `attempts` and `max_age` count from `queued_at` (the enqueue, or the last requeue).
       `custody` (JSON list) is the forward records a forwarded document travels with.
 - inbox(id, sender, doc_id, metadata, urgency, package_sha256, size, state, box, origin,
-      custody, received_at, updated_at, delivery_receipt, signed_for_at, signed_for_receipt,
+      custody, signer_sha256, received_at, updated_at, delivery_receipt, signed_for_at,
+      signed_for_receipt,
       signed_for_by, register_number UNIQUE, registered_at, registered_by, paper_received_at,
       paper_received_by, closed_at, closed_by, close_note, reminded_at)
       UNIQUE(sender, doc_id); `box` is '' for the unit's box (the archives section's) or the
       division a document is addressed to or was passed to; `origin` the unit that first sent
-      it (not the sender, for a forwarded document). The exchange box's states and acts are
+      it (not the sender, for a forwarded document); `signer_sha256` the fingerprint of the
+      node certificate that signed the package. The exchange box's states and acts are
       `exchanged.box`'s: received -> signed-for -> registered -> distributed; received or
       signed-for -> returned; signed-for/registered -> forwarded.
 - receipts_out(id, sender, doc_id, kind, receipt, created_at, next_at, attempts, error,
@@ -135,7 +137,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     state TEXT NOT NULL CHECK (state IN ('received','signed-for','registered','distributed',
                                          'returned','forwarded')),
     box TEXT NOT NULL DEFAULT '', origin TEXT NOT NULL DEFAULT '',
-    custody TEXT NOT NULL DEFAULT '[]',
+    custody TEXT NOT NULL DEFAULT '[]', signer_sha256 TEXT NOT NULL DEFAULT '',
     received_at REAL NOT NULL, updated_at REAL NOT NULL, delivery_receipt BLOB,
     signed_for_at REAL, signed_for_receipt BLOB, signed_for_by TEXT,
     register_number TEXT UNIQUE, registered_at REAL, registered_by TEXT,
@@ -623,8 +625,8 @@ class NodeStore:
 
     def receive(self, *, doc_id: str, sender: str, metadata: dict[str, Any],
                 package_sha256: str, size: int, delivery_receipt: bytes | None = None,
-                box: str = "", origin: str | None = None, custody: list[str] | None = None
-                ) -> bool:
+                box: str = "", origin: str | None = None, custody: list[str] | None = None,
+                signer_sha256: str = "") -> bool:
         """Record a received document whose package blob is already committed, in `box` (''
         for the unit's; a division's name if it is addressed to one). `origin` and `custody`
         are a forwarded document's first sender and forward records.
@@ -646,10 +648,11 @@ class NodeStore:
             now = time.time()
             self.db.execute(
                 "INSERT INTO inbox (sender, doc_id, metadata, urgency, package_sha256, size, "
-                "state, received_at, updated_at, delivery_receipt, box, origin, custody) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?)",
+                "state, received_at, updated_at, delivery_receipt, box, origin, custody, "
+                "signer_sha256) VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?)",
                 [sender, doc_id, canonical(metadata).decode(), urgency, package_sha256, size,
-                 now, now, delivery_receipt, box, origin or sender, json.dumps(custody or [])])
+                 now, now, delivery_receipt, box, origin or sender, json.dumps(custody or []),
+                 signer_sha256])
         return True
 
     def _in_row(self, doc_id: str, sender: str | None) -> dict[str, Any]:
