@@ -20,7 +20,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from exchanged import __version__, client, receipts
+from exchanged import __version__, archive, client, receipts
 from exchanged import ca as camod
 from exchanged.common import parse_time
 from exchanged.errors import ExchangedError
@@ -35,6 +35,7 @@ from exchanged.pki.token import Token, TokenKey, list_tokens
 from exchanged.pki.uri import Pkcs11Uri, parse
 from exchanged.roles import ADMIN, AUDITOR, OFFICER, ROLES
 from exchanged.store import evidence, nodedb
+from exchanged.store.audit import Report
 
 Handler = Callable[[argparse.Namespace, ExitStack], int]
 
@@ -437,12 +438,24 @@ def _audit_query(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in camod.AUDIT_FILTERS if getattr(args, k, None)}
 
 
+def _node_audit(args: argparse.Namespace, stack: ExitStack, action: str,
+                **extra: Any) -> dict[str, Any]:
+    """The node's audit log, for its auditors: the request signed here on their token."""
+    op = _operator(stack, args)  # the filters apart: "action", "actor" name the request's own
+    return _ask(args, "act", **receipts.signed_request(
+        op, action=action, obj="", node=_node_config(args).unit, limit=args.limit,
+        filters=_audit_query(args), **extra))
+
+
 def cmd_audit_show(args: argparse.Namespace, stack: ExitStack) -> int:
-    ca = _ca(stack, args)
-    ca.audit_access(_operator(stack, args), "audit-show", _audit_query(args))
-    found = ca.audit_rows(_audit_query(args), args.limit)
-    for r in found:
-        r["signed"] = r.pop("signature") is not None
+    if args.config:
+        found = _node_audit(args, stack, "audit-show")["items"]
+    else:
+        ca = _ca(stack, args)
+        ca.audit_access(_operator(stack, args), "audit-show", _audit_query(args))
+        found = ca.audit_rows(_audit_query(args), args.limit)
+        for r in found:
+            r["signed"] = r.pop("signature") is not None
     _emit(args, found, lambda r: _table(r, ["seq", "at", "action", "object", "outcome", "role",
                                             "actor_subject", "signed"]))
     return 0
@@ -454,7 +467,11 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     for p in copies:
         if not p.is_file():
             raise UsageError(f"no checkpoint copy at {p}")
-    if args.bundle:
+    if args.bundle and (Path(args.bundle) / "archive.json").exists():
+        findings = archive.verify(Path(args.bundle), trusted)
+        report = Report(0, 0, None, findings)
+        where = f"{args.bundle} (an archive; its evidence bundle included)"
+    elif args.bundle:
         report = evidence.verify(Path(args.bundle), trusted)
         where = args.bundle
     elif args.node_config:
@@ -484,6 +501,11 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace, stack: ExitStack) -> int:
+    if args.config:
+        answer = _node_audit(args, stack, "audit-export", out=str(Path(args.out).resolve()))
+        print(f"evidence bundle {args.out}: {answer['entries']} entries of the matter; check it "
+              f"with `exchanged audit verify {args.out}`")
+        return 0
     ca = _ca(stack, args)
     ca.audit_access(_operator(stack, args), "audit-export", _audit_query(args))
     manifest = ca.export_evidence(_audit_query(args), Path(args.out), args.limit)
@@ -686,6 +708,22 @@ def cmd_inbox_return(args: argparse.Namespace, stack: ExitStack) -> int:
 def cmd_inbox_paper(args: argparse.Namespace, stack: ExitStack) -> int:
     answer = _box_act(args, stack, "document-paper-received")
     _emit(args, answer, lambda d: f"{args.id}: the paper original is recorded as received")
+    return 0
+
+
+def cmd_archive_export(args: argparse.Namespace, stack: ExitStack) -> int:
+    """Finished documents with their evidence (A24), by the archives section or an auditor."""
+    op = _operator(stack, args)
+    for t in (args.since, args.until):
+        if t:
+            _parse_time(t)
+    out = str(Path(args.dir).resolve())
+    answer = _ask(args, "act", **receipts.signed_request(
+        op, action="archive-export", obj=out, node=_node_config(args).unit, since=args.since,
+        until=args.until, division=args.division))
+    _emit(args, answer, lambda d: f"{len(d['documents'])} finished document(s) archived in "
+          f"{d['dir']}; check it with `exchanged audit verify {d['dir']}` (and openssl: "
+          "VERIFY.txt there)")
     return 0
 
 
@@ -948,13 +986,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--until", help="ISO 8601 time")
         p.add_argument("--limit", type=int)
 
+    def node_audit(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="a node's log instead of the CA's (its configuration "
+                                        "file; the daemon answers)")
+
     p = cmd(asub, "show", cmd_audit_show, "audit entries (auditors only)")
-    ca_dir(p); audit_filters(p)  # noqa: E702
+    ca_dir(p); audit_filters(p); node_audit(p)  # noqa: E702
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(asub, "verify", cmd_audit_verify, "check the audit chain (auditors only), or an "
-            "evidence bundle offline")
-    p.add_argument("bundle", nargs="?", help="an evidence bundle directory (offline check)")
+            "evidence bundle or an archive offline")
+    p.add_argument("bundle", nargs="?", help="an evidence bundle or archive directory "
+                                             "(offline check)")
     ca_dir(p)
     p.add_argument("--ca", help="your own copy of the certificate that signs checkpoints")
     p.add_argument("--node-config", metavar="FILE",
@@ -966,7 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(asub, "export", cmd_audit_export, "write an evidence bundle for one matter "
             "(auditors only)")
-    ca_dir(p); audit_filters(p)  # noqa: E702
+    ca_dir(p); audit_filters(p); node_audit(p)  # noqa: E702
     p.add_argument("--out", "-o", required=True, help="new directory for the bundle")
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (auditor) key")
     _add_pin(p, "operator")
@@ -1058,6 +1101,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
     person_act("paper-received", cmd_inbox_paper, "record that the paper original arrived "
                "(N2)")
+    arch = sub.add_parser("archive", help="archives of finished documents (A24)")
+    arsub = arch.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(arsub, "export", cmd_archive_export, "write the finished documents, each with its "
+            "evidence (package, every signature, audit entries, certificates, CRLs), into a new "
+            "directory that `audit verify` and openssl check offline")
+    node_cfg(p)
+    p.add_argument("dir", help="a new directory (the daemon writes it)")
+    p.add_argument("--since", help="received (or sent) at or after this time, ISO 8601")
+    p.add_argument("--until", help="... and at or before this time")
+    p.add_argument("--division", help="only what is in, or was given to, this division")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (registrar or "
+                                                     "auditor) key")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(sub, "due", cmd_due, "what is overdue or due soon, urgent first, per box")
     node_cfg(p)
     p.add_argument("--division", help="one division's box")

@@ -286,3 +286,57 @@ def test_a_paper_original_is_awaited_until_received(box: Box) -> None:
     box.act("receiver", "paper-received", doc)
     assert box.show(doc)["paper_received_by"]  # type: ignore[index]
     assert "recorded already" in box.act("receiver", "paper-received", doc, ok=False)
+
+
+def test_an_archive_of_finished_documents_verifies_offline_and_with_openssl(box: Box,
+                                                                           tmp_path: Path
+                                                                           ) -> None:
+    out = tmp_path / "archive"
+    refused = box.x("archive", "export", str(out), *box.at("office"),
+                    *box.d.op("fin-receiver"), ok=False)
+    assert "not an active registrar or auditor" in refused
+    box.x("archive", "export", str(out), *box.at("office"), *box.d.op("receiver"))
+    listed = json.loads((out / "archive.json").read_text())
+    assert listed["documents"] and listed["unit"] == "office"
+    box.x("audit", "verify", str(out))
+    # Every signature in it, by openssl alone: the archive's list, each package, each receipt.
+    ca = str(box.d.work / "ca" / "ca.pem")
+    subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
+                    str(out / "archive.cms"), "-content", str(out / "archive.json"), "-CAfile",
+                    ca, "-purpose", "any", "-out", "/dev/null"], check=True, capture_output=True)
+    checked = 0
+    for d in listed["documents"]:
+        base = out / "documents" / d["dir"]
+        subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
+                        str(base / "manifest.cms"), "-content", str(base / "manifest.json"),
+                        "-CAfile", ca, "-purpose", "any", "-out", "/dev/null"], check=True,
+                       capture_output=True)
+        for name in d["signatures"]:
+            subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-in",
+                            str(base / name), "-CAfile", ca, "-purpose", "any", "-out",
+                            "/dev/null"], check=True, capture_output=True)
+            checked += 1
+    assert checked >= 5
+    # One byte changed anywhere is found.
+    victim = out / "documents" / listed["documents"][0]["dir"] / "document.pdf"
+    victim.write_bytes(victim.read_bytes() + b" ")
+    out_ = box.x("audit", "verify", str(out), ok=False)
+    assert "changed" in out_ or "tampered" in out_
+
+
+def test_a_nodes_log_is_shown_and_exported_to_its_auditors_only(box: Box,
+                                                                tmp_path: Path) -> None:
+    refused = box.x("audit", "show", *box.at("office"), *box.d.op("receiver"), ok=False)
+    assert "not an active auditor" in refused
+    rows = json.loads(box.x("audit", "show", *box.at("office"), "--action",
+                            "document-register", *box.d.op("auditor"), "--json"))
+    assert rows and all(r["action"] == "document-register" for r in rows)
+    out = tmp_path / "evidence"
+    box.x("audit", "export", *box.at("office"), "--action", "document-forward", "--out",
+          str(out), *box.d.op("auditor"))
+    box.x("audit", "verify", str(out))
+    one = next((out / "openssl").glob("*.cms.der"))
+    subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(one),
+                    "-content", str(one).replace(".cms.der", ".json"), "-CAfile",
+                    str(out / "issuer.pem"), "-purpose", "any", "-out", "/dev/null"],
+                   check=True, capture_output=True)

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("store", ("exchanged.store",)),
     ("roles", ("exchanged.roles",)),
     ("exchange model and CA", ("exchanged.ca", "exchanged.package", "exchanged.receipts",
-                               "exchanged.box")),
+                               "exchanged.box", "exchanged.archive")),
     ("transport", ("exchanged.transport",)),
     ("node", ("exchanged.node",)),
     ("control client", ("exchanged.client",)),

@@ -20,10 +20,10 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from exchanged import box, receipts
+from exchanged import archive, box, receipts
 from exchanged import package as pkg
 from exchanged.box import URGENT
-from exchanged.common import new_id, stamp
+from exchanged.common import new_id, parse_time, stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.base import Node
 from exchanged.node.control import Handler
@@ -31,7 +31,23 @@ from exchanged.node.outbound import Outbound
 from exchanged.node.wire import ControlError
 from exchanged.pki import verify
 from exchanged.pki.operator import SignedOperator
+from exchanged.roles import act
+from exchanged.store import evidence
 from exchanged.store.audit import mirror_line
+
+
+def _epoch(text: Any) -> float | None:
+    t = _when(text)
+    return None if t is None else t.timestamp()
+
+
+def _when(text: Any) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return parse_time(str(text))
+    except ValueError:
+        raise ControlError(f"not an ISO 8601 time: {text!r}", code="usage") from None
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +316,58 @@ class LocalCommands:
         if action == "document-paper-received":
             await node.db(b.paper_received, op, doc, digest)
             return {}
+        if action == "archive-export":
+            return await node.db(self._archive, op, digest)
+        if action in ("audit-show", "audit-export"):
+            return await node.db(self._audit, op, digest)
         return {"id": await node.db(self._apply_role, op, grantee, digest)}
+
+    def _archive(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
+        """The archive of finished documents (A24), by the archives section or an auditor:
+        the act is recorded and a checkpoint signed first, so that the archive's evidence
+        covers it."""
+        node, p = self.node, op.request
+        out = Path(str(p["object"]))
+        query = {k: p.get(k) for k in ("since", "until", "division") if p.get(k)}
+        with node.store.transaction():
+            node.roles.accept_request(op, digest)
+            role = node.roles.require(op, "archive-export")
+            act(node.store.audit, op, role, "archive-export", str(out))
+        docs = archive.finished(node.store, node.box.rows, since=_epoch(p.get("since")),
+                                until=_epoch(p.get("until")), division=p.get("division"))
+        node.audit_event("archive-checkpoint", str(out), checkpoint=True)
+        manifest = archive.export(out, docs, unit=node.config.unit, store=node.store,
+                                  rows=node.box.rows, node=node.signer, ca=node.ca_cert,
+                                  crls=list(node.config.crls), query=query,
+                                  by=op.cert.subject.rfc4514_string(),
+                                  max_file_size=node.config.limits.max_document_bytes)
+        return {"dir": str(out), "documents": [d["doc_id"] for d in manifest["documents"]]}
+
+    def _audit(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
+        """The node's audit log, for its auditors only (A7): shown, or exported as an
+        evidence bundle. Reading it is itself a signed entry."""
+        node, p = self.node, op.request
+        action = str(p["action"])
+        given = p.get("filters")
+        filters: dict[str, Any] = given if isinstance(given, dict) else {}
+        query = {k: filters[k] for k in ("actor", "action", "object", "since", "until")
+                 if filters.get(k)}
+        with node.store.transaction():
+            node.roles.accept_request(op, digest)
+            role = node.roles.require(op, "audit-read")
+            act(node.store.audit, op, role, action, str(p["object"]), {})
+        match = {k: [str(query[k])] for k in ("actor", "action", "object") if query.get(k)}
+        rows = node.store.audit.query(match, since=_when(query.get("since")),
+                                      until=_when(query.get("until")),
+                                      limit=int(p["limit"]) if p.get("limit") else None)
+        if action == "audit-show":
+            for r in rows:
+                r["signed"] = r.pop("signature") is not None
+            return {"items": rows}
+        node.audit_event("audit-export-checkpoint", str(p["object"]), checkpoint=True)
+        evidence.export(node.store.audit, rows, Path(str(p["out"])), signer=node.cert,
+                        certs={}, crls=list(node.config.crls), query=query, issuer=node.ca_cert)
+        return {"dir": str(p["out"]), "entries": len(rows)}
 
     def _apply_role(self, op: SignedOperator, grantee: x509.Certificate | None,
                     digest: bytes) -> int | str:

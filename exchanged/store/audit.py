@@ -95,9 +95,10 @@ def checkpoint_message(seq: int, at: str, head: str) -> bytes:
 class Finding:
     seq: int | None
     problem: str
+    place: str | None = None  # where, when it is not an entry of the log (an archive's file)
 
     def __str__(self) -> str:
-        where = f"entry {self.seq}" if self.seq is not None else "the log"
+        where = self.place or (f"entry {self.seq}" if self.seq is not None else "the log")
         return f"{where}: {self.problem}"
 
 

@@ -6,6 +6,7 @@ A bundle is a directory:
     entries.jsonl        every entry from the matter's first to the first checkpoint after its
                          last, in full: the checkpoint's signature covers them all by hash links
     signer.pem           the certificate whose key signs checkpoints (the CA's, or a node's)
+    issuer.pem           the CA certificate that issued the operators' certificates
     certs/SERIAL.pem     the certificates of the operators who signed the matter's entries
     crls/                the CRLs in force when the bundle was made
     openssl/             each signature as files openssl checks by itself (see VERIFY.txt)
@@ -36,7 +37,7 @@ VERIFY_TXT = """How to check this bundle with openssl alone (from this directory
 
 Operator signatures (each SEQ.json is exactly what the operator signed):
   openssl cms -verify -binary -inform DER -in openssl/SEQ.cms.der -content openssl/SEQ.json \\
-      -CAfile signer.pem -purpose any -out /dev/null
+      -CAfile issuer.pem -purpose any -out /dev/null
 
 Checkpoint signatures (signed on the CA's / node's token):
   openssl dgst -sha256 -verify openssl/signer-pubkey.pem -signature openssl/cp-SEQ.sig \\
@@ -51,9 +52,11 @@ class EvidenceError(ExchangedError):
 
 
 def export(log: AuditLog, matter: list[dict[str, Any]], out: Path, *, signer: x509.Certificate,
-           certs: dict[str, x509.Certificate], crls: Iterable[Path], query: dict[str, Any]
-           ) -> dict[str, Any]:
-    """Write the bundle for the `matter` entries (rows of `log`) into the new directory `out`."""
+           certs: dict[str, x509.Certificate], crls: Iterable[Path], query: dict[str, Any],
+           issuer: x509.Certificate | None = None) -> dict[str, Any]:
+    """Write the bundle for the `matter` entries (rows of `log`) into the new directory `out`.
+    `issuer` is the CA of the operators who signed entries (default: `signer`, the CA's own
+    log)."""
     if not matter:
         raise EvidenceError("no audit entry matches: nothing to export", code="empty")
     first, last = matter[0]["seq"], matter[-1]["seq"]
@@ -76,6 +79,7 @@ def export(log: AuditLog, matter: list[dict[str, Any]], out: Path, *, signer: x5
         for r in run:
             f.write(json.dumps(_encode(r), ensure_ascii=False) + "\n")
     (out / "signer.pem").write_bytes(signer.public_bytes(serialization.Encoding.PEM))
+    (out / "issuer.pem").write_bytes((issuer or signer).public_bytes(serialization.Encoding.PEM))
     (out / "openssl" / "signer-pubkey.pem").write_bytes(signer.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     for serial, cert in certs.items():
@@ -103,6 +107,8 @@ def verify(bundle: Path, trusted: x509.Certificate | None = None) -> Report:
         rows = [_decode(json.loads(line)) for line in
                 (bundle / "entries.jsonl").read_text().splitlines() if line.strip()]
         signer = x509.load_pem_x509_certificate((bundle / "signer.pem").read_bytes())
+        issuer = x509.load_pem_x509_certificate((bundle / "issuer.pem").read_bytes()) \
+            if (bundle / "issuer.pem").exists() else signer
     except (OSError, ValueError, KeyError) as e:
         raise EvidenceError(f"{bundle} is not a readable evidence bundle: {e}") from None
     if manifest.get("format") != FORMAT:
@@ -111,9 +117,11 @@ def verify(bundle: Path, trusted: x509.Certificate | None = None) -> Report:
     if trusted is not None and trusted.fingerprint(hashes.SHA256()) != \
             signer.fingerprint(hashes.SHA256()):
         findings.append(Finding(None, "the bundle's signer.pem is not the trusted certificate"))
+        if issuer is signer:
+            issuer = trusted
         signer = trusted
     report = verify_rows(rows, signer, first_prev=manifest["first_prev"],
-                         first_seq=manifest["first_seq"])
+                         first_seq=manifest["first_seq"], issuer=issuer)
     findings += report.findings
     if not rows or rows[-1]["seq"] != manifest["checkpoint"] or \
             report.last_checkpoint != manifest["checkpoint"]:
@@ -126,7 +134,7 @@ def verify(bundle: Path, trusted: x509.Certificate | None = None) -> Report:
     for r in rows:
         if r["seq"] in matter and r["signature"] is not None and r["action"] != "checkpoint":
             try:
-                verify_detached(r["signature"], r["details"].encode(), signer)
+                verify_detached(r["signature"], r["details"].encode(), issuer)
             except CmsError as e:
                 findings.append(Finding(r["seq"], f"operator signature: {e}"))
     return Report(report.entries, report.checkpoints, report.last_checkpoint, findings)

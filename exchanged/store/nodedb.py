@@ -711,10 +711,12 @@ class NodeStore:
                     f"WHERE returned_at IS NULL {where}AND next_at <= ? "
                     "ORDER BY next_at, id LIMIT ?", [*params, now, limit])
 
-    def receipts_for(self, doc_id: str) -> list[dict[str, Any]]:
-        """Everything queued back to the sender of `doc_id`, and whether it was taken."""
-        return rows(self.db, "SELECT id, sender, kind, created_at, attempts, error, returned_at "
-                             "FROM receipts_out WHERE doc_id = ? ORDER BY id", [doc_id])
+    def receipts_for(self, doc_id: str, *, with_receipts: bool = False) -> list[dict[str, Any]]:
+        """Everything queued back to the sender of `doc_id`, and whether it was taken (and,
+        `with_receipts`, what)."""
+        extra = ", receipt" if with_receipts else ""
+        return rows(self.db, "SELECT id, sender, kind, created_at, attempts, error, returned_at"
+                             f"{extra} FROM receipts_out WHERE doc_id = ? ORDER BY id", [doc_id])
 
     def mark_receipt_returned(self, receipt_id: int, accepted: bool, *,
                               error: str = "refused by the sender",
