@@ -35,7 +35,6 @@ from exchanged.pki.token import Token, TokenKey, list_tokens
 from exchanged.pki.uri import Pkcs11Uri, parse
 from exchanged.roles import ADMIN, AUDITOR, OFFICER, ROLES
 from exchanged.store import evidence, nodedb
-from exchanged.store.audit import Report
 
 Handler = Callable[[argparse.Namespace, ExitStack], int]
 
@@ -469,9 +468,16 @@ def cmd_audit_verify(args: argparse.Namespace, stack: ExitStack) -> int:
             raise UsageError(f"no checkpoint copy at {p}")
     if args.bundle and (Path(args.bundle) / "archive.json").exists():
         findings = archive.verify(Path(args.bundle), trusted)
-        report = Report(0, 0, None, findings)
-        where = f"{args.bundle} (an archive; its evidence bundle included)"
-    elif args.bundle:
+        data = {"ok": not findings, "findings": [str(f) for f in findings]}
+        _emit(args, data, lambda d: "\n".join(
+            [f"{args.bundle}: an archive; its signed list, files, packages, signatures and "
+             "evidence bundle checked"] + [f"  {f}" for f in d["findings"]]
+            + ([f"{args.bundle}: OK"] if d["ok"] else [])))
+        if findings:
+            raise ExchangedError(f"{args.bundle}: the archive was tampered with: {findings[0]}",
+                                 code="tampered")
+        return 0
+    if args.bundle:
         report = evidence.verify(Path(args.bundle), trusted)
         where = args.bundle
     elif args.node_config:

@@ -12,6 +12,10 @@ COMMANDS = [
     ["ca", "list"], ["ca", "show"], ["cert", "verify"], ["role", "list"], ["role", "grant"],
     ["role", "review"], ["role", "revoke"], ["role", "suspend"], ["role", "resume"],
     ["audit", "show"], ["audit", "verify"], ["audit", "export"], ["audit", "checkpoint"],
+    ["audit", "witnessed"], ["serve"], ["send"], ["outbox"], ["inbox"], ["inbox", "show"],
+    ["inbox", "sign-for"], ["inbox", "register"], ["inbox", "distribute"],
+    ["inbox", "forward"], ["inbox", "return"], ["inbox", "paper-received"],
+    ["inbox", "export"], ["due"], ["archive", "export"],
 ]
 
 
