@@ -307,11 +307,9 @@ class Box:
                 if row["reminded_at"] is None or now.timestamp() - row["reminded_at"] >= every:
                     self.rows.reminded(row["id"], now.timestamp())
                     urgent.append(item)
-        hours = self.settings.office_hours
-        a, b = hours.local(since), hours.local(now)
-        crossed = any(a < dt.datetime.combine(day, t, tzinfo=b.tzinfo) <= b
-                      for day in {a.date(), b.date()} for t in self.settings.reminder_times)
-        return urgent, len(self.due(now)) if crossed else 0
+        passed = reminder_time_passed(since, now, self.settings.reminder_times,
+                                      self.settings.office_hours)
+        return urgent, len(self.due(now)) if passed else 0
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -330,6 +328,15 @@ class Box:
 
 
 MAX_HOPS = 3  # forwards one document may travel (custody records ride in a bounded header)
+
+
+def reminder_time_passed(since: dt.datetime, now: dt.datetime, times: tuple[dt.time, ...],
+                         hours: OfficeHours) -> bool:
+    """A reminder time of day (local) fell in (since, now]."""
+    a, b = hours.local(since), hours.local(now)
+    days = {a.date() + dt.timedelta(days=n) for n in range((b.date() - a.date()).days + 1)}
+    return any(a < dt.datetime.combine(day, t, tzinfo=b.tzinfo) <= b
+               for day in days for t in times)
 
 
 def _deadline(value: object, hours: OfficeHours) -> dt.datetime | None:

@@ -1,5 +1,6 @@
-"""The README's demo network: two daemons on loopback, real TLS with SoftHSM keys on both sides,
-a document sent, signed for and its receipts verified by openssl, then a revoked node refused."""
+"""The README's demo network: three daemons on loopback, real TLS with SoftHSM keys on all
+sides, a document sent, signed for and its receipts verified by openssl, the exchange box's
+workflow, then a revoked node refused."""
 
 import subprocess
 import sys
@@ -14,16 +15,26 @@ def test_demo_network_end_to_end(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     out = p.stdout
     assert "demo: every step behaved as expected" in out
-    assert out.count("CMS Verification successful") == 2  # delivery and signed-for receipts
+    # delivery and signed-for receipts, and the forwarded package's original signature
+    assert out.count("CMS Verification successful") >= 3
     assert '"type":"delivery"' in out and '"type":"signed-for"' in out
     assert "state              signed-for" in out
     assert "signed receipt," in out  # shown by size, not as a wall of base64
     assert "is revoked (keyCompromise)" in out
-    assert out.count("(exit 0)") == 2  # both daemons stopped cleanly on SIGTERM
+    # The exchange box: numbered, two divisions signed for, forwarded and verified, returned,
+    # reminded, archived.
+    assert "registered as 收文〔" in out
+    assert "signed for Finance Division" in out and "signed for Personnel Division" in out
+    assert "verified finance's own signature" in out
+    assert "returned by" in out and "the PDF is not the sealed copy" in out
+    assert "the alert command ran: urgent-pending" in out
+    assert "archive (an archive" not in out and "OK" in out
+    assert "openssl verified" in out
+    assert out.count("(exit 0)") == 3  # every daemon stopped cleanly on SIGTERM
     # Each daemon's log shows what happened, never a PIN.
-    for unit in ("finance", "office"):
+    for unit in ("finance", "office", "district"):
         log = (tmp_path / unit / "daemon.log").read_text()
         assert "listening on" in log
-        for label in ("finance-node", "office-node"):
+        for label in ("finance-node", "office-node", "district-node", "receiver"):
             pin = (tmp_path / "tokens" / f"{label}.pin").read_text().strip()
             assert pin not in log

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -128,6 +129,22 @@ class Net:
             return conn.execute(query, params).fetchall()
         finally:
             conn.close()
+
+    @contextlib.contextmanager
+    def peer_at(self, port: int, unit: str = "finance", peer: str = "office") -> Iterator[None]:
+        """`unit`'s peer `peer` points at `port` (a stand-in) while the block runs."""
+        cfg = self.cfg(unit)
+        original = cfg.read_text()
+        cfg.write_text(re.sub(rf'(\[peers\.{peer}\]\naddress = "127\.0\.0\.1:)\d+',
+                              rf"\g<1>{port}", original))
+        self.d.daemons[unit].send_signal(signal.SIGHUP)
+        time.sleep(1)
+        try:
+            yield
+        finally:
+            cfg.write_text(original)
+            self.d.daemons[unit].send_signal(signal.SIGHUP)
+            time.sleep(1)
 
     def audit_count(self, unit: str) -> int:
         return int(self.sql(unit, "SELECT count(*) FROM audit")[0][0])

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -176,16 +174,8 @@ def test_a_client_sending_a_malformed_chain_cannot_end_the_node(healthy, tmp_pat
 def stand_in(net):  # type: ignore[no-untyped-def]
     """finance's peer "office" points at a port where openssl s_server will stand in."""
     port = free_port()
-    cfg = net.cfg("finance")
-    original = cfg.read_text()
-    cfg.write_text(re.sub(r'(\[peers\.office\]\naddress = "127\.0\.0\.1:)\d+', rf"\g<1>{port}",
-                          original))
-    net.d.daemons["finance"].send_signal(signal.SIGHUP)
-    time.sleep(1)
-    yield port
-    cfg.write_text(original)
-    net.d.daemons["finance"].send_signal(signal.SIGHUP)
-    time.sleep(1)
+    with net.peer_at(port):
+        yield port
 
 
 @settings(max_examples=8, deadline=None, derandomize=True,

@@ -11,12 +11,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import re
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -154,18 +151,12 @@ class FakeRecipient:
 def fake_office(net: Net) -> Iterator[FakeRecipient]:
     port = free_port()
     fake = FakeRecipient(net, port)
-    cfg = net.cfg("finance")
-    original = cfg.read_text()
-    cfg.write_text(re.sub(r'(\[peers\.office\]\naddress = "127\.0\.0\.1:)\d+', rf"\g<1>{port}",
-                          original))
-    net.d.daemons["finance"].send_signal(signal.SIGHUP)
-    time.sleep(1)
-    yield fake
-    fake.stop.set()
-    fake.thread.join(10)
-    cfg.write_text(original)
-    net.d.daemons["finance"].send_signal(signal.SIGHUP)
-    time.sleep(1)
+    try:
+        with net.peer_at(port):
+            yield fake
+    finally:
+        fake.stop.set()
+        fake.thread.join(10)
 
 
 @pytest.mark.parametrize("mode", ["none", "garbage", "other-document", "other-content"])
