@@ -30,10 +30,14 @@ from exchanged.transport.protocol import (
     ClientConnection,
     ConnectionClosed,
     Continue,
+    CrlAccepted,
+    CrlFile,
     DeliverCheckpoint,
     DeliverReceipt,
     Event,
+    FetchCrl,
     LocalProtocolError,
+    OfferCrl,
     Ping,
     Pong,
     ReceiptAccepted,
@@ -287,6 +291,85 @@ def test_ping_pong() -> None:
     client.receive_data(response)
     [pong] = events(client)
     assert pong == Pong("财政局", NOW) and pong.time.utcoffset() == timedelta(0)
+
+
+def test_ping_carries_the_crl_numbers_both_ways() -> None:
+    client, server = ClientConnection("node-b"), ServerConnection()
+    data = client.send(Ping(crl_number=41))
+    assert b"\r\nX-Exchanged-Crl-Number: 41\r\n" in data
+    server.receive_data(data)
+    assert events(server) == [Ping(41)]
+    assert answer(server, client, Pong("u", NOW, 42)) == Pong("u", NOW, 42)
+    # A node without a CRL says nothing; an old peer's pong without the field is read as None.
+    server.receive_data(client.send(Ping()))
+    assert events(server) == [Ping(None)]
+    assert answer(server, client, Pong("u", NOW)) == Pong("u", NOW, None)
+
+
+@pytest.mark.parametrize("value", [b"-1", b"0x10", b"1 2", b"9" * 49, b""])
+def test_a_bad_crl_number_in_a_ping_is_refused(value: bytes) -> None:
+    data = b"GET /v1/ping HTTP/1.1\r\nHost: b\r\nX-Exchanged-Crl-Number: " + value + \
+        b"\r\n\r\n"
+    expect_remote(ServerConnection(), data, "bad-request", 400)
+
+
+def test_fetch_and_offer_a_crl() -> None:
+    der = b"\x30\x82" + bytes(range(256)) * 4
+    client, server = ClientConnection("node-b"), ServerConnection()
+    server.receive_data(client.send(FetchCrl()))
+    assert events(server) == [FetchCrl()]
+    got = answer(server, client, CrlFile(der))
+    assert got == CrlFile(der)
+    server.receive_data(client.send(OfferCrl(der)))  # same connection: keep-alive
+    assert events(server) == [OfferCrl(der)]
+    assert answer(server, client, CrlAccepted()) == CrlAccepted()
+    server.receive_data(client.send(OfferCrl(der)))
+    assert events(server) == [OfferCrl(der)]
+    assert answer(server, client, Reject("bad-crl", "not signed by our CA")) == \
+        Reject("bad-crl", "not signed by our CA", 422)
+
+
+@pytest.mark.parametrize("extra,length,ctype,code,status", [
+    (b"", None, b"application/pkix-crl", "length-required", 411),
+    (b"Transfer-Encoding: chunked", None, b"application/pkix-crl", "length-required", 411),
+    (b"", 2000, b"application/pkix-crl", "too-large", 413),
+    (b"", 10, b"application/octet-stream", "unsupported-media-type", 415),
+    (b"", 0, b"application/pkix-crl", "bad-request", 400),
+])
+def test_a_bad_crl_offer_is_refused(extra: bytes, length: int | None, ctype: bytes,
+                                    code: str, status: int) -> None:
+    data = head(b"/v1/crl", b"POST", *([extra] if extra else []), ctype=ctype, length=length)
+    expect_remote(ServerConnection(max_crl_size=1000), data, code, status)
+
+
+def test_crl_fetch_has_no_body_and_other_methods_are_405() -> None:
+    expect_remote(ServerConnection(), head(b"/v1/crl", b"GET", length=5) + b"hello",
+                  "bad-request", 400)
+    response = expect_remote(ServerConnection(), head(b"/v1/crl", b"PUT", length=0),
+                             "method-not-allowed", 405)
+    assert b"\r\nAllow: GET, POST" in response
+
+
+def test_client_limits_a_fetched_crl_and_checks_its_type() -> None:
+    client = ClientConnection("b", max_crl_size=100)
+    client.send(FetchCrl())
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Type: application/pkix-crl\r\n"
+                        b"Content-Length: 200\r\n\r\n" + b"x" * 200)
+    with pytest.raises(RemoteProtocolError, match="over the limit"):
+        drain(client)
+    client = ClientConnection("b")
+    client.send(FetchCrl())
+    client.receive_data(json_response(200, {"crl": "x"}))
+    with pytest.raises(RemoteProtocolError, match="application/pkix-crl"):
+        drain(client)
+    with pytest.raises(LocalProtocolError, match="over the limit"):
+        ClientConnection("b", max_crl_size=10).send(OfferCrl(b"x" * 11))
+    # A CRL bigger than any ordinary response still arrives when the CRL limit allows it.
+    client = ClientConnection("b", max_response_size=100)
+    client.send(FetchCrl())
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Type: application/pkix-crl\r\n"
+                        b"Content-Length: 500\r\n\r\n" + b"c" * 500)
+    assert events(client) == [CrlFile(b"c" * 500)]
 
 
 def test_curl_style_request_with_expect_continue() -> None:

@@ -14,7 +14,16 @@ request (client -> server)      on the wire                            answers (
 ``DeliverCheckpoint``           ``POST /v1/checkpoints/{seq}``         ``CheckpointAccepted`` (204)
                                                                        or ``Reject``
 ``Ping``                        ``GET /v1/ping``                       ``Pong`` (200) or ``Reject``
+``FetchCrl``                    ``GET /v1/crl``                        ``CrlFile`` (200) or
+                                                                       ``Reject``
+``OfferCrl`` + DER body         ``POST /v1/crl``                       ``CrlAccepted`` (204) or
+                                                                       ``Reject``
 ==============================  =====================================  ============================
+
+A ping says the number of the CRL its sender holds (``X-Exchanged-Crl-Number``), and the pong
+the answering node's: the side with the older CRL then fetches the newer one, or is offered it
+(``application/pkix-crl``, DER, at most ``max_crl_size``). Revocations so travel from node to
+node with every exchange, whether or not the CA's publication point is reachable.
 
 A checkpoint is the sender's signed audit checkpoint (a JSON record, at most 4 KiB), given to
 a peer that witnesses it (keeps a copy outside the sender's reach).
@@ -79,7 +88,8 @@ __all__ = [
     "DEFAULT_MAX_RECEIPT_SIZE", "DEFAULT_MAX_RESPONSE_SIZE", "NEED_DATA", "PAUSED",
     "PACKAGE_TYPE", "RECEIPT_TYPE", "REASON_CODES",
     "Acknowledge", "BodyChunk", "BodyEnd", "ClientConnection", "ConnectionClosed",
-    "CheckpointAccepted", "ConnectionStatistics", "Continue", "DeliverCheckpoint",
+    "CheckpointAccepted", "ConnectionStatistics", "Continue", "CrlAccepted", "CrlFile",
+    "DeliverCheckpoint", "FetchCrl", "OfferCrl",
     "DeliverReceipt", "Event", "LocalProtocolError", "Ping",
     "Pong", "ProtocolError", "ReceiptAccepted", "Reject", "RemoteProtocolError", "Request",
     "Response", "ServerConnection", "State", "SubmitDocument",
@@ -101,6 +111,9 @@ RECEIPT_TYPE: Final = "application/cms"  # RFC 7193
 _RECEIPT_TYPES: Final = frozenset({RECEIPT_TYPE, "application/pkcs7-mime"})
 _JSON_TYPE: Final = "application/json"
 MAX_CHECKPOINT_SIZE: Final = 4096
+DEFAULT_MAX_CRL_SIZE: Final = 64 * 1024 * 1024  # a CRL of a million entries is ~35 MB
+CRL_TYPE: Final = "application/pkix-crl"  # RFC 2585
+_H_CRL_NUMBER: Final = b"x-exchanged-crl-number"
 
 REASON_CODES: Final[Mapping[str, int]] = MappingProxyType({
     # The peer's HTTP was malformed, or a header we need was missing or wrong.
@@ -127,6 +140,8 @@ REASON_CODES: Final[Mapping[str, int]] = MappingProxyType({
     "classified": 422,
     "digest-mismatch": 422,
     "bad-receipt": 422,
+    # An offered CRL that is not our CA's, does not verify, or is older than the one held.
+    "bad-crl": 422,
     # The package itself: malformed, its signature, or sent by or to the wrong unit.
     "bad-package": 422,
     "bad-signature": 422,
@@ -331,9 +346,52 @@ class DeliverCheckpoint(Event):
                                      f"{MAX_CHECKPOINT_SIZE}")
 
 
+def _crl_number(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**159:
+        raise LocalProtocolError(f"a CRL number is a non-negative int, not {_short(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Ping(Event):
-    """Are you there, and what time is it?"""
+    """Are you there, and what time is it? `crl_number`: the CRL the asker holds."""
+
+    crl_number: int | None = None
+
+    def __post_init__(self) -> None:
+        _crl_number(self.crl_number)
+
+
+@dataclass(frozen=True)
+class FetchCrl(Event):
+    """Send me the CRL you hold (it is newer than mine)."""
+
+
+@dataclass(frozen=True)
+class OfferCrl(Event):
+    """Here is the CRL I hold (it is newer than yours): DER."""
+
+    crl: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crl", _bytes(self.crl, "crl"))
+
+
+@dataclass(frozen=True)
+class CrlFile(Event):
+    """The answer to ``FetchCrl``: the CRL, DER (200)."""
+
+    crl: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crl", _bytes(self.crl, "crl"))
+
+
+@dataclass(frozen=True)
+class CrlAccepted(Event):
+    """The offered CRL was taken (or was no news) (204)."""
 
 
 @dataclass(frozen=True)
@@ -405,8 +463,10 @@ class Pong(Event):
 
     unit: str
     time: datetime
+    crl_number: int | None = None  # the CRL the answering node holds
 
     def __post_init__(self) -> None:
+        _crl_number(self.crl_number)
         if not isinstance(self.unit, str) or not 0 < len(self.unit) <= _MAX_UNIT_CHARS:
             raise LocalProtocolError(
                 f"Pong.unit must be a non-empty str of at most {_MAX_UNIT_CHARS} characters")
@@ -425,8 +485,10 @@ class ConnectionClosed(Event):
 
 
 _E = TypeVar("_E", bound=Event)
-Request: TypeAlias = SubmitDocument | DeliverReceipt | DeliverCheckpoint | Ping
-Response: TypeAlias = Acknowledge | Reject | ReceiptAccepted | CheckpointAccepted | Pong
+Request: TypeAlias = (SubmitDocument | DeliverReceipt | DeliverCheckpoint | Ping | FetchCrl
+                      | OfferCrl)
+Response: TypeAlias = (Acknowledge | Reject | ReceiptAccepted | CheckpointAccepted | Pong
+                       | CrlFile | CrlAccepted)
 
 
 class _Sentinel:
@@ -673,7 +735,8 @@ class ServerConnection(_Connection):
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
                  max_body_size: int = DEFAULT_MAX_BODY_SIZE,
                  max_receipt_size: int = DEFAULT_MAX_RECEIPT_SIZE,
-                 max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE) -> None:
+                 max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE,
+                 max_crl_size: int = DEFAULT_MAX_CRL_SIZE) -> None:
         super().__init__(h11.SERVER, max_header_size)
         self.max_body_size = _check_limit(max_body_size, "max_body_size")
         self.max_receipt_size = _check_limit(max_receipt_size, "max_receipt_size")
@@ -681,6 +744,8 @@ class ServerConnection(_Connection):
         self._request: Request | None = None
         self._receipt_doc_id = ""
         self._checkpoint_seq = 0
+        self._crl_offered = False
+        self.max_crl_size = _check_limit(max_crl_size, "max_crl_size")
         self._receipt = bytearray()  # a receipt's or a checkpoint's body, as it arrives
         self._hasher = hashlib.sha256()
         self._body_received = 0
@@ -751,8 +816,11 @@ class ServerConnection(_Connection):
         method = req.method.decode("ascii", "replace")
         route = _ROUTE_RE.fullmatch(target)
         checkpoint = _CHECKPOINT_RE.fullmatch(target)
+        allowed: tuple[str, ...]
         if target == b"/v1/ping":
             kind, allowed = "ping", ("GET",)
+        elif target == b"/v1/crl":
+            kind, allowed = "crl", ("GET", "POST")
         elif checkpoint is not None:
             kind, allowed = "checkpoints", ("POST",)
         elif route is not None:
@@ -771,7 +839,33 @@ class ServerConnection(_Connection):
         if kind == "ping":
             if transfer_encoding or length:
                 raise RemoteProtocolError("a ping has no body")
-            self._request = Ping()
+            raw = _one_header(req.headers, _H_CRL_NUMBER)
+            if raw is not None and (not raw.isdigit() or len(raw) > 48):
+                raise RemoteProtocolError("X-Exchanged-Crl-Number is not a number")
+            self._request = Ping(int(raw) if raw is not None else None)
+            self._goto(State.RECV_BODY)
+            return None
+
+        if kind == "crl" and method == "GET":
+            if transfer_encoding or length:
+                raise RemoteProtocolError("a CRL fetch has no body")
+            self._request = FetchCrl()
+            self._goto(State.RECV_BODY)
+            return None
+        if kind == "crl":
+            if transfer_encoding or length is None:
+                raise RemoteProtocolError("Content-Length is required (chunked uploads are "
+                                          "refused)", code="length-required")
+            if length > self.max_crl_size:
+                raise RemoteProtocolError(f"a CRL of {length} bytes is over the limit of "
+                                          f"{self.max_crl_size}", code="too-large")
+            if content_type != CRL_TYPE:
+                raise RemoteProtocolError(f"a CRL must be {CRL_TYPE}, not "
+                                          f"{_short(content_type)}", code="unsupported-media-type")
+            if length == 0:
+                raise RemoteProtocolError("an empty CRL")
+            self._crl_offered = True
+            self._request = None
             self._goto(State.RECV_BODY)
             return None
 
@@ -847,7 +941,7 @@ class ServerConnection(_Connection):
             self._hasher.update(data)
             self._body_received += len(data)
             return BodyChunk(data)
-        if self._receipt_doc_id or self._checkpoint_seq:
+        if self._receipt_doc_id or self._checkpoint_seq or self._crl_offered:
             self._receipt += data  # h11 stops at Content-Length, which we capped
             return None
         raise RemoteProtocolError("a body where none belongs")  # not reached: length 0
@@ -869,7 +963,13 @@ class ServerConnection(_Connection):
             self._checkpoint_seq = 0
             self._receipt = bytearray()
             return checkpoint
-        assert isinstance(self._request, Ping)
+        if self._crl_offered:
+            offer = OfferCrl(bytes(self._receipt))
+            self._request = offer
+            self._crl_offered = False
+            self._receipt = bytearray()
+            return offer
+        assert isinstance(self._request, Ping | FetchCrl)
         return self._request
 
     # -- answering
@@ -920,6 +1020,12 @@ class ServerConnection(_Connection):
         elif isinstance(event, Pong):
             if not complete or not isinstance(request, Ping):
                 raise self._misuse("Pong answers a Ping")
+        elif isinstance(event, CrlFile):
+            if not complete or not isinstance(request, FetchCrl):
+                raise self._misuse("CrlFile answers a FetchCrl")
+        elif isinstance(event, CrlAccepted):
+            if not complete or not isinstance(request, OfferCrl):
+                raise self._misuse("CrlAccepted answers an OfferCrl")
         else:
             raise self._misuse(f"a server cannot send {type(event).__name__}")
         status, headers, body = _encode_response(event)
@@ -992,8 +1098,14 @@ def _encode_response(event: Response) -> tuple[int, list[tuple[bytes, bytes]], b
         status, body = event.status, _json_body({"code": event.code, "message": event.message})
     elif isinstance(event, Pong):
         status = 200
-        body = _json_body({"unit": event.unit,
-                           "time": event.time.astimezone(UTC).isoformat()})
+        pong: dict[str, Any] = {"unit": event.unit,
+                                "time": event.time.astimezone(UTC).isoformat()}
+        if event.crl_number is not None:
+            pong["crl_number"] = event.crl_number
+        body = _json_body(pong)
+    elif isinstance(event, CrlFile):
+        return 200, [(b"Content-Type", CRL_TYPE.encode()),
+                     (b"Content-Length", str(len(event.crl)).encode())], event.crl
     else:
         return 204, [], b""
     return status, [(b"Content-Type", _JSON_TYPE.encode()),
@@ -1024,6 +1136,7 @@ class ClientConnection(_Connection):
                  max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
                  max_receipt_size: int = DEFAULT_MAX_RECEIPT_SIZE,
                  max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE,
+                 max_crl_size: int = DEFAULT_MAX_CRL_SIZE,
                  user_agent: str = "exchanged") -> None:
         super().__init__(h11.CLIENT, max_header_size)
         if not isinstance(host, str) or not host or not host.isascii():
@@ -1033,6 +1146,7 @@ class ClientConnection(_Connection):
         self.max_response_size = _check_limit(max_response_size, "max_response_size")
         self.max_receipt_size = _check_limit(max_receipt_size, "max_receipt_size")
         self.max_metadata_size = _check_limit(max_metadata_size, "max_metadata_size")
+        self.max_crl_size = _check_limit(max_crl_size, "max_crl_size")
         self._request: Request | None = None
         self._remaining = 0
         self._hasher = hashlib.sha256()
@@ -1101,8 +1215,21 @@ class ClientConnection(_Connection):
                                              headers=headers),
                                  h11.Data(data=event.record), h11.EndOfMessage())
         elif isinstance(event, Ping):
+            if event.crl_number is not None:
+                headers.append((b"X-Exchanged-Crl-Number", str(event.crl_number).encode()))
             out = self._h11_send(h11.Request(method=b"GET", target=b"/v1/ping", headers=headers),
                                  h11.EndOfMessage())
+        elif isinstance(event, FetchCrl):
+            out = self._h11_send(h11.Request(method=b"GET", target=b"/v1/crl", headers=headers),
+                                 h11.EndOfMessage())
+        elif isinstance(event, OfferCrl):
+            if len(event.crl) > self.max_crl_size:
+                raise self._misuse(f"a CRL of {len(event.crl)} bytes is over the limit of "
+                                   f"{self.max_crl_size}")
+            headers += [(b"Content-Type", CRL_TYPE.encode()),
+                        (b"Content-Length", str(len(event.crl)).encode())]
+            out = self._h11_send(h11.Request(method=b"POST", target=b"/v1/crl", headers=headers),
+                                 h11.Data(data=event.crl), h11.EndOfMessage())
         else:
             raise self._misuse(f"a client cannot send {type(event).__name__}")
         self._begin(event)
@@ -1195,9 +1322,11 @@ class ClientConnection(_Connection):
                                               f"whole body was sent")
                 self._response = ev
             elif isinstance(ev, h11.Data):
-                if len(self._body) + len(ev.data) > self.max_response_size:
-                    raise RemoteProtocolError(f"a response body over the limit of "
-                                              f"{self.max_response_size} bytes", code="too-large")
+                limit = self.max_crl_size if isinstance(self._request, FetchCrl) \
+                    else self.max_response_size
+                if len(self._body) + len(ev.data) > limit:
+                    raise RemoteProtocolError(f"a response body over the limit of {limit} "
+                                              "bytes", code="too-large")
                 self._body += ev.data
             elif isinstance(ev, h11.EndOfMessage):
                 answer = self._interpret()
@@ -1248,6 +1377,13 @@ class ClientConnection(_Connection):
             return ReceiptAccepted(request.doc_id)
         if isinstance(request, DeliverCheckpoint) and status == 204:
             return CheckpointAccepted(request.seq)
+        if isinstance(request, OfferCrl) and status == 204:
+            return CrlAccepted()
+        if isinstance(request, FetchCrl) and status == 200:
+            ctype = _media_type(_one_header(response.headers, b"content-type"))
+            if ctype != CRL_TYPE or not body:
+                raise RemoteProtocolError(f"a CRL must come as {CRL_TYPE}, not {_short(ctype)}")
+            return CrlFile(body)
         if isinstance(request, Ping) and status == 200:
             data = self._json(response, body)
             when = data.get("time")
@@ -1258,7 +1394,7 @@ class ClientConnection(_Connection):
             except ValueError:
                 raise RemoteProtocolError(f"the pong's time {_short(when)} is not ISO 8601") \
                     from None
-            return self._build(Pong, data.get("unit"), parsed)
+            return self._build(Pong, data.get("unit"), parsed, data.get("crl_number"))
         raise RemoteProtocolError(f"unexpected status {status} for {type(request).__name__}")
 
     def _reject(self, status: int, body: bytes) -> Reject:
