@@ -86,6 +86,8 @@ MAY: dict[str, tuple[str, ...]] = {
     "box-paper-received": (REGISTRAR,),
     "document-paper-received": (RECEIVER, DEPUTY),
     "archive-export": (REGISTRAR, AUDITOR),
+    # a node's operation
+    "node-backup": (ADMIN,),  # a consistent backup of the running node (exchanged backup)
 }
 
 REQUEST_MAX_AGE = 300  # seconds: a signed role request older than this is refused
