@@ -253,6 +253,16 @@ def test_only_the_administrator_may_take_a_backup(net: tuple[Demo, dict[str, str
     assert (empty / "backup.json").exists()
 
 
+def test_a_backup_that_cannot_be_written_fails_clearly(net: tuple[Demo, dict[str, str]],
+                                                       tmp_path: Path) -> None:
+    d, paths = net
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "bk"
+    refused = take_backup(d, paths["finance"], out, ok=False)
+    assert f"cannot write the backup into {out}" in refused
+    assert audit_count(d, "finance", "node-backup", str(out)) == 2  # the act, its failure
+
+
 def test_openssl_verifies_the_backups_signature(net: tuple[Demo, dict[str, str]],
                                                 tmp_path: Path) -> None:
     d, paths = net

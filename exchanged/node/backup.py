@@ -135,6 +135,13 @@ def snapshot(store: NodeStore, out: Path, mirror: Path) -> Snapshot:
         if mirror.exists():
             _write_new(out / MIRROR, _mirror_upto(mirror.read_bytes(), head[0]))
         return Snapshot(out, created, head)
+    except (OSError, sqlite3.Error) as e:
+        discard(out, created)
+        raise BackupError(f"cannot write the backup into {out}: "
+                          f"{getattr(e, 'strerror', None) or e} (the daemon "
+                          "writes it as the service's user; under systemd, only the unit's "
+                          "ReadWritePaths are writable: add the backup location there)",
+                          code="io") from None
     except BaseException:
         discard(out, created)
         raise
@@ -169,27 +176,37 @@ def copy_blobs(snap: Snapshot, blobs: Path) -> list[dict[str, Any]]:
     files = [_entry(out, DB_NAME)]
     if (out / MIRROR).exists():
         files.append(_entry(out, MIRROR))
-    (out / BLOBS).mkdir(mode=DIR_MODE)
-    for sha, size in refs:
-        src = blobs / sha[:2] / sha
-        dest = out / BLOBS / sha[:2] / sha
-        dest.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-        try:
-            actual, n = _copy(src, dest)
-        except FileNotFoundError:
-            raise BackupError(f"blob {sha}, which the backed-up database names, is missing from "
-                              f"the store ({src}): a blob a document names is never deleted, "
-                              "so this is disk damage or someone else's doing; check the store "
-                              "(exchanged audit verify --node-config), then back up again",
-                              code="missing-blob") from None
-        if actual != sha or n != size:
-            raise BackupError(f"blob {src} does not match its name (its content hashes to "
-                              f"{actual}, {n} bytes; the database says {size}): disk damage or "
-                              "tampering; the backup was not written", code="corrupt-blob")
-        files.append({"path": f"{BLOBS}/{sha[:2]}/{sha}", "size": n, "sha256": actual})
+    try:
+        (out / BLOBS).mkdir(mode=DIR_MODE)
+        for sha, size in refs:
+            files.append(_copy_blob(sha, size, blobs, out))
+    except OSError as e:
+        raise BackupError(f"cannot copy the blobs into {out}: {e.strerror or e}",
+                          code="io") from None
     snap.blobs = len(refs)
     snap.files = files
     return files
+
+
+def _copy_blob(sha: str, size: int, blobs: Path, out: Path) -> dict[str, Any]:
+    src = blobs / sha[:2] / sha
+    dest = out / BLOBS / sha[:2] / sha
+    dest.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+    try:
+        actual, n = _copy(src, dest)
+    except FileNotFoundError:
+        if os.path.lexists(src):
+            raise  # the destination's
+        raise BackupError(f"blob {sha}, which the backed-up database names, is missing from the "
+                          f"store ({src}): a blob a document names is never deleted, so this is "
+                          "disk damage or someone else's doing; check the store (exchanged "
+                          "audit verify --node-config), then back up again",
+                          code="missing-blob") from None
+    if actual != sha or n != size:
+        raise BackupError(f"blob {src} does not match its name (its content hashes to {actual}, "
+                          f"{n} bytes; the database says {size}): disk damage or tampering; "
+                          "the backup was not written", code="corrupt-blob")
+    return {"path": f"{BLOBS}/{sha[:2]}/{sha}", "size": n, "sha256": actual}
 
 
 def seal(snap: Snapshot, *, unit: str, signer: Operator, by: str) -> dict[str, Any]:
@@ -206,12 +223,16 @@ def seal(snap: Snapshot, *, unit: str, signer: Operator, by: str) -> dict[str, A
                       "inbox": sum(snap.statistics["inbox"].values())},
         "blobs": snap.blobs, "files": snap.files}
     data, cms = signer.sign(manifest, detached=True)
-    _write_new(out / MANIFEST, data)
-    _write_new(out / SIGNATURE, cms)
-    _write_new(out / "VERIFY.txt", VERIFY_TXT.encode())
-    for d in sorted({out, out / BLOBS, *((out / f["path"]).parent for f in snap.files)}):
-        fsync_dir(d)
-    fsync_dir(out.parent)
+    try:
+        _write_new(out / MANIFEST, data)
+        _write_new(out / SIGNATURE, cms)
+        _write_new(out / "VERIFY.txt", VERIFY_TXT.encode())
+        for d in sorted({out, out / BLOBS, *((out / f["path"]).parent for f in snap.files)}):
+            fsync_dir(d)
+        fsync_dir(out.parent)
+    except OSError as e:
+        raise BackupError(f"cannot write the backup's list into {out}: {e.strerror or e}",
+                          code="io") from None
     manifest["manifest_sha256"] = hashlib.sha256(data).hexdigest()
     return manifest
 
@@ -340,8 +361,12 @@ def read_manifest(src: Path, cfg: Config) -> tuple[dict[str, Any], bytes, x509.C
                           code="not-a-backup") from None
     except OSError as e:
         raise BackupError(f"cannot read the backup {src}: {e.strerror}", code="io") from None
-    node_cert = x509.load_pem_x509_certificates(cfg.cert.read_bytes())[0]
-    cas = [c for p in cfg.ca for c in x509.load_pem_x509_certificates(p.read_bytes())]
+    try:
+        node_cert = x509.load_pem_x509_certificates(cfg.cert.read_bytes())[0]
+        cas = [c for p in cfg.ca for c in x509.load_pem_x509_certificates(p.read_bytes())]
+    except (OSError, ValueError) as e:
+        raise BackupError(f"cannot read the node's or the CA's certificate named in "
+                          f"{cfg.source}: {e}", code="config") from None
     signer, issuer, problem = None, None, "no CA is configured"
     for ca in cas:
         try:
@@ -423,11 +448,19 @@ def restore(src: Path, cfg: Config, *, force: bool = False) -> dict[str, Any]:
     if existing:
         _refuse_if_in_use(data / DB_NAME)
     manifest, raw, node_cert, issuer = read_manifest(src, cfg)
-    data.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=data, prefix=".restore-"))
+    try:
+        data.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=data, prefix=".restore-"))
+    except OSError as e:
+        raise BackupError(f"cannot write into the data directory {data}: {e.strerror or e}",
+                          code="io") from None
     try:
         summary = _prepare(src, work, manifest, raw, node_cert, issuer, cfg)
         aside = _install(work, data, existing)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise BackupError(f"restoring into {data} failed: {e.strerror or e}; nothing was "
+                          "installed", code="io") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
