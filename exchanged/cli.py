@@ -8,6 +8,7 @@ PINs come from --*-pin-file options, the environment or a prompt, never from an 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import json
 import os
@@ -733,6 +734,157 @@ def cmd_archive_export(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace, stack: ExitStack) -> int:
+    """A consistent backup of the running node, by its administrator: the act is signed here
+    on their token; the daemon writes the backup (exchanged.node.backup)."""
+    op = _operator(stack, args)
+    out = str(Path(args.dir).resolve())
+    answer = _ask(args, "act", **receipts.signed_request(
+        op, action="node-backup", obj=out, node=_node_config(args).unit))
+    _emit(args, answer, lambda d: f"backup written to {d['dir']}: {d['documents']['outbox']} "
+          f"sent and {d['documents']['inbox']} received document(s), {d['blobs']} package(s), "
+          f"{d['bytes']:,} bytes, the audit log up to entry {d['audit']['head_seq']}; its list "
+          f"is signed by the node (VERIFY.txt there); restore it, the daemon stopped, with "
+          f"`exchanged restore {d['dir']}`")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, stack: ExitStack) -> int:
+    """Install a backup as the node's store, offline (the daemon stopped); everything is
+    checked before anything is installed."""
+    from exchanged.node import backup
+    cfg = _node_config(args)
+    done = backup.restore(Path(args.dir).resolve(), cfg, force=args.force)
+
+    def text(d: dict[str, Any]) -> str:
+        states = [f"  {box:6} " + (", ".join(f"{n} {s}" for s, n in d[box].items() if n)
+                                   or "empty") for box in ("outbox", "inbox")]
+        lines = [f"restored {d['data_dir']} from {d['from']} (the backup of {d['created']}, "
+                 f"by {d['by']})",
+                 f"  documents: {d['documents']['outbox']} sent, {d['documents']['inbox']} "
+                 f"received; {d['blobs']} package(s), {d['blob_bytes']:,} bytes", *states,
+                 f"  audit log: head at entry {d['audit']['head_seq']} "
+                 f"({d['audit']['head_hash'][:16]}...), checked; the restore recorded as entry "
+                 f"{d['audit']['restore_entry']}"]
+        if d["moved_aside"]:
+            lines.append(f"  the store that was there is in {d['moved_aside']}")
+        lines.append("start the daemon: what was queued or in flight at the backup is sent "
+                     "again (a recipient that has it already acknowledges it once)")
+        if d["witness"]:
+            lines.append(f"note: the witness {d['witness']} holds checkpoints this store never "
+                         "had if the log went on after the backup; it will report this log as "
+                         "cut back (witness-conflict), which is what a restore is")
+        return "\n".join(lines)
+
+    _emit(args, done, text)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, stack: ExitStack) -> int:
+    """The running node's state; exit 0 if all is well, 1 if something needs attention, 3 if
+    the daemon does not answer."""
+    try:
+        answer = _ask(args, "status")
+    except ExchangedError as e:
+        if e.code != "no-daemon":
+            raise
+        _emit(args, {"up": False, "error": str(e)}, lambda d: f"not running: {d['error']}")
+        return 3
+    _emit(args, answer, _status_text)
+    return 1 if answer["problems"] else 0
+
+
+def _status_text(d: dict[str, Any]) -> str:
+    cert, disk, audit = d["certificate"], d["disk"], d["audit"]
+    lines = [f"{d['unit']}: up since {d['started']} (pid {d['pid']}, exchanged {d['version']}), "
+             f"listening on {d['listen']}",
+             f"  certificate  {cert['serial']} valid until {cert['not_after']} "
+             f"({cert['days_left']} days)",
+             f"  token        {'present' if d['token']['present'] else 'MISSING'} "
+             f"({d['token']['uri']})",
+             f"  disk         {disk['free_bytes'] / 2**30:.1f} GiB free (reserve "
+             f"{disk['reserve_bytes'] / 2**20:.0f} MiB)",
+             f"  audit        head entry {audit['seq']} ({audit['hash'][:16]}...)"]
+    for c in d["crls"]:
+        if c["number"] is None:
+            lines.append(f"  CRL          none held for {c['ca']}")
+        else:
+            age = c["age_seconds"] / 3600
+            lines.append(f"  CRL          number {c['number']} of {c['ca']}: {age:.1f} h old, "
+                         f"next update {c['next_update']}{' (STALE)' if c['stale'] else ''}")
+    taken = d.get("crl_taken") or {}
+    if taken:
+        lines.append(f"  CRL taken    number {taken['number']} from {taken['source']} at "
+                     f"{taken['time']}")
+    fetch = d.get("crl_fetch") or {}
+    lines.append(f"  CRL source   {d.get('crl_url') or '(no publication point)'}"
+                 + (f"; last fetch {fetch['time']}: "
+                    f"{'ok' if fetch.get('ok') else fetch.get('error')}" if fetch else ""))
+    oldest = d.get("oldest_queued")
+    if oldest:
+        lines.append(f"  oldest queued document {oldest['doc_id']} for {oldest['unit']}, "
+                     f"{oldest['seconds']} s")
+    lines.append("  peers:")
+    lines.append("    " + _table(d["peers"], ["unit", "address", "queued", "receipts_owed",
+                                               "last_success", "last_error"]
+                                  ).replace("\n", "\n    "))
+    if d["persons"]:
+        lines.append("  persons' certificates:")
+        lines.append("    " + _table(d["persons"], ["person", "serial", "not_after", "days_left"]
+                                      ).replace("\n", "\n    "))
+    if d["problems"]:
+        lines.append("problems:")
+        lines += [f"  - {p}" for p in d["problems"]]
+    else:
+        lines.append("no problems")
+    return "\n".join(lines)
+
+
+def cmd_crl_fetch(args: argparse.Namespace, stack: ExitStack) -> int:
+    answer = _ask(args, "crl-fetch")
+    _emit(args, answer, lambda d: f"CRL number {d['number']} held ("
+          f"{'newly taken' if d['installed'] else 'no newer one'}) from {d['url']}")
+    return 0
+
+
+def cmd_crl_install(args: argparse.Namespace, stack: ExitStack) -> int:
+    data = Path(args.file).read_bytes()
+    answer = _ask(args, "crl-install", crl=base64.b64encode(data).decode(),
+                  file=str(Path(args.file).resolve()))
+    numbers = ", ".join(str(c["number"]) for c in answer["crls"])
+    _emit(args, answer, lambda d: ("installed" if d["installed"] else "no newer than the CRL "
+                                   "held; nothing changed") + f" (CRL number held: {numbers})")
+    return 0
+
+
+def cmd_ca_serve(args: argparse.Namespace, stack: ExitStack) -> int:
+    """The CA's publication point: its ca.crl, crl/N.crl and ca.pem over plain HTTP."""
+    import logging
+
+    import trio
+
+    from exchanged.node.config import parse_address
+    from exchanged.transport import publish
+    ca_dir = Path(args.dir).resolve()
+    if not (ca_dir / "ca.pem").is_file():
+        raise ExchangedError(f"{ca_dir} is not a CA directory (no ca.pem)", code="usage")
+    host, port = parse_address(args.listen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    async def run() -> None:
+        async with trio.open_nursery() as n:
+            bound = await n.start(publish.serve, ca_dir, host, port)
+            logging.getLogger("exchanged").info(
+                "publishing %s at http://%s:%d/ca.crl (and /crl/N.crl, /ca.pem)", ca_dir, host,
+                bound)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_due(args: argparse.Namespace, stack: ExitStack) -> int:
     items = _ask(args, "due", division=args.division)["items"]
     _emit(args, items, lambda r: _table(r, ["status", "doc_id", "urgency", "deadline", "box",
@@ -927,6 +1079,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="also copy the CRL (DER) here")
     _add_pin(p, "ca")
 
+    p = cmd(csub, "serve", cmd_ca_serve, "the CA's publication point: serve ca.crl, crl/N.crl "
+            "and ca.pem of the CA directory over plain HTTP (read-only; any web server "
+            "serving those files does as well)")
+    ca_dir(p)
+    p.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT (default "
+                   "127.0.0.1:8090); the URL given to ca init --crl-url must reach it")
     p = cmd(csub, "list", cmd_ca_list, "list issued certificates")
     ca_dir(p)
     p.add_argument("--status", choices=("good", "held", "revoked"))
@@ -1120,6 +1278,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (registrar or "
                                                      "auditor) key")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(sub, "backup", cmd_backup, "a consistent backup of the running node (database, "
+            "packages, the checkpoints' copy) into a new directory, its list signed by the "
+            "node (the node's administrator)")
+    node_cfg(p)
+    p.add_argument("dir", help="a new or empty directory (the daemon writes it)")
+    p.add_argument("--operator", required=True, help="pkcs11: URI of your (administrator) key")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(sub, "restore", cmd_restore, "install a backup as the node's store, the daemon "
+            "stopped: its signature, every file and the audit chain are checked first")
+    node_cfg(p)
+    p.add_argument("dir", help="the backup directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing store (it is moved aside into the data directory's "
+                        "replaced-TIME/, not deleted)")
+    json_opt(p)
+    p = cmd(sub, "status", cmd_status, "the running node: peers, queues, CRLs, certificates, "
+            "token, disk, audit head, and what needs attention (exit 1: problems, 3: not "
+            "running)")
+    node_cfg(p); json_opt(p)  # noqa: E702
+    crl = sub.add_parser("crl", help="the node's CRLs: fetch from the CA's publication point, "
+                                     "install a file")
+    crlsub = crl.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(crlsub, "fetch", cmd_crl_fetch, "fetch the CRL from the CA's publication point now "
+            "(the daemon does so every crl_refresh seconds)")
+    node_cfg(p); json_opt(p)  # noqa: E702
+    p = cmd(crlsub, "install", cmd_crl_install, "hand the daemon a CRL file (DER or PEM); held "
+            "if it verifies against the CA and is newer than the one held")
+    node_cfg(p); p.add_argument("file"); json_opt(p)  # noqa: E702
     p = cmd(sub, "due", cmd_due, "what is overdue or due soon, urgent first, per box")
     node_cfg(p)
     p.add_argument("--division", help="one division's box")

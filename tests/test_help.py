@@ -15,7 +15,8 @@ COMMANDS = [
     ["audit", "witnessed"], ["serve"], ["send"], ["outbox"], ["inbox"], ["inbox", "show"],
     ["inbox", "sign-for"], ["inbox", "register"], ["inbox", "distribute"],
     ["inbox", "forward"], ["inbox", "return"], ["inbox", "paper-received"],
-    ["inbox", "export"], ["due"], ["archive", "export"],
+    ["inbox", "export"], ["due"], ["archive", "export"], ["status"], ["crl", "fetch"],
+    ["crl", "install"], ["ca", "serve"], ["backup"], ["restore"],
 ]
 
 

@@ -270,12 +270,12 @@ class Bench:
         self.d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", self.d.pin("ca"), quiet=True)
         t_crl = time.perf_counter() - t
         crl = self.work / "ca" / "ca.crl"
-        before = {u: self.status(u)["peers"]["crl_generation"] for u in ("finance", "office")}
+        before = {u: self.status(u)["peer_check"]["crl_generation"] for u in ("finance", "office")}
         rss0 = proc_kib(self.d.daemons["office"].pid, "VmRSS")
         self.d.publish_crl()
         t = time.perf_counter()
         deadline = time.monotonic() + 120
-        while any(self.status(u)["peers"]["crl_generation"] <= before[u] for u in before):
+        while any(self.status(u)["peer_check"]["crl_generation"] <= before[u] for u in before):
             if time.monotonic() > deadline:
                 raise SystemExit("bench: the daemons did not reload the CRL within 120 s")
             time.sleep(0.2)

@@ -42,12 +42,15 @@ class Demo:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGED_")}
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.step = 0
+        self.ca_port = free_port()  # the CA's publication point (`exchanged ca serve`)
 
     def say(self, text: str) -> None:
         self.step += 1
         print(f"\n== {self.step}. {text}", flush=True)
 
-    def run(self, argv: list[str], *, ok: bool = True, quiet: bool = False) -> str:
+    def run(self, argv: list[str], *, ok: bool | None = True, quiet: bool = False) -> str:
+        """Run a command in the work directory; `ok`: it must succeed (True), must fail
+        (False), or either (None)."""
         shown = " ".join(shlex.quote(a) for a in argv).replace(
             f"{sys.executable} -m exchanged", "exchanged")
         if not quiet:
@@ -58,11 +61,11 @@ class Demo:
             print("  " + out.replace("\n", "\n  "), flush=True)
         if ok and p.returncode != 0:
             raise SystemExit(f"demo: step failed: {shown}\n{out}")
-        if not ok and p.returncode == 0:
+        if ok is False and p.returncode == 0:
             raise SystemExit(f"demo: this should have failed: {shown}")
         return out
 
-    def x(self, *args: str, ok: bool = True, quiet: bool = False) -> str:
+    def x(self, *args: str, ok: bool | None = True, quiet: bool = False) -> str:
         return self.run(EXCHANGED + list(args), ok=ok, quiet=quiet)
 
     def pin(self, label: str) -> str:
@@ -82,7 +85,18 @@ class Demo:
                        f"--{role}-division", div, f"--{role}-pin-file", self.pin(role)]
         self.x("ca", "init", "--dir", "ca", "--key", "pkcs11:token=ca;object=ca", "--name",
                name, "--unit", "General Office", *people, "--ca-pin-file", self.pin("ca"),
-               quiet=True)
+               "--crl-url", f"http://127.0.0.1:{self.ca_port}/ca.crl", quiet=True)
+
+    def serve_ca(self) -> None:
+        """The CA's publication point: nodes fetch its CRL from the URL in their
+        certificates."""
+        with open(self.work / "ca-serve.log", "ab") as log:
+            self.daemons["ca"] = subprocess.Popen(
+                EXCHANGED + ["ca", "serve", "--dir", "ca", "--listen",
+                             f"127.0.0.1:{self.ca_port}"],
+                cwd=self.work, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_for("the CA's publication point", lambda: _listening(self.ca_port))
+        print(f"  the CA publishes its CRL at http://127.0.0.1:{self.ca_port}/ca.crl")
 
     def issue(self, token: str, profile: str, name: str, unit: str, *extra: str) -> str:
         """Key on the token, CSR, request, approval by the officer, certificate on the token."""
@@ -201,6 +215,11 @@ class Demo:
         return data  # type: ignore[no-any-return]
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def main() -> int:
     work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="exchanged-net-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -252,10 +271,13 @@ def setup(d: Demo, *, box: bool = False) -> dict[str, str]:
     if box:
         office_peers["district"] = (pc, "district", "District Office")
         d.config("district", "District Office", "district-node", pc,
-                 {"office": (pb, "node-office", "General Office Archives")},
+                 {"office": (pb, "node-office", "General Office Archives"),
+                  "finance": (pa, "node-finance", "Finance Bureau")},
                  divisions=("Secretariat",))
-    d.config("finance", "Finance Bureau", "finance-node", pa,
-             {"office": (pb, "node-office", "General Office Archives")})
+    finance_peers = {"office": (pb, "node-office", "General Office Archives")}
+    if box:
+        finance_peers["district"] = (pc, "district", "District Office")
+    d.config("finance", "Finance Bureau", "finance-node", pa, finance_peers)
     d.config("office", "General Office Archives", "office-node", pb, office_peers,
              manages=("district",) if box else ())
     paths = {"office_serial": office_serial,
@@ -274,6 +296,7 @@ def run(d: Demo) -> int:
     office.write_text(office.read_text().replace(
         "[pkcs11]", f'alert_command = ["sh", "-c", "echo $EXCHANGED_EVENT $EXCHANGED_DOC_ID '
                     f'$EXCHANGED_TITLE >> {events}"]\n\n[pkcs11]'))
+    d.serve_ca()
     d.start("finance")
     d.start("office")
     d.start("district")
@@ -320,19 +343,34 @@ def run(d: Demo) -> int:
 
     box(d, net, doc)
 
-    d.say("Office's node certificate is revoked; the CRL is published; finance refuses office")
+    d.say("Office's node certificate is revoked; the CA signs a new CRL and publishes it")
     d.x("ca", "revoke", "--dir", "ca", office_serial, "--reason", "keyCompromise",
         *d.op("officer"))
-    d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", d.pin("ca"))
-    d.publish_crl()
-    time.sleep(6)  # the daemons notice changed CRL files within seconds (or on SIGHUP)
-    again = json.loads(d.x("send", "--config", cfg_a, "--to", "office", "--title",
-                           "Second notice", "--pdf", "notice.pdf", "--editable", "notice.txt",
-                           "--json"))
-    err = d.wait_for("finance to refuse office", lambda: "revoked" in (
-        d.item("finance", "outbox", again["doc_id"]).get("last_error") or ""))
-    d.x("outbox", again["doc_id"], "--config", cfg_a)
-    print(f"  {err}")
+    out = d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", d.pin("ca"))
+    number = int(re.search(r"CRL number (\d+)", out).group(1))  # type: ignore[union-attr]
+
+    d.say("Finance fetches it from the publication point (as it does every crl_refresh "
+          "seconds by itself); then the CA's host goes down")
+    d.x("crl", "fetch", "--config", cfg_a)
+    d.daemons.pop("ca").terminate()
+    print("  the CA's publication point is stopped")
+
+    d.say("District never reached the CA: finance hands the CRL over in their next exchange")
+    cfg_c = net["district"]
+    d.wait_for("district to hold the new CRL", lambda: json.loads(d.x(
+        "status", "--config", cfg_c, "--json", quiet=True, ok=None))["crls"][0]["number"]
+        == number)
+    d.x("status", "--config", cfg_c, ok=None)
+
+    d.say("Both refuse office now; no CRL file was copied by hand")
+    for cfg, unit in ((cfg_a, "finance"), (cfg_c, "district")):
+        again = json.loads(d.x("send", "--config", cfg, "--to", "office", "--title",
+                               f"Second notice from {unit}", "--pdf", "notice.pdf",
+                               "--editable", "notice.txt", "--json"))
+        def refused(unit: str = unit, doc: str = again["doc_id"]) -> str:
+            error = d.item(unit, "outbox", doc).get("last_error") or ""
+            return error if "revoked" in error else ""
+        print(f"  {unit}: {d.wait_for(f'{unit} to refuse office', refused)}")
     d.say("Stopping the daemons")
     d.stop()
     print("\ndemo: every step behaved as expected")

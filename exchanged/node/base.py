@@ -8,6 +8,7 @@ them.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -23,9 +24,12 @@ import trio
 from cryptography import x509
 
 from exchanged.box import Box
+from exchanged.common import stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.config import Config
+from exchanged.node.crls import CrlKeeper
 from exchanged.pki import verify
+from exchanged.pki.names import person_of
 from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey
@@ -34,6 +38,7 @@ from exchanged.roles import Roles
 from exchanged.store.audit import MIRROR
 from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
+from exchanged.transport import publish
 from exchanged.transport.peers import Peer, PeerCheck
 from exchanged.transport.tlskey import make_context, peer_chain_der
 
@@ -57,6 +62,7 @@ class Node:
     trusted: list[x509.Certificate]
     signer: Operator
     peers: PeerCheck
+    crls: CrlKeeper
     roles: Roles
     box: Box
     server_ctx: Any
@@ -70,6 +76,11 @@ class Node:
         self.stopping = False
         self.active_transfers = 0
         self._alerted: dict[str, float] = {}
+        self.started = dt.datetime.now(dt.UTC)
+        self.token_present = True  # the node's token answers (see the service's token watch)
+        self.token_problem: str | None = None
+        self.on_crl: Callable[[], None] = lambda: None  # a newer CRL is held (the service
+        # spreads it to the peers)
 
     @classmethod
     def open(cls, config: Config) -> Node:
@@ -98,7 +109,8 @@ class Node:
         node.signer = Operator(node.key, node.cert)
         if node.store.audit.head()[0] == 0:  # a new log begins with a signed anchor
             node.audit_event("node-init", c.unit)
-        node.peers = PeerCheck(node.trusted, list(c.crls), c.peers)
+        node.crls = CrlKeeper(c, node.trusted, node.cert, node.audit_event)
+        node.peers = node.crls.peers
         node.roles = Roles(RoleStore(node.store.db), node.store.audit, node.person_status,
                            divisions=c.box.divisions)
         node.box = Box(node.store, node.roles, c.unit, c.box, node.ca_cert)
@@ -124,23 +136,64 @@ class Node:
     def person_status(self, cert: x509.Certificate) -> None:
         """An operator at this node: a person certificate of our CA, good per our CRLs."""
         try:
-            verify.validate(cert, trusted=self.trusted, crls=self.peers.crls, purpose="person")
+            verify.validate(cert, trusted=self.trusted, crls=self.peers.crls, purpose="person",
+                            stale_ok=self.config.stale_crl == "warn")
         except verify.ValidationError as e:
             raise ExchangedError(f"operator certificate refused: {e}", code=e.code) from None
+        person = person_of(cert.subject)
+        if person:  # its expiry is watched from now on (exchanged status)
+            self.store.remember_person(person, format(cert.serial_number, "x"),
+                                       cert.subject.rfc4514_string(),
+                                       stamp(cert.not_valid_after_utc))
 
     async def handshake(self, stream: trio.abc.Stream, *, server: bool,
                         expect: str | None = None) -> tuple[trio.SSLStream[Any], Peer,
-                                                            x509.Certificate]:
+                                                            x509.Certificate, str | None]:
         """TLS on `stream`, then who the peer is (transport.peers): (the TLS stream, the
-        configured peer, its leaf certificate). PeerRefused if it is no peer of ours."""
+        configured peer, its leaf certificate, None — or why only CRLs may pass: our CRL is
+        stale). PeerRefused if it is no peer of ours."""
         ctx = self.server_ctx if server else self.client_ctx
         tls = trio.SSLStream(stream, ctx, server_side=server,
                              server_hostname=None if server else "exchanged-peer")
         with trio.fail_after(self.config.limits.handshake_timeout):
             await tls.do_handshake()
         chain = peer_chain_der(tls)
-        peer = await trio.to_thread.run_sync(lambda: self.peers.check(chain, expect=expect))
-        return tls, peer, x509.load_der_x509_certificate(chain[0])  # parsed by check() already
+        peer, limited = await trio.to_thread.run_sync(
+            lambda: self.peers.admit(chain, expect=expect))
+        return (tls, peer, x509.load_der_x509_certificate(chain[0]),  # parsed by admit()
+                None if limited is None else str(limited))
+
+    async def take_crl(self, der: bytes, source: str) -> bool:
+        """A CRL from `source` (a peer, the publication point, an operator): checked, then
+        held if it is newer than ours (and the service told, to spread it). False if it is
+        no news; ValidationError if it does not verify."""
+        info = await trio.to_thread.run_sync(self.crls.check, der, source)
+        installed = await self.db(self.crls.install, der, info, source)
+        if installed:
+            self.on_crl()
+        return installed
+
+    async def fetch_crl(self) -> dict[str, Any]:
+        """One fetch from the publication point; what happened (also kept for status)."""
+        url = self.crls.publication_point()
+        result: dict[str, Any] = {"url": url, "time": stamp(), "ok": False}
+        if url is None:
+            result["error"] = ("no publication point: set trust.crl_url, or issue node "
+                               "certificates with a CRL distribution point (ca init --crl-url)")
+        else:
+            try:
+                der = await publish.fetch(url, max_size=self.config.limits.max_crl_bytes,
+                                          seconds=self.config.limits.read_timeout)
+                installed = await self.take_crl(der, url)
+                result.update(ok=True, installed=installed, number=self.crls.number())
+            except (ExchangedError, OSError, sqlite3.Error) as e:
+                result["error"] = str(e)
+                log.warning("CRL fetch from %s failed: %s", url, e)
+                if isinstance(e, verify.ValidationError):
+                    await self.audit("crl-refused", url, outcome="refused",
+                                     details={"code": e.code, "error": str(e)})
+        self.crls.last_fetch = result
+        return result
 
     async def send(self, tls: trio.SSLStream[Any], data: bytes) -> None:
         """Write to a peer within the read timeout (a peer that stops reading is let go)."""

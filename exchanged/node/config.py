@@ -36,6 +36,7 @@ class Limits:
     peer_quota_bytes: int = 8 * 1024**3  # a peer's documents here not yet signed for
     disk_reserve_bytes: int = 256 * 1024**2  # below this much free space: "busy"
     refusal_audit_interval: float = 60.0  # refused connections: one entry per source and kind
+    max_crl_bytes: int = 64 * 1024**2  # a CRL fetched or handed over by a peer
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -68,6 +69,13 @@ class Config:
     witness: str | None = None
     witness_for: tuple[str, ...] = ()
     box: BoxSettings = BoxSettings()
+    # Revocation without a human: where the CA publishes its CRL (None: the http URL in the
+    # node certificate's CRL distribution point, if any), how often it is fetched, how often
+    # each peer is asked for a newer one, and what a CRL past its nextUpdate means.
+    crl_url: str | None = None
+    crl_refresh: float = 900.0
+    crl_gossip: float = 600.0
+    stale_crl: str = "refuse"
 
     @property
     def socket_path(self) -> Path:
@@ -96,12 +104,12 @@ class Config:
         unit = str(node["unit"])
         if not UNIT_RE.match(unit):
             raise ConfigError(f"unit id {unit!r}: lower-case letters, digits and '-' only")
-        host, port = _address(str(node["listen"]))
+        host, port = parse_address(str(node["listen"]))
         peers = {}
         for peer_unit, spec in data.get("peers", {}).items():
             if not UNIT_RE.match(peer_unit):
                 raise ConfigError(f"peer unit id {peer_unit!r}: lower-case letters, digits, '-'")
-            phost, pport = _address(str(spec["address"]))
+            phost, pport = parse_address(str(spec["address"]))
             peers[peer_unit] = Peer(peer_unit, phost, pport, str(spec["name"]), str(spec["org"]))
         lim = data.get("limits", {})
         limits = Limits(**{k: type(getattr(Limits, k))(v) for k, v in lim.items()})
@@ -116,6 +124,17 @@ class Config:
             if w not in peers:
                 raise ConfigError(f"witness {w!r} is not a configured peer: add [peers.{w}]")
         box = _box(data.get("box", {}), data.get("office_hours", {}), data.get("reminders", {}))
+        stale_crl = str(trust.get("stale_crl", "refuse"))
+        if stale_crl not in ("refuse", "warn"):
+            raise ConfigError(f'trust.stale_crl must be "refuse" or "warn", not {stale_crl!r}')
+        crl_url = str(trust["crl_url"]) if trust.get("crl_url") else None
+        if crl_url is not None and not crl_url.startswith("http://"):
+            raise ConfigError(f"trust.crl_url {crl_url!r}: an http:// URL (a CRL is signed; "
+                              "it needs no TLS)")
+        timing = {k: float(trust.get(k, getattr(cls, k))) for k in ("crl_refresh", "crl_gossip")}
+        for k, v in timing.items():
+            if v <= 0:
+                raise ConfigError(f"trust.{k} must be positive (seconds), not {v}")
         for m in box.manages:
             if m not in peers:
                 raise ConfigError(f"managed unit {m!r} is not a configured peer: add [peers.{m}]")
@@ -129,7 +148,8 @@ class Config:
             alert_command=tuple(str(a) for a in alert),
             control_socket=path(node["control_socket"]) if node.get("control_socket") else None,
             source=source, roles={str(k): str(v) for k, v in data.get("roles", {}).items()},
-            witness=str(witness) if witness else None, witness_for=witness_for)
+            witness=str(witness) if witness else None, witness_for=witness_for,
+            crl_url=crl_url, stale_crl=stale_crl, **timing)
 
 
 def _box(box: dict[str, Any], hours: dict[str, Any], reminders: dict[str, Any]) -> BoxSettings:
@@ -182,7 +202,7 @@ def _offset(text: object, default: dt.timedelta) -> dt.timedelta:
     return dt.timedelta(minutes=-minutes if m.group(1) == "-" else minutes)
 
 
-def _address(text: str) -> tuple[str, int]:
+def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"address {text!r}: expected HOST:PORT")

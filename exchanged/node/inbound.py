@@ -145,7 +145,7 @@ class Inbound:
             return
         try:
             with trio.fail_at(deadline):  # counted from the accept, not from a free slot
-                tls, peer, leaf = await node.handshake(stream, server=True)
+                tls, peer, leaf, limited = await node.handshake(stream, server=True)
         except PeerRefused as e:
             await trio.aclose_forcefully(stream)
             await self.refusals.note("peer-refused", source, e.code, str(e))
@@ -165,7 +165,7 @@ class Inbound:
                                          "connection slots are taken")
                 return
             try:
-                await self._requests(tls, peer, leaf)
+                await self._requests(tls, peer, leaf, limited)
             finally:
                 self.slots.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
@@ -178,10 +178,13 @@ class Inbound:
             await trio.aclose_forcefully(tls)
 
     async def _requests(self, tls: trio.SSLStream[Any], peer: Peer,
-                        leaf: x509.Certificate) -> None:
+                        leaf: x509.Certificate, limited: str | None) -> None:
+        """A known peer's requests, one after another on one connection. `limited`: our CRL
+        is stale (policy "refuse"), so only CRLs may pass, to mend that."""
         node = self.node
         limits = node.config.limits
-        conn = proto.ServerConnection(max_body_size=limits.max_document_bytes)
+        conn = proto.ServerConnection(max_body_size=limits.max_document_bytes,
+                                      max_crl_size=limits.max_crl_bytes)
         writer: BlobWriter | None = None
         pending = bytearray()  # body bytes not yet handed to the disk thread (< DISK_SLICE)
         submit: proto.SubmitDocument | None = None
@@ -208,7 +211,22 @@ class Inbound:
                     return
                 if isinstance(event, proto.Ping):
                     await node.send(tls, conn.send(proto.Pong(
-                        node.config.unit, dt.datetime.now(dt.UTC))))
+                        node.config.unit, dt.datetime.now(dt.UTC), node.crls.number())))
+                elif isinstance(event, proto.FetchCrl):
+                    der = node.crls.der()
+                    await node.send(tls, conn.send(
+                        proto.CrlFile(der) if der is not None else
+                        proto.Reject("not-found", f"{node.config.unit} holds no CRL")))
+                elif isinstance(event, proto.OfferCrl):
+                    await node.send(tls, conn.send(await self._offered_crl(peer, event)))
+                elif limited is not None and isinstance(
+                        event, proto.SubmitDocument | proto.DeliverReceipt
+                        | proto.DeliverCheckpoint):
+                    await node.send(tls, conn.send(proto.Reject(
+                        "busy", f"{node.config.unit} has no current CRL ({limited}); it takes "
+                        "nothing but a CRL until it has one: send again later")))
+                    if isinstance(event, proto.SubmitDocument):
+                        return  # the body was not read: the connection cannot go on
                 elif isinstance(event, proto.SubmitDocument):
                     full = await self._no_room(peer, event)
                     if full is not None:
@@ -243,6 +261,22 @@ class Inbound:
             if writer is not None:
                 await trio.to_thread.run_sync(writer.abort)
                 node.active_transfers -= 1
+
+    async def _offered_crl(self, peer: Peer, offer: proto.OfferCrl
+                           ) -> proto.CrlAccepted | proto.Reject:
+        """A peer hands us the CRL it holds: held if it verifies and is newer than ours."""
+        node = self.node
+        try:
+            await node.take_crl(offer.crl, f"peer {peer.unit}")
+        except verify.ValidationError as e:
+            log.warning("refused the CRL %s offered: %s", peer.unit, e)
+            await node.audit("crl-refused", peer.unit, outcome="refused",
+                             details={"code": e.code, "error": str(e)})
+            return proto.Reject("bad-crl", str(e))
+        except (ExchangedError, OSError, sqlite3.Error) as e:
+            return proto.Reject("busy", f"{node.config.unit} could not store the CRL ({e}); "
+                                "offer it again later")
+        return proto.CrlAccepted()
 
     async def _no_room(self, peer: Peer, submit: proto.SubmitDocument) -> proto.Reject | None:
         """Before a byte of body is read: is there room for it? A full disk or a peer over its

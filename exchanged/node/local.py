@@ -25,6 +25,7 @@ from exchanged import package as pkg
 from exchanged.box import URGENT
 from exchanged.common import new_id, parse_time, stamp
 from exchanged.errors import ExchangedError
+from exchanged.node import backup, status
 from exchanged.node.base import Node
 from exchanged.node.control import Handler
 from exchanged.node.outbound import Outbound
@@ -33,7 +34,7 @@ from exchanged.pki import verify
 from exchanged.pki.operator import SignedOperator
 from exchanged.roles import act
 from exchanged.store import evidence
-from exchanged.store.audit import mirror_line
+from exchanged.store.audit import MIRROR, mirror_line
 
 
 def _epoch(text: Any) -> float | None:
@@ -72,13 +73,34 @@ class LocalCommands:
                 "outbox-show": self.outbox_show, "sign-for": self.sign_for,
                 "return": self.return_, "due": self.due, "export": self.export,
                 "act": self.act, "role": self.act, "role-list": self.role_list,
-                "witnessed": self.witnessed}
+                "witnessed": self.witnessed, "crl-fetch": self.crl_fetch,
+                "crl-install": self.crl_install}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await status.gather(self.node, self.outbound)
+
+    # -- CRLs -------------------------------------------------------------------------------
+
+    async def crl_fetch(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Fetch from the CA's publication point now (the daemon also does every
+        crl_refresh seconds)."""
+        result = await self.node.fetch_crl()
+        if not result["ok"]:
+            raise ControlError(f"no CRL fetched: {result['error']}", code="crl-fetch")
+        return result
+
+    async def crl_install(self, req: dict[str, Any]) -> dict[str, Any]:
+        """An operator hands the daemon a CRL file (DER or PEM, as base64 of its bytes)."""
         node = self.node
-        return {"unit": node.config.unit, "port": node.port,
-                "store": await node.db(node.store.statistics),
-                "peers": node.peers.statistics()}
+        data = base64.b64decode(str(req.get("crl") or ""), validate=True)
+        try:
+            der = verify.crl_der(data)
+            installed = await node.take_crl(der, f"operator ({req.get('file') or 'a file'})")
+        except verify.ValidationError as e:
+            await node.audit("crl-refused", str(req.get("file") or "-"), outcome="refused",
+                             details={"code": e.code, "error": str(e)})
+            raise
+        return {"installed": installed, "crls": node.crls.status()}
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -320,6 +342,8 @@ class LocalCommands:
             return await node.db(self._archive, op, digest)
         if action in ("audit-show", "audit-export"):
             return await node.db(self._audit, op, digest)
+        if action == "node-backup":
+            return await self._backup(op, digest)
         return {"id": await node.db(self._apply_role, op, grantee, digest)}
 
     def _archive(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
@@ -342,6 +366,49 @@ class LocalCommands:
                                   by=op.cert.subject.rfc4514_string(),
                                   max_file_size=node.config.limits.max_document_bytes)
         return {"dir": str(out), "documents": [d["doc_id"] for d in manifest["documents"]]}
+
+    async def _backup(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
+        """A consistent backup of the running node, by its administrator (exchanged.node.backup):
+        the act, a signed checkpoint and the database's snapshot in one hold of the database;
+        then the blobs it names, copied in a thread without holding it; then the list, signed
+        on the node token. A refusal or a failure is recorded; a failure removes the
+        directory."""
+        node, out = self.node, Path(str(op.request["object"]))
+        acted = False
+
+        def begin() -> backup.Snapshot:
+            nonlocal acted
+            backup.check_target(out)
+            with node.store.transaction():
+                node.roles.accept_request(op, digest)
+                role = node.roles.require(op, "node-backup")
+                act(node.store.audit, op, role, "node-backup", str(out))
+            acted = True
+            node.audit_event("backup-checkpoint", str(out), checkpoint=True)
+            return backup.snapshot(node.store, out, node.config.data_dir / MIRROR)
+
+        by = op.cert.subject.rfc4514_string()
+        snap: backup.Snapshot | None = None
+        try:
+            snap = await node.db(begin)
+            await trio.to_thread.run_sync(backup.copy_blobs, snap, node.store.blobs)
+            manifest = await node.tok(backup.seal, snap, unit=node.config.unit,
+                                      signer=node.signer, by=by)
+        except BaseException as e:
+            refused = not acted and isinstance(e, ExchangedError)
+            with trio.CancelScope(shield=True):
+                if snap is not None:
+                    await trio.to_thread.run_sync(backup.discard, snap.out, snap.created)
+                await node.audit("node-backup", str(out), actor=by,
+                                 outcome="refused" if refused else "failed",
+                                 details={"error": str(e) or type(e).__name__})
+            raise
+        await node.audit("node-backup-written", str(out), details={
+            "manifest_sha256": manifest["manifest_sha256"], "files": len(manifest["files"]),
+            "audit_head": manifest["audit"]["head_seq"]})
+        return {"dir": str(out), "documents": manifest["documents"], "blobs": manifest["blobs"],
+                "bytes": sum(f["size"] for f in manifest["files"]), "audit": manifest["audit"],
+                "manifest_sha256": manifest["manifest_sha256"]}
 
     def _audit(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
         """The node's audit log, for its auditors only (A7): shown, or exported as an

@@ -15,12 +15,15 @@ from typing import Any
 import trio
 
 from exchanged import receipts
+from exchanged.common import stamp_precise
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
+from exchanged.pki import verify
 from exchanged.store.audit import mirror_line
 from exchanged.store.nodedb import OutItem
 from exchanged.transport import protocol as proto
 from exchanged.transport.peers import Peer, PeerRefused
+from exchanged.transport.tlskey import peer_chain_der
 
 log = logging.getLogger("exchanged")
 # How long a receiver may take, after the last byte, to store, unpack and check a package
@@ -30,6 +33,7 @@ ACK_SECONDS_PER_BYTE = 1 / (16 * 1024 * 1024)
 TRANSIENT = frozenset({"busy", "timeout", "internal-error", "truncated"})
 RESTART_SECONDS = 10  # a sender that failed unexpectedly starts again after this long
 WITNESS_RETRY_SECONDS = 30  # our witness unreachable or refusing: try again after this long
+CRL_SPREAD_SECONDS = 5.0  # a newer CRL goes to a peer at once, but not twice in this long
 
 
 class Outbound:
@@ -41,6 +45,10 @@ class Outbound:
         self.senders: set[str] = set()  # units that have a sender task now
         self.nursery: trio.Nursery | None = None
         self.witness_retry = 0.0  # trio time before which our witness is not tried again
+        # unit -> (trio time, our CRL number then) of the last CRL comparison with the peer
+        self.crl_compared: dict[str, tuple[float, int | None]] = {}
+        # unit -> last_success / last_error / last_error_at (exchanged status)
+        self.peer_state: dict[str, dict[str, str]] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -50,6 +58,28 @@ class Outbound:
     def poke(self, unit: str) -> None:
         """Something is due for `unit` now (a document queued, a receipt to return)."""
         self.wake.setdefault(unit, trio.Event()).set()
+
+    def _note(self, unit: str, error: str | None = None) -> None:
+        state = self.peer_state.setdefault(unit, {})
+        if error is None:
+            state["last_success"] = stamp_precise()
+        else:
+            state["last_error"], state["last_error_at"] = error, stamp_precise()
+
+    def crl_changed(self) -> None:
+        """A newer CRL is held: every peer is asked whether it has it."""
+        for unit in self.node.config.peers:
+            self.poke(unit)
+
+    def _crl_wait(self, unit: str) -> float:
+        """Seconds until the CRL is next compared with `unit` (0: now)."""
+        last = self.crl_compared.get(unit)
+        if last is None:
+            return 0.0
+        since = trio.current_time() - last[0]
+        if last[1] != self.node.crls.number():
+            return max(0.0, CRL_SPREAD_SECONDS - since)
+        return max(0.0, self.node.config.crl_gossip - since)
 
     def peers_changed(self, added: set[str]) -> None:
         """The peer table changed: new peers get a sender, removed ones' senders stop (their
@@ -91,11 +121,13 @@ class Outbound:
             if unit == node.config.witness:
                 checkpoints = await node.db(node.store.unwitnessed)
             later = trio.current_time() < self.witness_retry
-            if items or owed or (checkpoints and not later):
+            crl_wait = self._crl_wait(unit)
+            if items or owed or (checkpoints and not later) or crl_wait == 0:
                 await self._deliver(unit, items, owed, [] if later else checkpoints)
                 continue
             nxt = await node.db(node.store.next_due_time, recipient=unit)
             wait = 3600.0 if nxt is None else max(0.05, nxt - time.time())
+            wait = min(wait, max(0.05, crl_wait))
             if checkpoints:
                 wait = min(wait, max(0.05, self.witness_retry - trio.current_time()))
             with trio.move_on_after(wait):
@@ -107,11 +139,12 @@ class Outbound:
         peer = node.config.peers.get(unit)
         if peer is None:  # removed from the configuration meanwhile
             return
+        self.crl_compared[unit] = (trio.current_time(), node.crls.number())  # tried, at least
         try:
             with trio.fail_after(node.config.limits.handshake_timeout):
                 sock = await trio.open_tcp_stream(peer.host, peer.port)
             try:
-                tls, _, _ = await node.handshake(sock, server=False, expect=unit)
+                tls, _, _, limited = await node.handshake(sock, server=False, expect=unit)
             except BaseException:
                 await trio.aclose_forcefully(sock)
                 raise
@@ -121,6 +154,7 @@ class Outbound:
                 log.warning("refusing %s: %s", unit, e)
                 await node.audit("peer-refused", unit, outcome="refused",
                                  details={"code": e.code, "error": str(e)})
+            self._note(unit, err)
             for item in items:
                 await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
             if checkpoints:
@@ -128,7 +162,21 @@ class Outbound:
             await trio.sleep(1)  # receipts retry on the next round
             return
         try:
-            conn = proto.ClientConnection(f"{peer.host}:{peer.port}")
+            conn = proto.ClientConnection(f"{peer.host}:{peer.port}",
+                                          max_crl_size=node.config.limits.max_crl_bytes)
+            await self._compare_crls(tls, conn, unit)
+            if limited is not None:  # our CRL is stale: did the peer mend it?
+                still = await trio.to_thread.run_sync(
+                    lambda: node.peers.admit(peer_chain_der(tls), expect=unit)[1])
+                limited = None if still is None else str(still)
+            if limited is not None:
+                err = f"this node has no current CRL ({limited}): nothing is sent until it " \
+                      "has one"
+                log.warning("%s: %s", unit, err)
+                self._note(unit, err)
+                for item in items:
+                    await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
+                return
             for r in owed:
                 await self._send_receipt(tls, conn, r)
             for item in items:
@@ -142,12 +190,45 @@ class Outbound:
                         break
                 else:
                     self.witness_retry = 0.0
+            self._note(unit)
         except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError,
                 ExchangedError) as e:
             log.warning("delivery to %s interrupted: %s", unit, describe(e))
+            self._note(unit, f"delivery interrupted: {describe(e)}")
             await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
         finally:
             await trio.aclose_forcefully(tls)
+
+    async def _compare_crls(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                            unit: str) -> None:
+        """Ping with our CRL number; whichever side holds the older CRL gets the newer one."""
+        node = self.node
+        ours = node.crls.number()
+        await node.send(tls, conn.send(proto.Ping(ours)))
+        pong = await self._response(tls, conn)
+        if not isinstance(pong, proto.Pong):
+            log.warning("%s did not answer our ping: %s", unit, getattr(pong, "message", pong))
+            return
+        theirs = pong.crl_number
+        if theirs is not None and (ours is None or theirs > ours):
+            await node.send(tls, conn.send(proto.FetchCrl()))
+            answer = await self._response(tls, conn)
+            if isinstance(answer, proto.CrlFile):
+                try:
+                    await node.take_crl(answer.crl, f"peer {unit}")
+                except verify.ValidationError as e:
+                    log.warning("refused the CRL %s holds: %s", unit, e)
+                    await node.audit("crl-refused", unit, outcome="refused",
+                                     details={"code": e.code, "error": str(e)})
+        elif ours is not None and (theirs is None or ours > theirs):
+            der = node.crls.der()
+            if der is not None:
+                await node.send(tls, conn.send(proto.OfferCrl(der)))
+                answer = await self._response(tls, conn)
+                if isinstance(answer, proto.Reject):
+                    log.warning("%s refused our CRL number %d: %s", unit, ours,
+                                answer.message)
+        self.crl_compared[unit] = (trio.current_time(), node.crls.number())
 
     async def _send_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                         item: OutItem, peer: Peer) -> None:

@@ -30,6 +30,7 @@ from exchanged.node.sdnotify import Notifier
 
 log = logging.getLogger("exchanged")
 CHECKPOINT_SECONDS = 300  # a signed audit checkpoint at least this often
+STALE_RETRY_SECONDS = 60  # while the CRL held is stale, the publication point is asked this often
 
 
 class Service:
@@ -39,12 +40,14 @@ class Service:
         self.config = config
         self.notifier = Notifier()
         self.accepting = trio.CancelScope()
+        self.crl_wake = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         self.node = node = await trio.to_thread.run_sync(Node.open, self.config)
         self.inbound = Inbound(node)
         self.outbound = Outbound(node)
+        node.on_crl = self.outbound.crl_changed
         try:
             async with trio.open_nursery() as nursery:
                 listeners = await trio.open_tcp_listeners(self.config.listen_port,
@@ -57,6 +60,7 @@ class Service:
                 await nursery.start(control.serve, self.config.socket_path, handlers)
                 nursery.start_soon(self._signals, nursery, listeners)
                 nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self._crl_refresh)
                 status = (f"unit {self.config.unit} listening on "
                           f"{self.config.listen_host}:{node.port}, "
                           f"{len(self.config.peers)} peer(s)")
@@ -140,6 +144,35 @@ class Service:
                     if self.config.witness:
                         self.outbound.poke(self.config.witness)
 
+
+    async def _crl_refresh(self) -> None:
+        """Fetch the CRL from the CA's publication point every crl_refresh seconds (every
+        minute while the one held is stale), and say so when the one held is stale."""
+        node = self.node
+        while True:
+            await node.fetch_crl()
+            stale = node.crls.stale()
+            if stale is not None or node.crls.held() is None:
+                self._stale_alert()
+            wait = node.config.crl_refresh if stale is None else min(node.config.crl_refresh,
+                                                                     STALE_RETRY_SECONDS)
+            with trio.move_on_after(wait):
+                await self.crl_wake.wait()
+            self.crl_wake = trio.Event()
+
+    def _stale_alert(self) -> None:
+        node = self.node
+        held = node.crls.held()
+        if held is None:
+            detail = "this node holds no CRL of its CA"
+        else:
+            due = f"{held.next_update:%Y-%m-%d %H:%M:%S}Z" if held.next_update else "-"
+            detail = f"CRL number {held.number} is stale: it was due for renewal at {due}"
+        policy = node.config.stale_crl
+        log.error("%s; %s", detail, "no documents pass until a fresh CRL arrives (stale_crl = "
+                  "refuse)" if policy == "refuse" else "the revocations it lists still apply "
+                  "(stale_crl = warn)")
+        node.alert("crl-stale", detail=detail)
 
     async def _remind(self, since: dt.datetime) -> dt.datetime:
         """Reminders (A16, A35): the alert command again for each urgent document nobody has

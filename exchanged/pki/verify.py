@@ -36,7 +36,8 @@ from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, Ext
 
 from exchanged.errors import ExchangedError
 
-__all__ = ["PURPOSES", "REASON_CODES", "CrlSet", "ValidationError", "describe", "validate"]
+__all__ = ["PURPOSES", "REASON_CODES", "CrlInfo", "CrlSet", "ValidationError", "check_crl",
+           "crl_der", "describe", "validate"]
 
 #: Every value `ValidationError.code` can take.
 REASON_CODES = (
@@ -429,6 +430,91 @@ class CrlSet:
     def _issued_by(self, name: x509.Name) -> list[_Crl]:
         return self._by_issuer.get(name, [])
 
+    def newest(self, issuer: x509.Name) -> CrlInfo | None:
+        """The complete CRL with the highest number `issuer` signed in this set (whether or
+        not it is usable: that is for `validate` to judge), or None."""
+        best = None
+        for c in self._issued_by(issuer):
+            if c.base_number is None and c.number is not None and (
+                    best is None or c.number > (best.number or 0)):
+                best = c
+        return None if best is None else CrlInfo.of(best)
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    """What a node shows of a CRL it holds."""
+
+    issuer: x509.Name
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime | None
+    entries: int
+    source: str
+    crl: x509.CertificateRevocationList
+
+    @classmethod
+    def of(cls, c: _Crl) -> CrlInfo:
+        return cls(issuer=c.issuer, number=c.number or 0, this_update=c.this_update,
+                   next_update=c.next_update, entries=len(c.crl), source=c.source, crl=c.crl)
+
+    def stale(self, at: dt.datetime) -> bool:
+        return self.next_update is None or at > self.next_update
+
+
+CRL_CLOCK_SKEW = dt.timedelta(minutes=5)  # a CRL's thisUpdate may be this far in our future
+
+
+def check_crl(der: bytes, trusted: Sequence[x509.Certificate], *,
+              at: dt.datetime | None = None, source: str = "the offered CRL") -> CrlInfo:
+    """A CRL someone hands us, before we hold it: strict DER, signed by one of `trusted`
+    (whose keyUsage allows cRLSign) with that CA's own key, complete (no delta, no
+    issuingDistributionPoint scope), numbered, with a nextUpdate, not issued in the future.
+    Whether it is newer than the one held is the caller's question. Raises ValidationError
+    ("crl-invalid" or "bad-signature") saying what is wrong."""
+    at = _utc(at)
+    try:
+        crl = x509.load_der_x509_crl(der)
+        if crl.public_bytes(serialization.Encoding.DER) != der:
+            raise ValueError("it is not in DER (a re-encoding differs)")
+    except ValueError as e:
+        raise ValidationError("crl-invalid", f"{source} is not a CRL in DER: {e}") from None
+    ca = next((c for c in trusted if c.subject == crl.issuer), None)
+    if ca is None:
+        raise ValidationError("crl-invalid", f"{source} is issued by "
+                              f"{crl.issuer.rfc4514_string()}, which is not a CA we trust")
+    ku = _ext(ca, x509.KeyUsage)
+    if ku is not None and not ku.crl_sign:
+        raise ValidationError("crl-invalid", f"{describe(ca)} may not sign CRLs (keyUsage)")
+    try:
+        c = _Crl.parse(crl, source, der)
+    except ValueError as e:
+        raise ValidationError("crl-invalid", f"{source} cannot be read: {e}") from None
+    if not c.verifies_with(ca):
+        raise ValidationError("bad-signature", f"{c.describe()} is not signed by "
+                              f"{describe(ca)}")
+    if c.problem is not None:
+        raise ValidationError("crl-invalid", f"{c.describe()} is unusable: {c.problem}")
+    if c.base_number is not None or c.idp is not None:
+        raise ValidationError("crl-invalid", f"{c.describe()} is a delta or partitioned CRL; "
+                              "only a complete CRL of the whole CA is taken")
+    if c.this_update > at + CRL_CLOCK_SKEW:
+        raise ValidationError("crl-invalid", f"{c.describe()} is not valid before "
+                              f"{c.this_update:%Y-%m-%d %H:%M:%S}Z: check this node's clock")
+    return CrlInfo.of(c)
+
+
+def crl_der(data: bytes, name: str = "the CRL") -> bytes:
+    """One CRL's DER from `data`, DER or PEM (one X509 CRL block); ValidationError if it
+    holds no CRL or more than one."""
+    try:
+        found = _parse_crl_file(Path(name), data)
+    except ExchangedError as e:
+        raise ValidationError("crl-invalid", str(e)) from None
+    if len(found) != 1:
+        raise ValidationError("crl-invalid", f"{name} holds {len(found)} CRLs; give one")
+    return found[0][1]
+
 
 def _parse_crl_file(path: Path, data: bytes
                     ) -> list[tuple[x509.CertificateRevocationList, bytes]]:
@@ -550,8 +636,8 @@ def validate(leaf: x509.Certificate, *, trusted: Sequence[x509.Certificate],
              untrusted: Sequence[x509.Certificate] = (),
              crls: CrlSet | Sequence[x509.CertificateRevocationList] = (),
              at: dt.datetime | None = None, purpose: str | None = None,
-             check_revocation: bool = True, max_chain_depth: int | None = None
-             ) -> list[x509.Certificate]:
+             check_revocation: bool = True, max_chain_depth: int | None = None,
+             stale_ok: bool = False) -> list[x509.Certificate]:
     """Validate `leaf` and return the verified chain, leaf first, trust anchor last.
 
     trusted: the trust anchors. untrusted: intermediates the path may use (and CRL-signing
@@ -563,6 +649,8 @@ def validate(leaf: x509.Certificate, *, trusted: Sequence[x509.Certificate],
     check_revocation: every certificate of the chain except the trust anchor must then be
     covered by a usable CRL - with no CRLs that is "crl-missing".
     max_chain_depth: the most intermediates allowed (cryptography's default, 8, when None).
+    stale_ok: a CRL past its nextUpdate still decides (a node's `stale_crl = "warn"` policy:
+    the newest revocations it knows of still apply; it warns elsewhere).
 
     Raises ValidationError (codes in REASON_CODES).
     """
@@ -570,7 +658,7 @@ def validate(leaf: x509.Certificate, *, trusted: Sequence[x509.Certificate],
         raise ValueError(f"unknown purpose {purpose!r} (expected one of {sorted(PURPOSES)})")
     crlset = crls if isinstance(crls, CrlSet) else CrlSet.from_crls(crls)
     run = _Run(trusted=list(trusted), untrusted=list(untrusted), crls=crlset, at=_utc(at),
-               max_chain_depth=max_chain_depth)
+               max_chain_depth=max_chain_depth, stale_ok=stale_ok)
     return run.validate(leaf, purpose=purpose, check_revocation=check_revocation)
 
 
@@ -588,7 +676,9 @@ class _Run:
     recursive validation of CRL-signing certificates."""
 
     def __init__(self, *, trusted: list[x509.Certificate], untrusted: list[x509.Certificate],
-                 crls: CrlSet, at: dt.datetime, max_chain_depth: int | None) -> None:
+                 crls: CrlSet, at: dt.datetime, max_chain_depth: int | None,
+                 stale_ok: bool = False) -> None:
+        self.stale_ok = stale_ok
         self.trusted = trusted
         self.untrusted = untrusted
         self.crls = crls
@@ -825,7 +915,7 @@ class _Run:
         if crl.this_update > self.at:
             return _Failure(3, "crl-invalid", f"{crl.describe()} is not valid before "
                             f"{crl.this_update:%Y-%m-%d %H:%M:%S}Z")
-        if crl.next_update is not None and self.at > crl.next_update:
+        if crl.next_update is not None and self.at > crl.next_update and not self.stale_ok:
             return _Failure(3, "crl-stale", f"{crl.describe()} is stale: its nextUpdate was "
                             f"{crl.next_update:%Y-%m-%d %H:%M:%S}Z")
         return None

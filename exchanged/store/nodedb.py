@@ -799,6 +799,35 @@ class NodeStore:
 
     # -- overview -------------------------------------------------------------------------------
 
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """Per recipient: documents waiting to go (queued or being sent), the oldest's id and
+        when it was queued (epoch seconds), and receipts owed to it."""
+        out: dict[str, dict[str, Any]] = {}
+        for recipient, n, oldest in self.db.execute(
+                "SELECT recipient, COUNT(*), MIN(queued_at) FROM outbox WHERE state IN "
+                "('queued', 'sending') GROUP BY recipient"):
+            doc = self.db.execute("SELECT doc_id FROM outbox WHERE recipient = ? AND state IN "
+                                  "('queued', 'sending') ORDER BY queued_at, id LIMIT 1",
+                                  [recipient]).fetchone()
+            out[str(recipient)] = {"queued": int(n), "oldest_queued_at": float(oldest),
+                                   "oldest_doc_id": str(doc[0]), "receipts_owed": 0}
+        for sender, n in self.db.execute("SELECT sender, COUNT(*) FROM receipts_out WHERE "
+                                         "returned_at IS NULL GROUP BY sender"):
+            out.setdefault(str(sender), {"queued": 0, "oldest_queued_at": None,
+                                         "oldest_doc_id": None})["receipts_owed"] = int(n)
+        return out
+
+    def remember_person(self, person: str, serial: str, subject: str, not_after: str) -> None:
+        """The certificate a person last acted with at this node (their expiry is watched)."""
+        value = json.dumps({"serial": serial, "subject": subject, "not_after": not_after},
+                           sort_keys=True)
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                        "SET value = excluded.value", [f"person:{person}", value])
+
+    def persons_seen(self) -> dict[str, dict[str, str]]:
+        return {str(k).removeprefix("person:"): json.loads(v) for k, v in self.db.execute(
+            "SELECT key, value FROM meta WHERE key LIKE 'person:%' ORDER BY key")}
+
     def statistics(self) -> dict[str, Any]:
         """{"outbox": {state: count}, "inbox": {state: count}, "blobs": n, "blob_bytes": b};
         every state is listed; blobs counts the distinct packages the rows name."""
@@ -814,6 +843,39 @@ class NodeStore:
             "outbox UNION SELECT package_sha256, size FROM inbox)").fetchone()
         out["blobs"], out["blob_bytes"] = int(n), int(total)
         return out
+
+    # -- backups (exchanged.node.backup) --------------------------------------------------------
+
+    def blob_refs(self) -> list[tuple[str, int]]:
+        """Every blob a document names, once, with its size: what a backup of this database
+        must carry. Rows are never deleted, so a blob named here is never deleted while the
+        store runs (`drop_blob_if_unused` and `sweep_orphans` take only unnamed ones)."""
+        return [(str(sha), int(size)) for sha, size in self.db.execute(
+            "SELECT package_sha256, size FROM outbox UNION SELECT package_sha256, size FROM "
+            "inbox ORDER BY 1")]
+
+    def backup_to(self, dest: Path) -> None:
+        """A consistent copy of the database in the new file `dest`, through SQLite's online
+        backup API (one step: a single read snapshot), in rollback-journal mode so that it is
+        one self-contained file. Call with no transaction open, the connection held (the
+        daemon: inside `node.db(...)`)."""
+        if self.db.conn.in_transaction:
+            raise StoreError("a transaction is open on the store; back it up between "
+                             "transactions", code="busy")
+        target = sqlite3.connect(str(dest), isolation_level=None)
+        try:
+            self.db.conn.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+
+    @classmethod
+    def read_only(cls, path: Path) -> NodeStore:
+        """A node database file opened for reading only (a backup's: opening it as a store
+        would switch it to WAL, which writes to it)."""
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
+                               isolation_level=None, check_same_thread=False)
+        return cls(sqlite_utils.Database(conn), Path(path).parent)
 
 
 def verify_log(datadir: Path, signer: x509.Certificate, issuer: x509.Certificate,

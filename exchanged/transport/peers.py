@@ -58,6 +58,10 @@ class _Verdict:
     peer: Peer | None
     error: PeerRefused | None
     until: dt.datetime
+    crl_only: Peer | None = None  # refused only because our CRL is stale: CRLs may pass
+
+
+STALE_POLICIES = ("refuse", "warn")
 
 
 def parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
@@ -93,7 +97,10 @@ class PeerCheck:
     """Validates peers' chains against the CA certificates and CRL files, with a cache."""
 
     def __init__(self, trusted: Sequence[x509.Certificate], crl_paths: Sequence[Path],
-                 peers: dict[str, Peer]) -> None:
+                 peers: dict[str, Peer], *, stale_crl: str = "refuse") -> None:
+        if stale_crl not in STALE_POLICIES:
+            raise ValueError(f"stale_crl must be one of {STALE_POLICIES}, not {stale_crl!r}")
+        self.stale_ok = stale_crl == "warn"
         self.trusted = list(trusted)
         self.crl_paths = list(crl_paths)
         self.peers = dict(peers)
@@ -101,11 +108,12 @@ class PeerCheck:
         self._cache: OrderedDict[bytes, _Verdict] = OrderedDict()
         self.crls = verify.CrlSet.load(self.crl_paths) if self.crl_paths else verify.CrlSet()
         self.generation = 0
-        self._stamps = self._file_stamps()
+        self._stamps = self._file_stamps(self.crl_paths)
 
-    def _file_stamps(self) -> tuple[tuple[str, int, int], ...]:
+    @staticmethod
+    def _file_stamps(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
         out = []
-        for p in self.crl_paths:
+        for p in paths:
             try:
                 st = p.stat()
                 out.append((str(p), st.st_mtime_ns, st.st_size))
@@ -113,16 +121,19 @@ class PeerCheck:
                 out.append((str(p), -1, -1))
         return tuple(out)
 
-    def reload(self, peers: dict[str, Peer] | None = None, *, force: bool = False) -> bool:
-        """Re-read the CRL files if they changed (or `force`); swap in new peers. A CRL file
-        that cannot be read keeps the old set in force and raises, so the caller can log it."""
-        stamps = self._file_stamps()
+    def reload(self, peers: dict[str, Peer] | None = None, *, force: bool = False,
+               crl_paths: Sequence[Path] | None = None) -> bool:
+        """Re-read the CRL files if they changed (or `force`, or `crl_paths` are new); swap in
+        new peers. A CRL file that cannot be read keeps the old set in force and raises, so
+        the caller can log it."""
+        paths = self.crl_paths if crl_paths is None else list(crl_paths)
+        stamps = self._file_stamps(paths)
         changed = force or stamps != self._stamps
         if changed:
-            crls = verify.CrlSet.load(self.crl_paths) if self.crl_paths else verify.CrlSet()
+            crls = verify.CrlSet.load(paths) if paths else verify.CrlSet()
         with self._lock:
             if changed:
-                self.crls, self._stamps = crls, stamps
+                self.crls, self._stamps, self.crl_paths = crls, stamps, paths
                 self.generation += 1
             if peers is not None:
                 self.peers = dict(peers)
@@ -135,6 +146,17 @@ class PeerCheck:
               now: dt.datetime | None = None) -> Peer:
         """The configured peer this chain (as sent, leaf first: DER or certificates) belongs
         to, or PeerRefused saying why."""
+        peer, limited = self.admit(chain, expect=expect, now=now)
+        if limited is not None:
+            raise limited
+        return peer
+
+    def admit(self, chain: Sequence[bytes | x509.Certificate], *, expect: str | None = None,
+              now: dt.datetime | None = None) -> tuple[Peer, PeerRefused | None]:
+        """Like `check`, except for a peer refused only because our CRL is past its
+        nextUpdate (policy "refuse") or because we hold none: it is admitted for the CRL
+        exchange alone, so that a fresh CRL can still reach us. (the peer, None) or (the
+        peer, the refusal that limits it to CRLs)."""
         if not chain:
             raise PeerRefused("the peer sent no certificate")
         ders = [_der(c) for c in chain]
@@ -153,13 +175,17 @@ class PeerCheck:
                     self._cache.move_to_end(key)
                     while len(self._cache) > MAX_CACHED:
                         self._cache.popitem(last=False)
+        peer, limited = cached.peer, None
         if cached.error is not None:
-            # A new exception each time: re-raising one object grows its traceback forever.
-            raise PeerRefused(str(cached.error), code=cached.error.code)
-        assert cached.peer is not None
-        if expect is not None and cached.peer.unit != expect:
-            raise PeerRefused(f"connected to {cached.peer.unit}'s node, expected {expect}'s")
-        return cached.peer
+            if cached.crl_only is None:
+                # A new exception each time: re-raising one object grows its traceback forever.
+                raise PeerRefused(str(cached.error), code=cached.error.code)
+            peer = cached.crl_only
+            limited = PeerRefused(str(cached.error), code=cached.error.code)
+        assert peer is not None
+        if expect is not None and peer.unit != expect:
+            raise PeerRefused(f"connected to {peer.unit}'s node, expected {expect}'s")
+        return peer, limited
 
     def _judge(self, ders: Sequence[bytes], now: dt.datetime) -> _Verdict:
         with self._lock:
@@ -170,26 +196,52 @@ class PeerCheck:
         except PeerRefused as e:
             return _Verdict(None, e, until)
         leaf = chain[0]
-        until = min(until, leaf.not_valid_after_utc)
-        for crl in crls:
-            if crl.next_update_utc is not None:
+        if leaf.not_valid_after_utc > now:
+            until = min(until, leaf.not_valid_after_utc)
+        for crl in crls:  # the verdict changes when a CRL turns stale (not once it is)
+            if crl.next_update_utc is not None and crl.next_update_utc > now:
                 until = min(until, crl.next_update_utc)
-        try:
-            verify.validate(leaf, trusted=self.trusted, untrusted=list(chain[1:]),
-                            crls=crls, at=now, purpose="node")
-        except verify.ValidationError as e:
-            return _Verdict(None, PeerRefused(f"peer certificate refused: {e}",
-                                              code=f"peer-{e.code}"), until)
-        except Exception as e:  # the validator must not be a way to end the node
-            return _Verdict(None, PeerRefused(f"peer certificate refused: it cannot be "
-                                              f"validated ({str(e) or type(e).__name__})",
-                                              code="peer-invalid"), until)
+        refused = self._validate(chain, crls, now, stale_ok=self.stale_ok)
+        crl_only = None
+        if refused is not None and refused.code in ("peer-crl-stale", "peer-crl-missing"):
+            # Our CRL is stale (or we have none yet): a configured peer, good per the CRL we
+            # hold if any, may still hand us a fresh one. A CRL is signed by the CA; who brings
+            # it does not matter, and nothing else passes such a connection.
+            if self._validate(chain, crls, now, stale_ok=True,
+                              revocation=refused.code == "peer-crl-stale") is None:
+                crl_only = self._configured(leaf, peers)
+        if refused is not None:
+            return _Verdict(None, refused, until, crl_only)
+        peer = self._configured(leaf, peers)
+        if peer is not None:
+            return _Verdict(peer, None, until)
         cn, org = common_name(leaf), organization(leaf)
-        for peer in peers.values():
-            if peer.name == cn and peer.org == org:
-                return _Verdict(peer, None, until)
         return _Verdict(None, PeerRefused(f"{cn} of {org} is not a configured peer (A13)",
                                           code="peer-unknown"), until)
+
+    def _validate(self, chain: list[x509.Certificate], crls: verify.CrlSet, now: dt.datetime,
+                  *, stale_ok: bool, revocation: bool = True) -> PeerRefused | None:
+        try:
+            verify.validate(chain[0], trusted=self.trusted, untrusted=list(chain[1:]),
+                            crls=crls, at=now, purpose="node", stale_ok=stale_ok,
+                            check_revocation=revocation)
+        except verify.ValidationError as e:
+            return PeerRefused(f"peer certificate refused: {e}", code=f"peer-{e.code}")
+        except Exception as e:  # the validator must not be a way to end the node
+            return PeerRefused(f"peer certificate refused: it cannot be validated "
+                               f"({str(e) or type(e).__name__})", code="peer-invalid")
+        return None
+
+    @staticmethod
+    def _configured(leaf: x509.Certificate, peers: dict[str, Peer]) -> Peer | None:
+        cn, org = common_name(leaf), organization(leaf)
+        return next((p for p in peers.values() if p.name == cn and p.org == org), None)
+
+    def held(self, issuer: x509.Name) -> verify.CrlInfo | None:
+        """The newest CRL of `issuer` in force here."""
+        with self._lock:
+            crls = self.crls
+        return crls.newest(issuer)
 
     def statistics(self) -> dict[str, int]:
         with self._lock:

@@ -127,7 +127,11 @@ class FakeRecipient:
                         with trio.fail_after(10):
                             conn.receive_data(await tls.receive_some(65536))
                         continue
-                    if isinstance(event, proto.SubmitDocument):
+                    if isinstance(event, proto.Ping):  # every connection begins with one
+                        await tls.send_all(conn.send(proto.Pong("office", dt.datetime.now(dt.UTC))))
+                    elif isinstance(event, proto.OfferCrl):  # ... and our CRL is older
+                        await tls.send_all(conn.send(proto.CrlAccepted()))
+                    elif isinstance(event, proto.SubmitDocument):
                         submit = event
                     elif isinstance(event, proto.BodyEnd) and submit is not None:
                         await tls.send_all(conn.send(proto.Acknowledge(
