@@ -29,7 +29,7 @@ from exchanged.node.config import Config
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
 from exchanged.pki.crl import REASONS
-from exchanged.pki.names import person_of
+from exchanged.pki.names import common_name, organization, person_of
 from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey, list_tokens
@@ -734,6 +734,72 @@ def cmd_archive_export(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace, stack: ExitStack) -> int:
+    """What SIGHUP does (systemctl reload exchanged), with the answer: what changed."""
+    answer = _ask(args, "reload")
+    _emit(args, answer, lambda d: "\n".join(
+        [f"changed: {c}" for c in d["changed"]] + [f"NOT applied: {r}" for r in d["refused"]]
+        or ["nothing changed"]))
+    return 1 if answer["refused"] else 0
+
+
+def cmd_renew(args: argparse.Namespace, stack: ExitStack) -> int:
+    """A new key on the node's token and a CSR for it (by the node's administrator); or,
+    with --install, the issued certificate put in place and taken into use."""
+    if args.install:
+        return _install_cert(args)
+    if not args.operator:
+        raise ExchangedError("renew needs --operator (the node's administrator signs the "
+                             "request), or --install CERT", code="usage")
+    op = _operator(stack, args)
+    config = _node_config(args)
+    answer = _ask(args, "act", **receipts.signed_request(
+        op, action="node-renew", obj=args.label or "", node=config.unit))
+    _write_out(args.out, answer["csr"].encode())
+    where = args.out if args.out not in (None, "-") else "stdout"
+    print(f"new key {answer['key']} made on the node's token; its CSR ({answer['subject']}) "
+          f"is on {where}.\nThe node goes on with its current certificate (valid until "
+          f"{answer['current_not_after']}). Next: submit the CSR to the CA (exchanged ca "
+          "request submit --profile node ...), have it approved and issued, then `exchanged "
+          f"renew --install CERT --config {args.config}`.", file=sys.stderr)
+    return 0
+
+
+def _install_cert(args: argparse.Namespace) -> int:
+    """Replace the configured certificate file (intermediates kept) with the issued one and
+    ask the daemon to take it; if the daemon refuses it, the old file is put back."""
+    from exchanged.store.files import write_atomic
+    config = _node_config(args)
+    data = Path(args.install).read_bytes()
+    try:
+        new = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+               else x509.load_der_x509_certificate(data))
+    except ValueError as e:
+        raise ExchangedError(f"{args.install} is not a certificate: {e}", code="bad-cert") \
+            from None
+    old_bytes = config.cert.read_bytes()
+    old_chain = x509.load_pem_x509_certificates(old_bytes)
+    if (common_name(new), organization(new)) != (common_name(old_chain[0]),
+                                                 organization(old_chain[0])):
+        raise ExchangedError(f"{args.install} is for {new.subject.rfc4514_string()}, not for "
+                             f"this node ({old_chain[0].subject.rfc4514_string()})",
+                             code="wrong-identity")
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [new, *old_chain[1:]])
+    saved = config.cert.with_name(f"{config.cert.name}.{old_chain[0].serial_number:x}.old")
+    write_atomic(saved, old_bytes)
+    write_atomic(config.cert, pem)
+    try:
+        answer = _ask(args, "reload")
+    except ExchangedError as e:
+        write_atomic(config.cert, old_bytes)
+        raise ExchangedError(f"the daemon did not take the new certificate ({e}); "
+                             f"{config.cert} is as it was", code=e.code) from None
+    changed = [c for c in answer["changed"] if c.startswith("node certificate")]
+    _emit(args, answer, lambda d: (changed[0] if changed else "the daemon reports no change "
+                                   "of certificate") + f"; the old one is kept in {saved}")
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace, stack: ExitStack) -> int:
     """A consistent backup of the running node, by its administrator: the act is signed here
     on their token; the daemon writes the backup (exchanged.node.backup)."""
@@ -1277,6 +1343,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--division", help="only what is in, or was given to, this division")
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (registrar or "
                                                      "auditor) key")
+    _add_pin(p, "operator"); json_opt(p)  # noqa: E702
+    p = cmd(sub, "reload", cmd_reload, "what SIGHUP does, answered: read the configuration "
+            "again, apply what may change while running, say what needs a restart")
+    node_cfg(p); json_opt(p)  # noqa: E702
+    p = cmd(sub, "renew", cmd_renew, "renew the node certificate: a new key on the node's "
+            "token and a CSR for it (the administrator), then --install the issued "
+            "certificate (taken into use at once, no restart)")
+    node_cfg(p)
+    p.add_argument("--operator", help="pkcs11: URI of your (administrator) key")
+    p.add_argument("--label", help="the new key's label (default: the current one with "
+                                   "-renewed-TIME)")
+    p.add_argument("--out", "-o", help="write the CSR here (default: stdout)")
+    p.add_argument("--install", metavar="CERT", help="the issued certificate: replace the "
+                   "configured certificate file with it (the old one is kept beside) and "
+                   "have the daemon take it")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(sub, "backup", cmd_backup, "a consistent backup of the running node (database, "
             "packages, the checkpoints' copy) into a new directory, its list signed by the "

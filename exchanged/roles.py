@@ -88,6 +88,7 @@ MAY: dict[str, tuple[str, ...]] = {
     "archive-export": (REGISTRAR, AUDITOR),
     # a node's operation
     "node-backup": (ADMIN,),  # a consistent backup of the running node (exchanged backup)
+    "node-renew": (ADMIN,),  # a new key on the node's token and a CSR for it (exchanged renew)
 }
 
 REQUEST_MAX_AGE = 300  # seconds: a signed role request older than this is refused

@@ -16,7 +16,7 @@ COMMANDS = [
     ["inbox", "sign-for"], ["inbox", "register"], ["inbox", "distribute"],
     ["inbox", "forward"], ["inbox", "return"], ["inbox", "paper-received"],
     ["inbox", "export"], ["due"], ["archive", "export"], ["status"], ["crl", "fetch"],
-    ["crl", "install"], ["ca", "serve"], ["backup"], ["restore"],
+    ["crl", "install"], ["ca", "serve"], ["backup"], ["restore"], ["reload"], ["renew"],
 ]
 
 

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from exchanged.errors import ExchangedError
 from exchanged.node.config import Config
 from exchanged.node.crls import CrlKeeper
 from exchanged.pki import verify
-from exchanged.pki.names import person_of
+from exchanged.pki.names import common_name, organization, person_of
 from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey
@@ -77,6 +78,7 @@ class Node:
         self.active_transfers = 0
         self._alerted: dict[str, float] = {}
         self.started = dt.datetime.now(dt.UTC)
+        self._retired: list[Token] = []  # tokens of earlier identities (closed at the end)
         self.token_present = True  # the node's token answers (see the service's token watch)
         self.token_problem: str | None = None
         self.on_crl: Callable[[], None] = lambda: None  # a newer CRL is held (the service
@@ -99,14 +101,8 @@ class Node:
         if requeued:
             log.info("recovered %d document(s) left in flight by the last run", requeued)
         node.trusted = [x509.load_pem_x509_certificate(p.read_bytes()) for p in c.ca]
-        chain = x509.load_pem_x509_certificates(c.cert.read_bytes())
-        node.cert = chain[0]
         node.ca_cert = node.trusted[0]
-        pin = PinSource(role="node", env="EXCHANGED_PIN", file=c.pin_file)
-        uri = parse(c.key)
-        node.token = Token.open(uri, pin, module=c.module)
-        node.key = node.token.key_from_uri(uri)
-        node.signer = Operator(node.key, node.cert)
+        node._adopt(load_identity(c, node.trusted))
         if node.store.audit.head()[0] == 0:  # a new log begins with a signed anchor
             node.audit_event("node-init", c.unit)
         node.crls = CrlKeeper(c, node.trusted, node.cert, node.audit_event)
@@ -117,18 +113,66 @@ class Node:
         with node.store.transaction():
             if node.roles.bootstrap_declared(c.roles, f"configuration {c.source}"):
                 log.info("roles declared in the configuration: %s", c.roles)
-        common = dict(key_uri=uri, pin=pin, cert_chain=chain, trusted=node.trusted,
-                      module=c.module)
-        node.server_ctx = make_context(server=True, **common)  # type: ignore[arg-type]
-        node.client_ctx = make_context(server=False, **common)  # type: ignore[arg-type]
         node.audit_event("node-start", c.unit, details={"requeued": requeued})
         return node
+
+    def _adopt(self, identity: Identity) -> None:
+        self.identity = identity
+        self.token, self.key, self.cert = identity.token, identity.key, identity.cert
+        self.signer = identity.signer
+        self.server_ctx, self.client_ctx = identity.server_ctx, identity.client_ctx
+
+    def renew_identity(self, config: Config) -> str | None:
+        """SIGHUP: the node certificate, its key or its token changed in `config` (a renewal,
+        or a new card). The new certificate must be valid, chain to our CA, be good per our
+        CRLs and name the same node (peers know it by CN and O); then new connections use it,
+        while those in progress finish with the old one. None if nothing changed, else what
+        did; ExchangedError (nothing changed) if the new identity is not acceptable. Blocking:
+        run it in the token thread."""
+        old = self.identity
+        chain = _read_chain(config.cert)
+        if (chain == old.chain and config.key == old.key_uri
+                and config.pin_file == old.pin_file):
+            return None
+        cert = chain[0]
+        if (common_name(cert), organization(cert)) != (common_name(old.cert),
+                                                       organization(old.cert)):
+            raise ExchangedError(f"the new certificate names {cert.subject.rfc4514_string()}, "
+                                 f"not {old.cert.subject.rfc4514_string()}: peers know this "
+                                 "node by its CN and O, keep them", code="wrong-identity")
+        try:
+            verify.validate(cert, trusted=self.trusted, untrusted=chain[1:],
+                            crls=self.peers.crls, purpose="node",
+                            stale_ok=self.config.stale_crl == "warn")
+        except verify.ValidationError as e:
+            raise ExchangedError(f"the new certificate is not acceptable: {e}",
+                                 code=e.code) from None
+        same_token = (parse(config.key).token_only() == old.token.uri
+                      and config.pin_file == old.pin_file)
+        identity = load_identity(config, self.trusted, chain=chain,
+                                 token=old.token if same_token else None)
+        self._adopt(identity)
+        if not same_token:
+            self._retired.append(old.token)  # a signature may still be under way with it
+        return (f"certificate {old.cert.serial_number:x} -> {cert.serial_number:x} (valid "
+                f"until {stamp(cert.not_valid_after_utc)}), key {identity.key.label!r} on "
+                f"token {identity.token.label!r}")
+
+    def reconfigure_box(self) -> None:
+        """SIGHUP changed the exchange box's settings or the declared roles."""
+        c = self.config
+        self.roles.divisions = c.box.divisions
+        self.box = Box(self.store, self.roles, c.unit, c.box, self.ca_cert)
+        with self.store.transaction():
+            if self.roles.bootstrap_declared(c.roles, f"configuration {c.source}"):
+                log.info("roles declared in the configuration: %s", c.roles)
 
     def close(self) -> None:
         try:
             self.audit_event("node-stop", self.config.unit, checkpoint=True)
         finally:
-            self.token.close()
+            for token in [self.token, *self._retired]:
+                token.close()
             self.store.close()
 
     # -- who is who ---------------------------------------------------------------------------
@@ -264,6 +308,62 @@ class Node:
 
     def disk_free(self) -> int:
         return shutil.disk_usage(self.config.data_dir).free
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this node is on the wire: its certificate chain and the key on its token that the
+    certificate certifies, with the TLS contexts made of them."""
+
+    token: Token
+    key: TokenKey
+    chain: list[x509.Certificate]
+    key_uri: str  # as configured
+    pin_file: str | None
+    signer: Operator
+    server_ctx: Any
+    client_ctx: Any
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def _read_chain(path: Path) -> list[x509.Certificate]:
+    try:
+        chain = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise ExchangedError(f"cannot read the node certificate {path}: {e.strerror}",
+                             code="bad-cert") from None
+    except ValueError as e:
+        raise ExchangedError(f"{path} holds no PEM certificate ({e})", code="bad-cert") from None
+    return chain
+
+
+def load_identity(config: Config, trusted: list[x509.Certificate], *,
+                  chain: list[x509.Certificate] | None = None,
+                  token: Token | None = None) -> Identity:
+    """Open the token (unless given), find the key the certificate certifies (the configured
+    key, or after a renewal the one the new certificate names), and make the TLS contexts
+    (each signs a test message on the token)."""
+    chain = chain if chain is not None else _read_chain(config.cert)
+    pin = PinSource(role="node", env="EXCHANGED_PIN", file=config.pin_file)
+    uri = parse(config.key)
+    opened = token is None
+    token = token or Token.open(uri, pin, module=config.module)
+    try:
+        key = token.key_for(chain[0], uri)
+        common = dict(key_uri=key.uri, pin=pin, cert_chain=chain, trusted=trusted,
+                      module=config.module)
+        server_ctx = make_context(server=True, **common)  # type: ignore[arg-type]
+        client_ctx = make_context(server=False, **common)  # type: ignore[arg-type]
+    except BaseException:
+        if opened:
+            token.close()
+        raise
+    return Identity(token=token, key=key, chain=chain, key_uri=config.key,
+                    pin_file=config.pin_file, signer=Operator(key, chain[0]),
+                    server_ctx=server_ctx, client_ctx=client_ctx)
 
 
 def secure_data_dir(path: Path) -> None:

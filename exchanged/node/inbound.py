@@ -133,6 +133,14 @@ class Inbound:
         self.slots = trio.CapacityLimiter(limits.max_connections)
         self.in_flight: Counter[str] = Counter()  # blobs of packages being checked now
 
+    def limits_changed(self) -> None:
+        """SIGHUP changed the limits: the gate and the connection slots follow (connections
+        already admitted keep theirs)."""
+        limits = self.node.config.limits
+        self.gate.total = limits.max_unauthenticated
+        self.gate.per_source = limits.max_unauthenticated_per_source
+        self.slots.total_tokens = limits.max_connections
+
     async def serve(self, stream: trio.SocketStream) -> None:
         """One accepted connection, start to end; raises nothing."""
         node = self.node

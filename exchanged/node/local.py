@@ -13,12 +13,13 @@ import datetime as dt
 import json
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from exchanged import archive, box, receipts
 from exchanged import package as pkg
@@ -30,6 +31,7 @@ from exchanged.node.base import Node
 from exchanged.node.control import Handler
 from exchanged.node.outbound import Outbound
 from exchanged.node.wire import ControlError
+from exchanged.pki import csr as csrmod
 from exchanged.pki import verify
 from exchanged.pki.operator import SignedOperator
 from exchanged.roles import act
@@ -60,9 +62,11 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 class LocalCommands:
     """The control socket's commands, over one running node."""
 
-    def __init__(self, node: Node, outbound: Outbound) -> None:
+    def __init__(self, node: Node, outbound: Outbound,
+                 reload: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self.node = node
         self.outbound = outbound
+        self.reload_hook = reload
         # Numbered sends one at a time: the number is read, signed into the package, then
         # taken with the enqueue; a send that fails in between takes none (gap-free).
         self.numbering = trio.Lock()
@@ -74,7 +78,7 @@ class LocalCommands:
                 "return": self.return_, "due": self.due, "export": self.export,
                 "act": self.act, "role": self.act, "role-list": self.role_list,
                 "witnessed": self.witnessed, "crl-fetch": self.crl_fetch,
-                "crl-install": self.crl_install}
+                "crl-install": self.crl_install, "reload": self.reload}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
         return await status.gather(self.node, self.outbound)
@@ -344,6 +348,8 @@ class LocalCommands:
             return await node.db(self._audit, op, digest)
         if action == "node-backup":
             return await self._backup(op, digest)
+        if action == "node-renew":
+            return await self._renew(op, digest)
         return {"id": await node.db(self._apply_role, op, grantee, digest)}
 
     def _archive(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
@@ -366,6 +372,37 @@ class LocalCommands:
                                   by=op.cert.subject.rfc4514_string(),
                                   max_file_size=node.config.limits.max_document_bytes)
         return {"dir": str(out), "documents": [d["doc_id"] for d in manifest["documents"]]}
+
+    async def _renew(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
+        """A new key pair on the node's token and a CSR for it asking for what the current
+        certificate says, by the node's administrator. The node goes on with its current key
+        until the new certificate is installed (exchanged renew --install, or the certificate
+        file replaced and SIGHUP)."""
+        node = self.node
+        base = node.key.label.rsplit("-renewed-", 1)[0]
+        label = str(op.request.get("object") or
+                    f"{base}-renewed-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}")
+
+        def accept() -> None:
+            with node.store.transaction():
+                node.roles.accept_request(op, digest)
+                role = node.roles.require(op, "node-renew")
+                act(node.store.audit, op, role, "node-renew", label)
+
+        await node.db(accept)
+        key = await node.tok(node.token.generate_keypair, label,
+                             key_type=node.key.key_type)
+        req = await node.tok(csrmod.renewal, key, node.cert)
+        await node.audit("node-renew-csr", label, details={
+            "key": str(key.uri.public()), "subject": node.cert.subject.rfc4514_string()})
+        return {"csr": req.public_bytes(serialization.Encoding.PEM).decode(),
+                "key": str(key.uri.public()), "label": label,
+                "subject": node.cert.subject.rfc4514_string(),
+                "current_not_after": stamp(node.cert.not_valid_after_utc)}
+
+    async def reload(self, req: dict[str, Any]) -> dict[str, Any]:
+        """What SIGHUP does, asked for on the control socket (and answered)."""
+        return await self.reload_hook()
 
     async def _backup(self, op: SignedOperator, digest: bytes) -> dict[str, Any]:
         """A consistent backup of the running node, by its administrator (exchanged.node.backup):

@@ -10,17 +10,20 @@ interrupted one is simply sent again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import signal
 import sqlite3
 import time
+from typing import Any
 
 import trio
 
+from exchanged.common import parse_time, stamp
 from exchanged.errors import ExchangedError
-from exchanged.node import control
+from exchanged.node import control, status
 from exchanged.node.base import Node
 from exchanged.node.config import Config
 from exchanged.node.inbound import Inbound
@@ -30,7 +33,12 @@ from exchanged.node.sdnotify import Notifier
 
 log = logging.getLogger("exchanged")
 CHECKPOINT_SECONDS = 300  # a signed audit checkpoint at least this often
+# What SIGHUP cannot change: the unit's identity, where it listens and keeps its store, the
+# PKCS#11 module (one engine per process) and the trust anchors.
+RESTART_ONLY = ("unit", "name", "data_dir", "listen_host", "listen_port", "control_socket",
+                "module", "ca")
 STALE_RETRY_SECONDS = 60  # while the CRL held is stale, the publication point is asked this often
+EXPIRY_CHECK_SECONDS = 3600  # certificates' expiry is looked at this often
 
 
 class Service:
@@ -56,11 +64,12 @@ class Service:
                 conns: trio.Nursery = await nursery.start(_nursery)
                 nursery.start_soon(self._accept, listeners, conns)
                 self.outbound.start(nursery)
-                handlers = LocalCommands(node, self.outbound).handlers()
+                handlers = LocalCommands(node, self.outbound, self.reload).handlers()
                 await nursery.start(control.serve, self.config.socket_path, handlers)
                 nursery.start_soon(self._signals, nursery, listeners)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._crl_refresh)
+                nursery.start_soon(self._expiry_watch)
                 status = (f"unit {self.config.unit} listening on "
                           f"{self.config.listen_host}:{node.port}, "
                           f"{len(self.config.peers)} peer(s)")
@@ -87,7 +96,8 @@ class Service:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
             async for sig in sigs:
                 if sig == signal.SIGHUP:
-                    await self.reload()
+                    with contextlib.suppress(ExchangedError):  # logged and audited already
+                        await self.reload()
                     continue
                 node.stopping = True
                 self.notifier.stopping("draining")
@@ -102,24 +112,51 @@ class Service:
                 nursery.cancel_scope.cancel()
                 return
 
-    async def reload(self) -> None:
-        """SIGHUP: the CRLs and the peer table, at once."""
-        node = self.node
+    async def reload(self) -> dict[str, Any]:
+        """SIGHUP (or `exchanged reload`): read the configuration again and apply what can
+        change while the node runs — peers, limits, roles' declaration, the alert command,
+        divisions and the box, witnesses, CRL settings and files, the node certificate (a
+        renewal or a new card: new connections use it, those in progress finish with the old
+        one). What needs a restart (the unit, addresses, the data directory, the PKCS#11
+        module, the trusted CAs) is refused with a message saying so, and the rest applied.
+        Says in the log and the audit log what changed; the old configuration stays whole if
+        the new one cannot be read or its certificate is not acceptable."""
+        node, old = self.node, self.config
         try:
-            new = await trio.to_thread.run_sync(Config.load, self.config.source) \
-                if self.config.source else self.config
-            changed = await trio.to_thread.run_sync(
-                lambda: node.peers.reload(new.peers, force=True))
-            added = set(new.peers) - set(self.config.peers)
-            self.config = node.config = dataclasses.replace(self.config, peers=new.peers)
-            self.outbound.peers_changed(added)
-            await node.audit("config-reload", self.config.unit,
-                             details={"peers": sorted(new.peers), "changed": changed})
-            log.info("reloaded CRLs and %d peer(s)", len(new.peers))
+            new = await trio.to_thread.run_sync(Config.load, old.source) if old.source else old
+            refused = [f"{name} (needs a restart: systemctl restart exchanged)"
+                       for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+            keep = {name: getattr(old, name) for name in RESTART_ONLY}
+            new = dataclasses.replace(new, **keep)
+            identity = await node.tok(node.renew_identity, new)
         except ExchangedError as e:
             log.error("reload failed, the old configuration stays in force: %s", e)
-            await node.audit("config-reload", self.config.unit, outcome="failed",
+            await node.audit("config-reload", old.unit, outcome="failed",
                              details={"error": str(e)})
+            raise
+        changed = [f.name for f in dataclasses.fields(Config)
+                   if f.name not in RESTART_ONLY and f.name != "source"
+                   and getattr(new, f.name) != getattr(old, f.name)]
+        self.config = node.config = node.crls.config = new
+        self.inbound.limits_changed()
+        if "stale_crl" in changed:
+            node.peers.set_stale_policy(new.stale_crl)
+        await trio.to_thread.run_sync(
+            lambda: node.peers.reload(new.peers, force=True, crl_paths=node.crls.paths()))
+        if {"box", "roles"} & set(changed):
+            await node.db(node.reconfigure_box)
+        self.outbound.peers_changed(set(new.peers) - set(old.peers))
+        if identity:
+            changed.append(f"node certificate: {identity}")
+        for item in changed:
+            log.info("reload: %s changed", item)
+        for item in refused:
+            log.warning("reload: %s changed but is not applied: %s", item.split(" ")[0], item)
+        log.info("configuration reloaded: %d change(s) applied, %d refused", len(changed),
+                 len(refused))
+        await node.audit("config-reload", new.unit, details={"changed": changed,
+                                                             "refused": refused})
+        return {"changed": changed, "refused": refused}
 
     async def _housekeeping(self) -> None:
         """CRL files are re-read when they change; the watchdog is fed; checkpoints signed."""
@@ -159,6 +196,34 @@ class Service:
             with trio.move_on_after(wait):
                 await self.crl_wake.wait()
             self.crl_wake = trio.Event()
+
+    async def _expiry_watch(self) -> None:
+        """Certificates nearing their end (the node's, and the persons' last used here): a
+        warning in the log, the cert-expiring alert and the status, once at each of 30, 7 and
+        1 days before notAfter (and once more when expired)."""
+        node = self.node
+        warned: set[tuple[str, int]] = set()
+        while True:
+            now = dt.datetime.now(dt.UTC)
+            certs = [("the node certificate", format(node.cert.serial_number, "x"),
+                      node.cert.not_valid_after_utc)]
+            try:
+                for person, seen in (await node.db(node.store.persons_seen)).items():
+                    certs.append((f"{person}'s certificate", seen["serial"],
+                                  parse_time(seen["not_after"])))
+            except (ExchangedError, sqlite3.Error) as e:
+                log.error("cannot read the persons' certificates: %s", e)
+            for what, serial, not_after in certs:
+                days = status.expiry_warning(not_after, now)
+                if days is None or (serial, days) in warned:
+                    continue
+                warned.add((serial, days))
+                detail = (f"{what} ({serial}) expired at {stamp(not_after)}" if days == 0 else
+                          f"{what} ({serial}) expires at {stamp(not_after)}, within {days} "
+                          "day(s): renew it (exchanged renew)")
+                log.warning("%s", detail)
+                node.alert("cert-expiring", every_time=True, detail=detail, serial=serial)
+            await trio.sleep(EXPIRY_CHECK_SECONDS)
 
     def _stale_alert(self) -> None:
         node = self.node

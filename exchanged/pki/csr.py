@@ -30,6 +30,18 @@ def build(key: TokenKey, profile: str, form: profiles.Form) -> x509.CertificateS
     return b.sign(key.signer(), hashes.SHA256())
 
 
+def renewal(key: TokenKey, cert: x509.Certificate) -> x509.CertificateSigningRequest:
+    """A CSR for a new key that asks for what `cert` says: its subject and its
+    subjectAltName (the CA's officer still decides, as for any request)."""
+    b = x509.CertificateSigningRequestBuilder().subject_name(cert.subject)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        b = b.add_extension(san, critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    return b.sign(key.signer(), hashes.SHA256())
+
+
 def load(data: bytes, source: str = "CSR") -> x509.CertificateSigningRequest:
     """Parse a PEM or DER CSR; a clear error for anything else."""
     if len(data) > MAX_CSR_BYTES:

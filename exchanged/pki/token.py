@@ -210,6 +210,27 @@ class Token:
     def key_from_uri(self, uri: Pkcs11Uri) -> TokenKey:
         return self.key(label=uri.object, id=uri.id)
 
+    def key_for(self, cert: x509.Certificate, uri: Pkcs11Uri) -> TokenKey:
+        """The key `uri` names if `cert` certifies it; else the key on this token that `cert`
+        certifies (after a renewal the certificate says which key is the node's). TokenError
+        "key-mismatch" if there is none."""
+        want = spki_der(cert.public_key())
+        with self.lock:
+            try:
+                named = self.key_from_uri(uri)
+                if spki_der(named.public_key) == want:
+                    return named
+            except TokenError as e:
+                if e.code != "no-key":
+                    raise
+            for key in self.keys():
+                if spki_der(key.public_key) == want:
+                    return key
+        raise TokenError(f"no key on token {self.label!r} is certified by "
+                         f"{cert.subject.rfc4514_string()} (serial "
+                         f"{cert.serial_number:x}): the certificate belongs to another key",
+                         code="key-mismatch")
+
     def _public_key(self, priv: Any, key_id: bytes) -> Any:
         pubs = self._find(ObjectClass.PUBLIC_KEY, id=key_id)
         if pubs:

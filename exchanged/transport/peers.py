@@ -142,6 +142,14 @@ class PeerCheck:
                 self._cache.clear()
         return changed
 
+    def set_stale_policy(self, stale_crl: str) -> None:
+        if stale_crl not in STALE_POLICIES:
+            raise ValueError(f"stale_crl must be one of {STALE_POLICIES}, not {stale_crl!r}")
+        with self._lock:
+            self.stale_ok = stale_crl == "warn"
+            self.generation += 1
+            self._cache.clear()
+
     def check(self, chain: Sequence[bytes | x509.Certificate], *, expect: str | None = None,
               now: dt.datetime | None = None) -> Peer:
         """The configured peer this chain (as sent, leaf first: DER or certificates) belongs
