@@ -43,7 +43,7 @@ from exchanged.common import stamp
 from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, cms_content, verify_detached
 from exchanged.pki.operator import Operator
-from exchanged.store import evidence
+from exchanged.store import audit, evidence
 from exchanged.store.audit import Finding
 from exchanged.store.boxdb import BoxStore
 from exchanged.store.nodedb import NodeStore
@@ -120,7 +120,9 @@ def export(out: Path, docs: list[dict[str, Any]], *, unit: str, store: NodeStore
                                 max_file_size=max_file_size))
     matter = list(store.audit.rows(f"WHERE object IN ({', '.join('?' * len(docs))})",
                                    [d["doc_id"] for d in docs]))
-    evidence.export(store.audit, matter, out / "evidence", signer=node.cert, certs={},
+    every = audit.signers(store.audit.rows("WHERE action = ?", [audit.NODE_CERTIFICATE]),
+                          node.cert, ca)
+    evidence.export(store.audit, matter, out / "evidence", signer=every, certs={},
                     crls=[out / "crls" / p.name for p in (out / "crls").iterdir()],
                     query=query, issuer=ca)
     manifest = {"format": FORMAT, "unit": unit, "exported_at": stamp(), "by": by,

@@ -558,6 +558,14 @@ def cmd_cert_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace, stack: ExitStack) -> int:
+    """Check a node configuration without the daemon; exit 1 if anything is a problem."""
+    from exchanged.node import check
+    findings = check.check_config(args.file)
+    _emit(args, [f.as_dict() for f in findings], lambda _: check.text(findings))
+    return 1 if check.has_problems(findings) else 0
+
+
 # -- the node: serve, send, outbox, inbox -----------------------------------------------------
 
 def _node_config(args: argparse.Namespace) -> Config:
@@ -1408,6 +1416,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also require the profile's key usage and extended key usage")
     p.add_argument("--no-crl-check", action="store_true",
                    help="skip revocation checking (path validation only)")
+    json_opt(p)
+
+    # config
+    conf = sub.add_parser("config", help="node configurations: check")
+    confsub = conf.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = cmd(confsub, "check", cmd_config_check, "check a node configuration without starting "
+            "(or stopping) the daemon: its paths and modes, the token (PIN, key, a test "
+            "signature), the certificate against the CA and CRLs, peers and roles; one line "
+            "per check, exit 1 if any is a problem")
+    p.add_argument("file", nargs="?", default=os.environ.get("EXCHANGED_CONFIG",
+                                                             "/etc/exchanged/exchanged.toml"),
+                   help="the configuration (default: $EXCHANGED_CONFIG or "
+                        "/etc/exchanged/exchanged.toml)")
     json_opt(p)
     return top
 

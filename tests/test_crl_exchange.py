@@ -115,6 +115,26 @@ def test_a_stale_crl_may_still_be_checked_and_the_validator_may_use_it() -> None
     assert e.value.code == "revoked"
 
 
+def test_an_older_current_crl_does_not_stand_in_for_a_newer_stale_one() -> None:
+    """Regression: with CRL 1 (current, nothing listed) and CRL 2 (newer, lists a revocation,
+    past its nextUpdate: e.g. `ca crl --hours 1` an hour ago), the validator fell back to CRL
+    1 and accepted the revoked certificate."""
+    revoked, good = issue(), issue()
+    older = x509.load_der_x509_crl(make_crl(1, next_update=NOW + dt.timedelta(days=7)))
+    newer = x509.load_der_x509_crl(make_crl(2, revoked=[revoked],
+                                            this_update=NOW - dt.timedelta(hours=2),
+                                            next_update=NOW - dt.timedelta(hours=1)))
+    for cert, code in ((revoked, "revoked"), (good, "crl-stale")):
+        with pytest.raises(verify.ValidationError) as e:
+            verify.validate(cert, trusted=[CA], crls=[older, newer], purpose="node")
+        assert e.value.code == code, str(e.value)
+    verify.validate(good, trusted=[CA], crls=[older, newer], purpose="node", stale_ok=True)
+    with pytest.raises(verify.ValidationError) as e:
+        verify.validate(revoked, trusted=[CA], crls=[older, newer], purpose="node",
+                        stale_ok=True)
+    assert e.value.code == "revoked"
+
+
 def test_crl_der_takes_pem_or_der_and_one_crl_only() -> None:
     der = make_crl(2)
     pem = b"-----BEGIN X509 CRL-----\n" + __import__("base64").encodebytes(der) + \
@@ -212,7 +232,7 @@ def test_a_peer_is_admitted_for_crls_only_while_ours_is_stale_or_missing(tmp_pat
     k = keeper(tmp_path / "r", stale)
     with pytest.raises(PeerRefused) as e:
         k.peers.admit([revoked])
-    assert e.value.code == "peer-crl-stale"
+    assert e.value.code == "peer-revoked"
     # With a fresh CRL the same peer is fully admitted.
     take(k, make_crl(3, revoked=[revoked]))
     assert k.peers.admit([office]) == (k.peers.check([office]), None)

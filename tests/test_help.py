@@ -17,6 +17,7 @@ COMMANDS = [
     ["inbox", "forward"], ["inbox", "return"], ["inbox", "paper-received"],
     ["inbox", "export"], ["due"], ["archive", "export"], ["status"], ["crl", "fetch"],
     ["crl", "install"], ["ca", "serve"], ["backup"], ["restore"], ["reload"], ["renew"],
+    ["config", "check"],
 ]
 
 

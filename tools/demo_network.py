@@ -352,7 +352,9 @@ def run(d: Demo) -> int:
     d.say("Finance fetches it from the publication point (as it does every crl_refresh "
           "seconds by itself); then the CA's host goes down")
     d.x("crl", "fetch", "--config", cfg_a)
-    d.daemons.pop("ca").terminate()
+    ca_server = d.daemons.pop("ca")
+    ca_server.terminate()
+    ca_server.wait(10)
     print("  the CA's publication point is stopped")
 
     d.say("District never reached the CA: finance hands the CRL over in their next exchange")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from exchanged.box import Box
 from exchanged.common import stamp
@@ -36,7 +37,7 @@ from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token, TokenKey
 from exchanged.pki.uri import parse
 from exchanged.roles import Roles
-from exchanged.store.audit import MIRROR
+from exchanged.store.audit import MIRROR, NODE_CERTIFICATE, signers
 from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
 from exchanged.transport import publish
@@ -122,13 +123,14 @@ class Node:
         self.signer = identity.signer
         self.server_ctx, self.client_ctx = identity.server_ctx, identity.client_ctx
 
-    def renew_identity(self, config: Config) -> str | None:
+    def renew_identity(self, config: Config
+                       ) -> tuple[x509.Certificate, x509.Certificate, str] | None:
         """SIGHUP: the node certificate, its key or its token changed in `config` (a renewal,
         or a new card). The new certificate must be valid, chain to our CA, be good per our
         CRLs and name the same node (peers know it by CN and O); then new connections use it,
         while those in progress finish with the old one. None if nothing changed, else what
-        did; ExchangedError (nothing changed) if the new identity is not acceptable. Blocking:
-        run it in the token thread."""
+        did: (old certificate, new one, a description); ExchangedError (nothing changed) if the
+        new identity is not acceptable. Blocking: run it in the token thread."""
         old = self.identity
         chain = _read_chain(config.cert)
         if (chain == old.chain and config.key == old.key_uri
@@ -154,9 +156,25 @@ class Node:
         self._adopt(identity)
         if not same_token:
             self._retired.append(old.token)  # a signature may still be under way with it
-        return (f"certificate {old.cert.serial_number:x} -> {cert.serial_number:x} (valid "
-                f"until {stamp(cert.not_valid_after_utc)}), key {identity.key.label!r} on "
-                f"token {identity.token.label!r}")
+        return old.cert, cert, (
+            f"certificate {old.cert.serial_number:x} -> {cert.serial_number:x} (valid until "
+            f"{stamp(cert.not_valid_after_utc)}), key {identity.key.label!r} on token "
+            f"{identity.token.label!r}")
+
+    def checkpoint_signers(self) -> list[x509.Certificate]:
+        """The certificates this node's checkpoints are signed by: the current one first, then
+        those it had before a renewal (from its log's node-certificate entries). DB thread."""
+        return signers(self.store.audit.rows("WHERE action = ?", [NODE_CERTIFICATE]),
+                       self.cert, self.ca_cert)
+
+    def record_new_identity(self, old: x509.Certificate, new: x509.Certificate) -> None:
+        """After a renewal: both certificates into the log (so the old one's checkpoints stay
+        verifiable), then a checkpoint signed with the new key. DB thread."""
+        pem = serialization.Encoding.PEM
+        self.audit_event(NODE_CERTIFICATE, format(new.serial_number, "x"), details={
+            "certificate": new.public_bytes(pem).decode(),
+            "previous": old.public_bytes(pem).decode(),
+            "not_after": stamp(new.not_valid_after_utc)}, checkpoint=True)
 
     def reconfigure_box(self) -> None:
         """SIGHUP changed the exchange box's settings or the declared roles."""

@@ -387,7 +387,7 @@ class LocalCommands:
             with node.store.transaction():
                 node.roles.accept_request(op, digest)
                 role = node.roles.require(op, "node-renew")
-                act(node.store.audit, op, role, "node-renew", label)
+                act(node.store.audit, op, role, "node-renew", str(op.request.get("object")))
 
         await node.db(accept)
         key = await node.tok(node.token.generate_keypair, label,
@@ -469,8 +469,9 @@ class LocalCommands:
                 r["signed"] = r.pop("signature") is not None
             return {"items": rows}
         node.audit_event("audit-export-checkpoint", str(p["object"]), checkpoint=True)
-        evidence.export(node.store.audit, rows, Path(str(p["out"])), signer=node.cert,
-                        certs={}, crls=list(node.config.crls), query=query, issuer=node.ca_cert)
+        evidence.export(node.store.audit, rows, Path(str(p["out"])),
+                        signer=node.checkpoint_signers(), certs={},
+                        crls=node.crls.paths(), query=query, issuer=node.ca_cert)
         return {"dir": str(p["out"]), "entries": len(rows)}
 
     def _apply_role(self, op: SignedOperator, grantee: x509.Certificate | None,

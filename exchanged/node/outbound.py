@@ -8,11 +8,13 @@ restart); a refusal that says "not now" is retried, any other is final.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives import hashes
 
 from exchanged import receipts
 from exchanged.common import stamp_precise
@@ -315,6 +317,15 @@ class Outbound:
                                row: dict[str, Any], unit: str) -> bool:
         """One of our signed audit checkpoints to our witness; True if it keeps it."""
         node = self.node
+        current = node.cert.fingerprint(hashes.SHA256()).hex()
+        if json.loads(row["details"]).get("signer_sha256") != current:
+            # Signed with the key this node had before a renewal: the witness knows the node
+            # by its current certificate, and the checkpoint signed at the renewal with the
+            # new key covers everything before it (it signs the chain's head).
+            await node.db(node.store.mark_witnessed, row["seq"])
+            log.info("audit checkpoint %d (signed before the certificate was renewed) is "
+                     "covered by a later one; not given to the witness", row["seq"])
+            return True
         record = mirror_line(row).rstrip(b"\n")
         await node.send(tls, conn.send(proto.DeliverCheckpoint(row["seq"], record)))
         answer = await self._response(tls, conn)

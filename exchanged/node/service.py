@@ -49,13 +49,14 @@ class Service:
         self.notifier = Notifier()
         self.accepting = trio.CancelScope()
         self.crl_wake = trio.Event()
+        self.expiry_wake = trio.Event()  # set when the node certificate changed
 
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         self.node = node = await trio.to_thread.run_sync(Node.open, self.config)
         self.inbound = Inbound(node)
         self.outbound = Outbound(node)
-        node.on_crl = self.outbound.crl_changed
+        node.on_crl = self._crl_changed
         try:
             async with trio.open_nursery() as nursery:
                 listeners = await trio.open_tcp_listeners(self.config.listen_port,
@@ -141,13 +142,18 @@ class Service:
         self.inbound.limits_changed()
         if "stale_crl" in changed:
             node.peers.set_stale_policy(new.stale_crl)
+        if {"crl_url", "crl_refresh", "stale_crl", "crls"} & set(changed):
+            self.crl_wake.set()  # the refresh loop takes the new settings at once
         await trio.to_thread.run_sync(
             lambda: node.peers.reload(new.peers, force=True, crl_paths=node.crls.paths()))
         if {"box", "roles"} & set(changed):
             await node.db(node.reconfigure_box)
         self.outbound.peers_changed(set(new.peers) - set(old.peers))
         if identity:
-            changed.append(f"node certificate: {identity}")
+            old_cert, new_cert, what = identity
+            changed.append(f"node certificate: {what}")
+            await node.db(node.record_new_identity, old_cert, new_cert)
+            self.expiry_wake.set()
         for item in changed:
             log.info("reload: %s changed", item)
         for item in refused:
@@ -182,20 +188,30 @@ class Service:
                         self.outbound.poke(self.config.witness)
 
 
+    def _crl_changed(self) -> None:
+        """A newer CRL is held: the peers are asked whether they have it, and whether it is
+        stale is looked at now."""
+        self.outbound.crl_changed()
+        self.crl_wake.set()
+
     async def _crl_refresh(self) -> None:
         """Fetch the CRL from the CA's publication point every crl_refresh seconds (every
         minute while the one held is stale), and say so when the one held is stale."""
         node = self.node
+        fetched = -1e9
         while True:
-            await node.fetch_crl()
             stale = node.crls.stale()
-            if stale is not None or node.crls.held() is None:
-                self._stale_alert()
             wait = node.config.crl_refresh if stale is None else min(node.config.crl_refresh,
                                                                      STALE_RETRY_SECONDS)
-            with trio.move_on_after(wait):
+            if trio.current_time() - fetched >= wait:
+                await node.fetch_crl()
+                fetched = trio.current_time()
+                stale = node.crls.stale()
+            self.crl_wake = trio.Event()  # what was taken until now is looked at just below
+            if stale is not None or node.crls.held() is None:
+                self._stale_alert()
+            with trio.move_on_after(max(0.0, fetched + wait - trio.current_time())):
                 await self.crl_wake.wait()
-            self.crl_wake = trio.Event()
 
     async def _expiry_watch(self) -> None:
         """Certificates nearing their end (the node's, and the persons' last used here): a
@@ -223,7 +239,9 @@ class Service:
                           "day(s): renew it (exchanged renew)")
                 log.warning("%s", detail)
                 node.alert("cert-expiring", every_time=True, detail=detail, serial=serial)
-            await trio.sleep(EXPIRY_CHECK_SECONDS)
+            with trio.move_on_after(EXPIRY_CHECK_SECONDS):
+                await self.expiry_wake.wait()
+            self.expiry_wake = trio.Event()
 
     def _stale_alert(self) -> None:
         node = self.node

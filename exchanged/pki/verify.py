@@ -813,7 +813,11 @@ class _Run:
             if not self.in_scope(crl, cert):
                 continue
             seen_any = True
-            failure = self.unusable(crl, cert, issuer, anchor)
+            # A complete CRL past its nextUpdate still counts in choosing the newest: an older
+            # CRL that is still current must not stand in for a newer one that is stale (it
+            # would drop the newer one's revocations). Staleness is judged on the winner.
+            failure = self.unusable(crl, cert, issuer, anchor,
+                                    stale_counts=crl.base_number is not None)
             if failure is not None:
                 failures.append(failure)
             elif crl.base_number is not None:
@@ -873,6 +877,14 @@ class _Run:
                                   f"since {since} per {source.describe()}", certificate=cert,
                                   crl_reason=reason.value)
 
+        if not self.stale_ok:
+            for base in winners.values():
+                if base.next_update is not None and self.at > base.next_update:
+                    raise ValidationError("crl-stale", f"{describe(cert)}: no usable CRL: "
+                                          f"{base.describe()} is stale: its nextUpdate was "
+                                          f"{base.next_update:%Y-%m-%d %H:%M:%S}Z",
+                                          certificate=cert)
+
         if covered != _ALL_REASONS:
             missing = sorted(r.value for r in _ALL_REASONS - covered)
             raise ValidationError("crl-missing", f"{describe(cert)}: the usable CRLs cover only "
@@ -905,8 +917,9 @@ class _Run:
         return not (idp_names and cert_names and not idp_names & cert_names)
 
     def unusable(self, crl: _Crl, cert: x509.Certificate, issuer: x509.Certificate,
-                 anchor: x509.Certificate) -> _Failure | None:
-        """None if `crl` may decide `cert`'s status, else why not."""
+                 anchor: x509.Certificate, *, stale_counts: bool = True) -> _Failure | None:
+        """None if `crl` may decide `cert`'s status, else why not (`stale_counts`: a CRL
+        past its nextUpdate is unusable, unless the run allows stale CRLs)."""
         signer_failure = self.check_signer(crl, issuer, anchor)
         if signer_failure is not None:
             return signer_failure
@@ -915,7 +928,8 @@ class _Run:
         if crl.this_update > self.at:
             return _Failure(3, "crl-invalid", f"{crl.describe()} is not valid before "
                             f"{crl.this_update:%Y-%m-%d %H:%M:%S}Z")
-        if crl.next_update is not None and self.at > crl.next_update and not self.stale_ok:
+        if (crl.next_update is not None and self.at > crl.next_update and stale_counts
+                and not self.stale_ok):
             return _Failure(3, "crl-stale", f"{crl.describe()} is stale: its nextUpdate was "
                             f"{crl.next_update:%Y-%m-%d %H:%M:%S}Z")
         return None

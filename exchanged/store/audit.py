@@ -35,7 +35,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,12 @@ from exchanged.common import canonical, stamp, stamp_precise
 from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, verify_detached
 from exchanged.pki.keys import UnsupportedKey, verify_signature
+from exchanged.pki.names import common_name, organization
 
 CHECKPOINT_PREFIX = b"exchanged-audit-checkpoint-v1\n"
 MIRROR = "audit-checkpoints.jsonl"  # the checkpoints' copy outside the database, beside it
 GENESIS_PREV = "0" * 64
+NODE_CERTIFICATE = "node-certificate"  # a node's certificate changed: both are in the details
 FIELDS = ("seq", "at", "actor", "actor_subject", "role", "action", "object", "outcome",
           "details", "signature", "prev")
 
@@ -197,8 +199,8 @@ class AuditLog:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         return list(self.rows(clause, params, limit=limit))
 
-    def verify(self, signer: x509.Certificate, *, issuer: x509.Certificate | None = None,
-               mirrors: Iterable[Path] = ()) -> Report:
+    def verify(self, signer: x509.Certificate | Sequence[x509.Certificate], *,
+               issuer: x509.Certificate | None = None, mirrors: Iterable[Path] = ()) -> Report:
         """Check the whole log (see `verify_rows`), its recorded head, and the copies of its
         checkpoints kept outside the database (`mirrors`: the local copy, a witness's)."""
         head = self.db.execute("SELECT checkpoint_seq, checkpoint_hash FROM audit_head"
@@ -290,7 +292,8 @@ OUTCOMES = frozenset({"ok", "refused", "failed"})
 
 
 def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
-                signer: x509.Certificate, *, head: tuple[int, str] | None = None,
+                signer: x509.Certificate | Sequence[x509.Certificate], *,
+                head: tuple[int, str] | None = None,
                 first_prev: str = GENESIS_PREV, first_seq: int = 1,
                 issuer: x509.Certificate | None = None,
                 mirror: list[dict[str, Any]] | None = None) -> Report:
@@ -298,7 +301,9 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
     the recorded head, truncation, and the checkpoints kept outside.
 
     The grammar, which no relabelling escapes: a `checkpoint` row is signed by `signer`'s key
-    over its place, time and the hash before it, and names no actor; a row that names an
+    (or, for a node whose certificate was renewed, by the key of the one of `signer`'s
+    certificates its signer_sha256 names) over its place, time and the hash before it, and
+    names no actor; a row that names an
     actor carries that actor's CMS signature over its details, by a certificate `issuer`
     issued (when `issuer` is given); any other row carries no signature. `head` is the last
     checkpoint recorded apart from the entries (audit_head): the row there must be a signed
@@ -309,7 +314,7 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
     expect_seq, prev = first_seq, first_prev
     count = checkpoints = 0
     last_cp: int | None = None
-    public_key = signer.public_key()
+    keys = _keys(signer)
     signed_checkpoints: dict[int, dict[str, Any]] = {}
     for row in rows:
         count += 1
@@ -329,7 +334,7 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
                                          "edited"))
         if row["action"] == "checkpoint":
             checkpoints += 1
-            if _checkpoint_ok(row, public_key) and row["actor"] is None:
+            if _checkpoint_by(row, keys) and row["actor"] is None:
                 last_cp = seq
                 signed_checkpoints[seq] = row
             else:
@@ -358,7 +363,7 @@ def verify_rows(rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
                                           "signed checkpoint of this log with the recorded "
                                           "hash: the log or its head was rewritten"))
     for item in mirror or ():
-        findings += _mirrored(item, signed_checkpoints, public_key, expect_seq - 1)
+        findings += _mirrored(item, signed_checkpoints, keys, expect_seq - 1)
     return Report(count, checkpoints, last_cp, findings[:51])
 
 
@@ -386,13 +391,13 @@ def _grammar(row: dict[str, Any], issuer: x509.Certificate | None) -> str | None
     return None
 
 
-def _mirrored(item: dict[str, Any], signed: dict[int, dict[str, Any]], public_key: Any,
+def _mirrored(item: dict[str, Any], signed: dict[int, dict[str, Any]], keys: dict[str, Any],
               last: int) -> list[Finding]:
     """A checkpoint kept outside the database, against the log."""
     seq = item.get("seq")
     if seq is None:
         return [Finding(None, f"line {item.get('line')} of the checkpoint copy cannot be read")]
-    if not record_signed(item, public_key):
+    if not any(record_signed(item, key) for key in keys.values()):
         return [Finding(seq, "a checkpoint in the copy kept outside the database has no valid "
                              "signature: the copy was tampered with")]
     row = signed.get(seq)
@@ -404,6 +409,51 @@ def _mirrored(item: dict[str, Any], signed: dict[int, dict[str, Any]], public_ke
         return [Finding(seq, f"checkpoint {seq} differs from the copy kept outside the "
                              "database: the log was rewritten")]
     return []
+
+
+def _keys(signer: x509.Certificate | Sequence[x509.Certificate]) -> dict[str, Any]:
+    """SHA-256 fingerprint (hex) -> public key, of each certificate that may sign checkpoints."""
+    certs = [signer] if isinstance(signer, x509.Certificate) else list(signer)
+    return {c.fingerprint(hashes.SHA256()).hex(): c.public_key() for c in certs}
+
+
+def _checkpoint_by(row: dict[str, Any], keys: dict[str, Any]) -> bool:
+    """The checkpoint row is signed by the key of the certificate it names (signer_sha256),
+    which must be one of `keys`; a row that names none (older logs) by any of them."""
+    try:
+        named = json.loads(row["details"]).get("signer_sha256")
+    except (TypeError, ValueError, AttributeError, RecursionError):
+        return False
+    if named is not None:
+        return named in keys and _checkpoint_ok(row, keys[named])
+    return any(_checkpoint_ok(row, key) for key in keys.values())
+
+
+def signers(rows: Iterable[dict[str, Any]], current: x509.Certificate,
+            issuer: x509.Certificate) -> list[x509.Certificate]:
+    """The certificates a node's checkpoints may be signed by: `current`, and those its log
+    recorded when its certificate changed (`node-certificate` entries) that `issuer` issued
+    to the same node (same CN and O). A recorded certificate proves nothing by being in the
+    log: it counts only because the CA issued it to this node."""
+    out = {current.fingerprint(hashes.SHA256()).hex(): current}
+    for row in rows:
+        if row["action"] != NODE_CERTIFICATE:
+            continue
+        try:
+            details = json.loads(row["details"])
+            found = [x509.load_pem_x509_certificate(str(details[k]).encode())
+                     for k in ("certificate", "previous") if details.get(k)]
+        except (TypeError, ValueError, KeyError, AttributeError):
+            continue
+        for cert in found:
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            if (common_name(cert), organization(cert)) == (common_name(current),
+                                                           organization(current)):
+                out.setdefault(cert.fingerprint(hashes.SHA256()).hex(), cert)
+    return list(out.values())
 
 
 def _checkpoint_ok(row: dict[str, Any], public_key: Any) -> bool:

@@ -5,7 +5,9 @@ A bundle is a directory:
     manifest.json        what was asked for, which entries are the matter's, where the run starts
     entries.jsonl        every entry from the matter's first to the first checkpoint after its
                          last, in full: the checkpoint's signature covers them all by hash links
-    signer.pem           the certificate whose key signs checkpoints (the CA's, or a node's)
+    signer.pem           the certificate whose key signs checkpoints (the CA's, or a node's;
+                         a node whose certificate was renewed: the current one first, then
+                         the earlier ones that signed checkpoints of this run)
     issuer.pem           the CA certificate that issued the operators' certificates
     certs/SERIAL.pem     the certificates of the operators who signed the matter's entries
     crls/                the CRLs in force when the bundle was made
@@ -20,7 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from exchanged.errors import ExchangedError
 from exchanged.pki.cms import CmsError, verify_detached
-from exchanged.store.audit import AuditLog, Finding, Report, checkpoint_message, verify_rows
+from exchanged.store.audit import (
+    NODE_CERTIFICATE,
+    AuditLog,
+    Finding,
+    Report,
+    checkpoint_message,
+    signers,
+    verify_rows,
+)
 
 FORMAT = "exchanged-evidence-1"
 
@@ -39,8 +49,9 @@ Operator signatures (each SEQ.json is exactly what the operator signed):
   openssl cms -verify -binary -inform DER -in openssl/SEQ.cms.der -content openssl/SEQ.json \\
       -CAfile issuer.pem -purpose any -out /dev/null
 
-Checkpoint signatures (signed on the CA's / node's token):
-  openssl dgst -sha256 -verify openssl/signer-pubkey.pem -signature openssl/cp-SEQ.sig \\
+Checkpoint signatures (signed on the CA's / node's token; cp-SEQ.pubkey.pem is the public key
+of the certificate in signer.pem that signed checkpoint SEQ, signer-pubkey.pem the current one):
+  openssl dgst -sha256 -verify openssl/cp-SEQ.pubkey.pem -signature openssl/cp-SEQ.sig \\
       openssl/cp-SEQ.msg
 
 The hash chain itself (each entry's hash and link) is checked by `exchanged audit verify .`.
@@ -51,12 +62,17 @@ class EvidenceError(ExchangedError):
     code = "evidence"
 
 
-def export(log: AuditLog, matter: list[dict[str, Any]], out: Path, *, signer: x509.Certificate,
+def export(log: AuditLog, matter: list[dict[str, Any]], out: Path, *,
+           signer: x509.Certificate | Sequence[x509.Certificate],
            certs: dict[str, x509.Certificate], crls: Iterable[Path], query: dict[str, Any],
            issuer: x509.Certificate | None = None) -> dict[str, Any]:
     """Write the bundle for the `matter` entries (rows of `log`) into the new directory `out`.
-    `issuer` is the CA of the operators who signed entries (default: `signer`, the CA's own
-    log)."""
+    `signer`: the certificate that signs checkpoints, or (a renewed node) all that did,
+    the current one first. `issuer` is the CA of the operators who signed entries (default:
+    the signer, the CA's own log)."""
+    signer_certs = [signer] if isinstance(signer, x509.Certificate) else list(signer)
+    by_sha = {c.fingerprint(hashes.SHA256()).hex(): c for c in signer_certs}
+    signer = signer_certs[0]
     if not matter:
         raise EvidenceError("no audit entry matches: nothing to export", code="empty")
     first, last = matter[0]["seq"], matter[-1]["seq"]
@@ -78,7 +94,10 @@ def export(log: AuditLog, matter: list[dict[str, Any]], out: Path, *, signer: x5
     with open(out / "entries.jsonl", "w") as f:
         for r in run:
             f.write(json.dumps(_encode(r), ensure_ascii=False) + "\n")
-    (out / "signer.pem").write_bytes(signer.public_bytes(serialization.Encoding.PEM))
+    used = [signer] + [c for sha, c in by_sha.items() if c is not signer and any(
+        r["action"] == "checkpoint" and sha in str(r["details"]) for r in run)]
+    (out / "signer.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                              for c in used))
     (out / "issuer.pem").write_bytes((issuer or signer).public_bytes(serialization.Encoding.PEM))
     (out / "openssl" / "signer-pubkey.pem").write_bytes(signer.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -92,6 +111,10 @@ def export(log: AuditLog, matter: list[dict[str, Any]], out: Path, *, signer: x5
             (out / "openssl" / f"cp-{r['seq']}.msg").write_bytes(
                 checkpoint_message(r["seq"], r["at"], r["prev"]))
             (out / "openssl" / f"cp-{r['seq']}.sig").write_bytes(r["signature"])
+            named = json.loads(r["details"]).get("signer_sha256")
+            (out / "openssl" / f"cp-{r['seq']}.pubkey.pem").write_bytes(
+                by_sha.get(named, signer).public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         elif r["seq"] in matter_seqs and r["signature"] is not None:
             (out / "openssl" / f"{r['seq']}.json").write_bytes(r["details"].encode())
             (out / "openssl" / f"{r['seq']}.cms.der").write_bytes(r["signature"])
@@ -106,7 +129,8 @@ def verify(bundle: Path, trusted: x509.Certificate | None = None) -> Report:
         manifest = json.loads((bundle / "manifest.json").read_text())
         rows = [_decode(json.loads(line)) for line in
                 (bundle / "entries.jsonl").read_text().splitlines() if line.strip()]
-        signer = x509.load_pem_x509_certificate((bundle / "signer.pem").read_bytes())
+        signer_certs = x509.load_pem_x509_certificates((bundle / "signer.pem").read_bytes())
+        signer = signer_certs[0]
         issuer = x509.load_pem_x509_certificate((bundle / "issuer.pem").read_bytes()) \
             if (bundle / "issuer.pem").exists() else signer
     except (OSError, ValueError, KeyError) as e:
@@ -120,7 +144,11 @@ def verify(bundle: Path, trusted: x509.Certificate | None = None) -> Report:
         if issuer is signer:
             issuer = trusted
         signer = trusted
-    report = verify_rows(rows, signer, first_prev=manifest["first_prev"],
+        signer_certs = [trusted]
+    # Earlier certificates of a renewed node count only if the issuer issued them to the same
+    # node as the current one (audit.signers); the CA's own log has a single signer.
+    every = signers_of(signer, signer_certs[1:], issuer) if issuer is not signer else [signer]
+    report = verify_rows(rows, every, first_prev=manifest["first_prev"],
                          first_seq=manifest["first_seq"], issuer=issuer)
     findings += report.findings
     if not rows or rows[-1]["seq"] != manifest["checkpoint"] or \
@@ -138,6 +166,14 @@ def verify(bundle: Path, trusted: x509.Certificate | None = None) -> Report:
             except CmsError as e:
                 findings.append(Finding(r["seq"], f"operator signature: {e}"))
     return Report(report.entries, report.checkpoints, report.last_checkpoint, findings)
+
+
+def signers_of(current: x509.Certificate, earlier: list[x509.Certificate],
+               issuer: x509.Certificate) -> list[x509.Certificate]:
+    """`current` and those of `earlier` that `issuer` issued to the same node."""
+    rows = [{"action": NODE_CERTIFICATE, "details": json.dumps(
+        {"certificate": c.public_bytes(serialization.Encoding.PEM).decode()})} for c in earlier]
+    return signers(rows, current, issuer)
 
 
 def _encode(row: dict[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,7 @@ import sqlite_utils
 from cryptography import x509
 
 from exchanged.common import canonical
-from exchanged.store.audit import MIRROR, AuditLog, Report
+from exchanged.store.audit import MIRROR, NODE_CERTIFICATE, AuditLog, Report, signers
 from exchanged.store.boxdb import BoxStore
 from exchanged.store.db import StoreError, Transaction, change, connect, one, rows
 from exchanged.store.files import fsync_dir
@@ -889,8 +889,9 @@ def verify_log(datadir: Path, signer: x509.Certificate, issuer: x509.Certificate
         raise StoreError(f"no node database at {path}", code="no-store")
     db = connect(path)
     try:
-        return AuditLog(db).verify(signer, issuer=issuer,
-                                   mirrors=[Path(datadir) / MIRROR, *copies])
+        log = AuditLog(db)
+        every = signers(log.rows("WHERE action = ?", [NODE_CERTIFICATE]), signer, issuer)
+        return log.verify(every, issuer=issuer, mirrors=[Path(datadir) / MIRROR, *copies])
     finally:
         db.conn.close()
 
