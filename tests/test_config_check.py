@@ -69,11 +69,11 @@ def of(findings: list[dict[str, str]], status: str, check: str | None = None) ->
 
 
 def variant(d: Demo, tmp: Path, unit: str = "finance",
-            edit: Callable[[str], str] = lambda t: t) -> Path:
+            edit: Callable[[str], str] | None = None) -> Path:
     """A copy of a unit's configuration (its paths are absolute), edited."""
     text = (d.work / unit / "exchanged.toml").read_text()
-    edited = edit(text)
-    assert edited != text or edit.__name__ == "<lambda>"
+    edited = edit(text) if edit else text
+    assert edit is None or edited != text, "the edit changed nothing"
     out = tmp / f"{unit}-{secrets.token_hex(4)}.toml"
     out.write_text(edited)
     return out
@@ -233,6 +233,26 @@ def test_a_certificate_of_another_key_is_a_problem(demo, tmp_path: Path) -> None
     no_pin_in(d, printed)
 
 
+def test_a_key_uri_naming_another_key_than_the_certified_one(demo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """After a renewal the certificate says which key is the node's (the daemon takes it):
+    a warning; a key URI naming no key at all, with no key the certificate certifies either,
+    is covered by the other-key test."""
+    d, _ = demo
+    label = f"spare-{secrets.token_hex(3)}"
+    d.x("token", "keygen", f"pkcs11:token=finance-node;object={label}", "--pin-file",
+        d.pin("finance-node"), quiet=True)
+    for name, said in ((label, f"[pkcs11] key names {label!r}, but"),
+                       ("absent", "[pkcs11] key names 'absent', which is not on the token")):
+        cfg = variant(d, tmp_path, edit=lambda t, name=name: t.replace(
+            "pkcs11:token=finance-node;object=me", f"pkcs11:token=finance-node;object={name}"))
+        rc, findings, printed = run_check(d, cfg)
+        assert rc == 0, findings
+        (warning,) = of(findings, WARNING)
+        assert warning.startswith(said) and "the daemon uses 'me'" in warning, warning
+        assert of(findings, "ok", "signature")
+        no_pin_in(d, printed)
+
+
 # -- the CA and the CRLs -----------------------------------------------------------------------
 
 
@@ -271,7 +291,10 @@ def test_crl_files_missing_unreadable_or_signed_by_another_ca(demo, tmp_path: Pa
     foreign.write_bytes(crl_by(foreign_ca.subject, foreign_key))
     garbage = tmp_path / "garbage.crl"
     garbage.write_bytes(b"not a CRL\n")
-    files = [missing, a_dir, forged, foreign, garbage]
+    pem = tmp_path / "good.pem"  # the CA's own CRL in PEM: fine
+    pem.write_bytes(x509.load_der_x509_crl(Path(crl).read_bytes()).public_bytes(
+        serialization.Encoding.PEM))
+    files = [missing, a_dir, forged, foreign, garbage, pem]
     cfg = variant(d, tmp_path, edit=lambda t: t.replace(
         f'crls = ["{crl}"]', f"crls = {json.dumps([crl, *map(str, files)])}"))
     rc, findings, _ = run_check(d, cfg)
@@ -287,7 +310,9 @@ def test_crl_files_missing_unreadable_or_signed_by_another_ca(demo, tmp_path: Pa
     assert f"the CRL from {foreign}" not in problems[3] and str(foreign) in problems[3] and \
         "issued by CN=Another Root CA, which is not a CA we trust" in problems[3], problems[3]
     assert str(garbage) in problems[4] and "is not a CRL" in problems[4], problems[4]
-    assert "verifies against the CA" in of(findings, "ok", "crl-file")[0]
+    good = of(findings, "ok", "crl-file")
+    assert len(good) == 2 and all("verifies against the CA" in g for g in good), good
+    assert good[1].startswith(f"{pem}: CRL number 1 of CN=Demo Root CA")
 
 
 def test_a_revoked_certificate_is_a_problem(demo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

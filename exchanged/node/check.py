@@ -32,6 +32,7 @@ from pathlib import Path
 import pkcs11
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from exchanged.common import stamp
 from exchanged.errors import ExchangedError
@@ -82,8 +83,7 @@ class _Check:
         self.out: list[Finding] = []
         self.chain: list[x509.Certificate] | None = None  # the node certificate (+ chain)
         self.trusted: list[x509.Certificate] = []
-        self.ca_ok = True  # every CA file could be read
-        self.crls: list[tuple[Path, bytes]] = []  # CRL files in force that parse, with DER
+        self.crls: list[Path] = []  # the CRL files in force that parse
 
     def add(self, check: str, status: str, detail: str) -> None:
         self.out.append(Finding(check, status, " ".join(detail.split())))
@@ -139,9 +139,10 @@ class _Check:
             return ""
         m = re.search(r"address '([^']*)'", error)
         if m:
-            if str(data.get("node", {}).get("listen")) == m.group(1):
+            node, peers = data.get("node"), data.get("peers")
+            if isinstance(node, dict) and str(node.get("listen")) == m.group(1):
                 return " (in [node] listen)"
-            for unit, spec in (data.get("peers") or {}).items():
+            for unit, spec in (peers.items() if isinstance(peers, dict) else ()):
                 if isinstance(spec, dict) and str(spec.get("address")) == m.group(1):
                     return f" (in [peers.{unit}] address)"
         if "missing setting" in error:
@@ -246,7 +247,6 @@ class _Check:
         if not c.ca:
             self.add("ca-file", PROBLEM, "[trust] ca names no CA certificate: name the CA's "
                      "certificate (ca.pem)")
-            self.ca_ok = False
             return
         for p in c.ca:
             try:
@@ -254,12 +254,10 @@ class _Check:
             except OSError as e:
                 self.add("ca-file", PROBLEM, f"cannot read the CA certificate {p} ([trust] ca): "
                          f"{e.strerror}: copy the CA's ca.pem there")
-                self.ca_ok = False
                 continue
             except ValueError as e:
                 self.add("ca-file", PROBLEM, f"{p} ([trust] ca) is not a PEM certificate ({e}): "
                          "copy the CA's ca.pem there")
-                self.ca_ok = False
                 continue
             try:
                 is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -269,7 +267,6 @@ class _Check:
                 self.add("ca-file", PROBLEM, f"{p} ([trust] ca) holds "
                          f"{cert.subject.rfc4514_string()}, which is not a CA certificate: "
                          "name the CA's certificate (ca.pem)")
-                self.ca_ok = False
                 continue
             self.trusted.append(cert)
             self.add("ca-file", OK, f"{p}: CA {cert.subject.rfc4514_string()}, valid until "
@@ -299,26 +296,32 @@ class _Check:
                          "from the CA's publication point and from peers)")
                 continue
             try:
-                der = verify.crl_der(data, str(p))
-            except verify.ValidationError as e:
-                self.add("crl-file", PROBLEM, f"{e} ({what}): put the CA's CRL (DER or PEM, one "
-                         "CRL) there")
-                continue
-            self.crls.append((p, der))
+                ders = [verify.crl_der(data, str(p))]
+            except verify.ValidationError:
+                try:  # a PEM file of several CRLs, which the daemon also reads
+                    ders = [crl.public_bytes(serialization.Encoding.DER)
+                            for crl in verify.CrlSet.load([p])]
+                except ExchangedError as e:
+                    self.add("crl-file", PROBLEM, f"{e} ({what}): the daemon does not start "
+                             "with it; put the CA's CRL (DER or PEM) there")
+                    continue
+            self.crls.append(p)
             if not self.trusted:
-                self.add("crl-file", WARNING, f"{p} ({what}) is a CRL, not checked: no CA "
+                self.add("crl-file", WARNING, f"{p} ({what}) holds a CRL, not checked: no CA "
                          "certificate could be read")
                 continue
-            try:
-                info = verify.check_crl(der, self.trusted, at=self.at, source=str(p))
-            except verify.ValidationError as e:
-                todo = ("it was signed by another key than the CA's: a forgery, or the CRL of "
-                        "another CA of the same name; replace it with the CA's ca.crl"
-                        if e.code == "bad-signature" else
-                        "replace it with the CRL of the CA in [trust] ca")
-                self.add("crl-file", PROBLEM, f"{e} ({what}): {todo}")
-                continue
-            checked.append((p, info))
+            for i, der in enumerate(ders):
+                source = str(p) if i == 0 else f"{p} #{i + 1}"
+                try:
+                    info = verify.check_crl(der, self.trusted, at=self.at, source=source)
+                except verify.ValidationError as e:
+                    todo = ("it was signed by another key than the CA's: a forgery, or the CRL "
+                            "of another CA of the same name; replace it with the CA's ca.crl"
+                            if e.code == "bad-signature" else
+                            "replace it with the CRL of the CA in [trust] ca")
+                    self.add("crl-file", PROBLEM, f"{e} ({what}): {todo}")
+                    continue
+                checked.append((Path(source), info))
         for p, info in checked:
             newest = max((i.number for _, i in checked if i.issuer == info.issuer), default=0)
             what = (f"CRL number {info.number} of {info.issuer.rfc4514_string()}, "
@@ -436,7 +439,13 @@ class _Check:
             return
         module = self._module_path(c, uri)
         try:
-            found = find_token(load_module(module), uri)
+            lib = load_module(module)
+        except ExchangedError as e:
+            self.add("token", PROBLEM, f"{e}: install the module for this token (opensc for "
+                     "cards) or set [pkcs11] module to it")
+            return
+        try:
+            found = find_token(lib, uri)
         except ExchangedError as e:
             self.add("token", PROBLEM, f"{e}: check token= in [pkcs11] key, and that the card "
                      "or key is inserted")
@@ -536,7 +545,7 @@ class _Check:
                      "could be read (above)")
             return
         leaf, *intermediates = self.chain
-        crls = verify.CrlSet.load([p for p, _ in self.crls])  # as the daemon reads them
+        crls = verify.CrlSet.load(self.crls)  # as the daemon reads them
         stale_ok = c.stale_crl == "warn"
         note = ""
         try:
