@@ -394,6 +394,44 @@ def test_a_stale_crl_stops_documents_under_refuse_and_not_under_warn(ops: Ops) -
         d.wait_for(f"{unit} fresh again", lambda unit=unit: ops.crl_number(unit) == fresh)
 
 
+def test_metrics_and_json_logs(ops: Ops) -> None:
+    """Off by default; on a local address when configured (a restart). Read by
+    prometheus_client's own parser, and the log lines are JSON with the unit and peer."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+    d = ops.d
+    assert "metrics at" not in ops.log("finance")
+    port = __import__("demo_network").free_port()
+    d.daemons["finance"].terminate()
+    d.daemons["finance"].wait(30)
+    ops.edit("finance", "[node]\n", '[node]\nlog_format = "json"\n')
+    ops.edit("finance", "[pkcs11]", f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n[pkcs11]')
+    mark = len(ops.log("finance"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        d.start("finance")
+    ops.delivered("finance", ops.send("finance", "office", "counted"))
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("exchanged_documents_sent_total", (("peer", "office"),))] >= 1
+    assert samples[("exchanged_token_present", ())] == 1
+    assert samples[("exchanged_crl_number", (("ca", "CN=Demo Root CA"),))] == \
+        ops.crl_number("finance")
+    assert any(name == "exchanged_certificate_expiry_seconds" and value > 0
+               for (name, _), value in samples.items())
+    assert ("exchanged_queue_documents", (("peer", "district"),)) in samples
+    assert samples[("exchanged_audit_entries", ())] > 0
+    with pytest.raises(Exception, match="404"):
+        urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+    lines = [json.loads(line) for line in ops.log("finance")[mark:].splitlines()
+             if line.startswith("{")]
+    assert lines and all(line["unit"] == "finance" and line["level"] for line in lines)
+    assert any("listening on" in line["message"] for line in lines)
+
+
 def test_a_revocation_reaches_every_node_with_the_ca_down(ops: Ops) -> None:
     """Last: district's node is revoked. The CA publishes; finance fetches it on its own
     schedule; the CA's host goes down; office has the CRL from finance in their next exchange;

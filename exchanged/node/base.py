@@ -30,6 +30,7 @@ from exchanged.common import stamp
 from exchanged.errors import ExchangedError
 from exchanged.node.config import Config
 from exchanged.node.crls import CrlKeeper
+from exchanged.node.metrics import Metrics
 from exchanged.pki import verify
 from exchanged.pki.names import common_name, organization, person_of
 from exchanged.pki.operator import Operator
@@ -79,6 +80,7 @@ class Node:
         self.active_transfers = 0
         self._alerted: dict[str, float] = {}
         self.started = dt.datetime.now(dt.UTC)
+        self.metrics = Metrics()
         self._retired: list[Token] = []  # tokens of earlier identities (closed at the end)
         self.token_present = True  # the node's token answers (see the service's token watch)
         self.token_problem: str | None = None
@@ -232,6 +234,9 @@ class Node:
         info = await trio.to_thread.run_sync(self.crls.check, der, source)
         installed = await self.db(self.crls.install, der, info, source)
         if installed:
+            kind = "peer" if source.startswith("peer ") else \
+                "publication-point" if source.startswith("http") else "operator"
+            self.metrics.crls_taken.labels(source=kind).inc()
             self.on_crl()
         return installed
 

@@ -76,6 +76,9 @@ class Config:
     crl_refresh: float = 900.0
     crl_gossip: float = 600.0
     stale_crl: str = "refuse"
+    # Prometheus metrics (GET /metrics) on this address, off when None; log lines as JSON.
+    metrics_listen: tuple[str, int] | None = None
+    log_format: str = "text"
 
     @property
     def socket_path(self) -> Path:
@@ -124,6 +127,9 @@ class Config:
             if w not in peers:
                 raise ConfigError(f"witness {w!r} is not a configured peer: add [peers.{w}]")
         box = _box(data.get("box", {}), data.get("office_hours", {}), data.get("reminders", {}))
+        log_format = str(node.get("log_format", "text"))
+        if log_format not in ("text", "json"):
+            raise ConfigError(f'node.log_format must be "text" or "json", not {log_format!r}')
         stale_crl = str(trust.get("stale_crl", "refuse"))
         if stale_crl not in ("refuse", "warn"):
             raise ConfigError(f'trust.stale_crl must be "refuse" or "warn", not {stale_crl!r}')
@@ -149,7 +155,10 @@ class Config:
             control_socket=path(node["control_socket"]) if node.get("control_socket") else None,
             source=source, roles={str(k): str(v) for k, v in data.get("roles", {}).items()},
             witness=str(witness) if witness else None, witness_for=witness_for,
-            crl_url=crl_url, stale_crl=stale_crl, **timing)
+            crl_url=crl_url, stale_crl=stale_crl, **timing,
+            metrics_listen=parse_address(str(data["metrics"]["listen"]))
+            if data.get("metrics", {}).get("listen") else None,
+            log_format=log_format)
 
 
 def _box(box: dict[str, Any], hours: dict[str, Any], reminders: dict[str, Any]) -> BoxSettings:

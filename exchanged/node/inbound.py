@@ -90,6 +90,7 @@ class RefusalLog:
         self.pending: dict[tuple[str, str, str], list[Any]] = {}
 
     async def note(self, action: str, source: str, code: str, error: str) -> None:
+        self.node.metrics.refused_connection(code)
         now = trio.current_time()
         interval = self.node.config.limits.refusal_audit_interval
         key = (action, source, code)
@@ -395,6 +396,7 @@ class Inbound:
                                       f"the document ({e}); send it again later")
         if new:
             log.info("received %s from %s: %r (%s)", doc, peer.unit, meta.title, meta.urgency)
+            node.metrics.received.labels(peer=peer.unit).inc()
             node.alert("document", every_time=True, doc_id=meta.doc_id, title=meta.title,
                        sender=meta.sender, urgency=meta.urgency)
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
@@ -465,6 +467,7 @@ class Inbound:
 
     async def _refuse(self, peer: Peer, doc: str, code: str, message: str) -> proto.Reject:
         log.warning("rejected %s from %s: %s", doc, peer.unit, message)
+        self.node.metrics.refused.labels(peer=peer.unit, code=code).inc()
         await self.node.audit("document-rejected", doc, outcome="refused",
                               details={"sender": peer.unit, "code": code, "error": message})
         return proto.Reject(code, message)
@@ -497,6 +500,8 @@ class Inbound:
         except ExchangedError as e:
             return proto.Reject("unknown-document" if e.code == "not-found" else "bad-receipt",
                                 str(e))
+        if kind == receipts.RETURN:
+            node.metrics.returned.labels(direction="in").inc()
         log.info("%s %s by %s", event.doc_id, "returned" if kind == receipts.RETURN else
                  f"signed for{' (' + division + ')' if division else ''}",
                  signer.subject.rfc4514_string())

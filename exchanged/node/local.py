@@ -265,6 +265,7 @@ class LocalCommands:
         doc = req["doc_id"]
         op, payload = await self._signed(base64.b64decode(req["notice"]), "return notice")
         reason = await node.db(node.box.return_, op, doc, payload)
+        node.metrics.returned.labels(direction="out").inc()
         self.outbound.poke(str(payload["sender"]))
         return {"doc_id": doc, "by": op.cert.subject.rfc4514_string(), "reason": reason}
 

@@ -153,6 +153,7 @@ class Outbound:
         except Exception as e:  # unreachable, refused, or whatever the server sent
             err = f"cannot reach {unit} at {peer.host}:{peer.port}: {describe(e)}"
             if isinstance(e, PeerRefused):
+                node.metrics.refused_connection(e.code)
                 log.warning("refusing %s: %s", unit, e)
                 await node.audit("peer-refused", unit, outcome="refused",
                                  details={"code": e.code, "error": str(e)})
@@ -293,11 +294,13 @@ class Outbound:
             return
         with store.transaction():
             if isinstance(answer, proto.Acknowledge):
+                self.node.metrics.sent.labels(peer=item.recipient).inc()
                 store.mark_delivered(item.doc_id, answer.receipt)
                 store.audit.append(action="document-delivered", obj=item.doc_id,
                                    details={"recipient": item.recipient,
                                             "status": answer.status})
             else:
+                self.node.metrics.rejected.labels(peer=item.recipient, code=answer.code).inc()
                 store.mark_rejected(item.doc_id, answer.code, answer.message)
                 store.audit.append(action="document-rejected-by-peer", obj=item.doc_id,
                                    outcome="refused",

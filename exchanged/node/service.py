@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import signal
 import sqlite3
@@ -23,20 +24,21 @@ import trio
 
 from exchanged.common import parse_time, stamp
 from exchanged.errors import ExchangedError
-from exchanged.node import control, status
+from exchanged.node import control, logs, status
 from exchanged.node.base import Node
 from exchanged.node.config import Config
 from exchanged.node.inbound import Inbound
 from exchanged.node.local import LocalCommands
 from exchanged.node.outbound import Outbound
 from exchanged.node.sdnotify import Notifier
+from exchanged.transport import publish
 
 log = logging.getLogger("exchanged")
 CHECKPOINT_SECONDS = 300  # a signed audit checkpoint at least this often
 # What SIGHUP cannot change: the unit's identity, where it listens and keeps its store, the
 # PKCS#11 module (one engine per process) and the trust anchors.
 RESTART_ONLY = ("unit", "name", "data_dir", "listen_host", "listen_port", "control_socket",
-                "module", "ca")
+                "module", "ca", "metrics_listen", "log_format")
 STALE_RETRY_SECONDS = 60  # while the CRL held is stale, the publication point is asked this often
 EXPIRY_CHECK_SECONDS = 3600  # certificates' expiry is looked at this often
 
@@ -71,6 +73,11 @@ class Service:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._crl_refresh)
                 nursery.start_soon(self._expiry_watch)
+                if self.config.metrics_listen:
+                    host, port = self.config.metrics_listen
+                    bound = await nursery.start(functools.partial(
+                        publish.serve_get, self._metrics, host, port, quiet=True))
+                    log.info("metrics at http://%s:%d/metrics", host, bound)
                 status = (f"unit {self.config.unit} listening on "
                           f"{self.config.listen_host}:{node.port}, "
                           f"{len(self.config.peers)} peer(s)")
@@ -188,6 +195,13 @@ class Service:
                         self.outbound.poke(self.config.witness)
 
 
+    async def _metrics(self, target: bytes) -> tuple[int, str, bytes] | None:
+        """GET /metrics: the gauges read now, then every figure."""
+        if target.split(b"?", 1)[0] != b"/metrics":
+            return None
+        self.node.metrics.update(await status.gather(self.node, self.outbound))
+        return (200, *self.node.metrics.exposition())
+
     def _crl_changed(self) -> None:
         """A newer CRL is held: the peers are asked whether they have it, and whether it is
         stale is looked at now."""
@@ -289,7 +303,7 @@ async def _nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STA
 
 def run(config: Config) -> int:
     """The console entry for `exchanged serve`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.setup(config.unit, config.log_format)
     try:
         trio.run(Service(config).run)
     except ExchangedError as e:

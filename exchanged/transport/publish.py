@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
@@ -46,19 +47,34 @@ class FetchError(ExchangedError):
     code = "crl-fetch"
 
 
-def _route(ca_dir: Path, target: bytes) -> tuple[Path, str] | None:
-    path = target.split(b"?", 1)[0]
-    if path == b"/ca.crl":
-        return ca_dir / "ca.crl", CRL_TYPE
-    if path == b"/ca.pem":
-        return ca_dir / "ca.pem", "application/x-pem-file"
-    m = _CRL_PATH.fullmatch(path)
-    if m:
-        return ca_dir / "crl" / f"{int(m.group(1))}.crl", CRL_TYPE
-    return None
+# A route: the request target -> (status, content type, body), or None for 404.
+Route = Callable[[bytes], Awaitable[tuple[int, str, bytes] | None]]
 
 
-async def _answer(stream: trio.abc.Stream, ca_dir: Path) -> tuple[str, int]:
+def ca_files(ca_dir: Path) -> Route:
+    """The publication point's routes over a CA directory."""
+    async def route(target: bytes) -> tuple[int, str, bytes] | None:
+        path = target.split(b"?", 1)[0]
+        m = _CRL_PATH.fullmatch(path)
+        if path == b"/ca.crl":
+            file, ctype = ca_dir / "ca.crl", CRL_TYPE
+        elif path == b"/ca.pem":
+            file, ctype = ca_dir / "ca.pem", "application/x-pem-file"
+        elif m:
+            file, ctype = ca_dir / "crl" / f"{int(m.group(1))}.crl", CRL_TYPE
+        else:
+            return None
+        try:
+            return 200, ctype, await trio.Path(file).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.error("cannot read %s: %s", file, e)
+            return 500, "text/plain", b"cannot read the file\n"
+    return route
+
+
+async def _answer(stream: trio.abc.Stream, route: Route) -> tuple[str, int]:
     """Read one request, send one response: (the request line for the log, the status)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     request: h11.Request | None = None
@@ -77,22 +93,15 @@ async def _answer(stream: trio.abc.Stream, ca_dir: Path) -> tuple[str, int]:
            f"{request.target.decode('ascii', 'replace')[:200]}"
     headers = [(b"Connection", b"close"), (b"Server", b"exchanged")]
     body = b""
-    route = _route(ca_dir, request.target)
     if request.method not in (b"GET", b"HEAD"):
         status, headers = 405, headers + [(b"Allow", b"GET, HEAD")]
-    elif route is None:
-        status = 404
     else:
-        path, ctype = route
-        try:
-            body = await trio.Path(path).read_bytes()
-            status = 200
-            headers.append((b"Content-Type", ctype.encode()))
-        except FileNotFoundError:
+        found = await route(request.target)
+        if found is None:
             status = 404
-        except OSError as e:
-            log.error("cannot read %s: %s", path, e)
-            status = 500
+        else:
+            status, ctype, body = found
+            headers.append((b"Content-Type", ctype.encode()))
     headers.append((b"Content-Length", str(len(body)).encode()))
     out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
     if request.method == b"GET" and body:
@@ -103,18 +112,19 @@ async def _answer(stream: trio.abc.Stream, ca_dir: Path) -> tuple[str, int]:
     return line, status
 
 
-async def serve(ca_dir: Path, host: str, port: int, *,
-                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the CA directory's publication files until cancelled; task_status gets the
-    port (useful with port 0)."""
+async def serve_get(route: Route, host: str, port: int, *, quiet: bool = False,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A read-only HTTP server (GET and HEAD, one request a connection) answering with
+    `route` until cancelled; task_status gets the port (useful with port 0). `quiet`: no log
+    line per request."""
     slots = trio.CapacityLimiter(MAX_CONNECTIONS)
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def one(stream: trio.SocketStream) -> None:
         async with slots:
             try:
-                line, status = await _answer(stream, ca_dir)
-                if status:
+                line, status = await _answer(stream, route)
+                if status and not quiet:
                     log.info("%s %s -> %d", _peer(stream), line, status)
             except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError) as e:
                 log.info("%s: bad request (%s)", _peer(stream), e)
@@ -123,6 +133,12 @@ async def serve(ca_dir: Path, host: str, port: int, *,
 
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(one, listeners)
+
+
+async def serve(ca_dir: Path, host: str, port: int, *,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the CA directory's publication files until cancelled."""
+    await serve_get(ca_files(ca_dir), host, port, task_status=task_status)
 
 
 def _peer(stream: trio.SocketStream) -> str:
