@@ -300,6 +300,25 @@ async def test_server_from_another_ca_is_refused_by_client(pki: Pki) -> None:
     assert "CERTIFICATE_VERIFY_FAILED" in str(e.value.__cause__)
 
 
+async def test_a_renewed_engine_makes_working_contexts(pki: Pki) -> None:
+    """After the card came back the node forgets the engine (its module instance is dead) and
+    makes new contexts from a new engine object; contexts of the old engine are untouched
+    (with SoftHSM here its instance is alive: both must work)."""
+    from exchanged.transport import tlskey
+    before = tlskey._engine_cache
+    tlskey.renew_engine()
+    server = make_context(server=True, key_uri=pki.node_uri, pin=pin(pki.tokens, "node"),
+                          cert_chain=[pki.node_cert], trusted=[pki.ca])
+    assert tlskey._engine_cache is not None and tlskey._engine_cache is not before
+    assert tlskey._engine_cache.pointer != getattr(before, "pointer", None)
+    with trio.fail_after(TIMEOUT):
+        for ctx in (server, pki.server):
+            async with serve(ctx) as (port, seen):
+                stream = await connect(pki.client, port)
+                await stream.aclose()
+            assert seen[0].error is None and seen[0].peer
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 def test_wrong_pin_is_one_clear_error(pki: Pki, tokens: Tokens, tmp_path: Path) -> None:

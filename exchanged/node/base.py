@@ -35,7 +35,7 @@ from exchanged.pki import verify
 from exchanged.pki.names import common_name, organization, person_of
 from exchanged.pki.operator import Operator
 from exchanged.pki.pin import PinSource
-from exchanged.pki.token import Token, TokenKey
+from exchanged.pki.token import Token, TokenKey, default_module, reset_module, token_present
 from exchanged.pki.uri import parse
 from exchanged.roles import Roles
 from exchanged.store.audit import MIRROR, NODE_CERTIFICATE, signers
@@ -43,7 +43,7 @@ from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
 from exchanged.transport import publish
 from exchanged.transport.peers import Peer, PeerCheck
-from exchanged.transport.tlskey import make_context, peer_chain_der
+from exchanged.transport.tlskey import make_context, peer_chain_der, renew_engine
 
 log = logging.getLogger("exchanged")
 T = TypeVar("T")
@@ -275,8 +275,36 @@ class Node:
                                              limiter=self.db_limiter)
 
     async def tok(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """`fn` in the token's thread; refused at once while the token is away."""
+        if not self.token_present:
+            raise ExchangedError(f"the node's token is not present ({self.token_problem}): "
+                                 "plug it back in; the node logs in again by itself",
+                                 code="token-missing")
         return await trio.to_thread.run_sync(lambda: fn(*args, **kw),
                                              limiter=self.token_limiter)
+
+    # -- the token coming and going ---------------------------------------------------------
+
+    def probe_token(self) -> str | None:
+        """None if the node's token answers, else why not (token thread)."""
+        return token_present(self.config.module, parse(self.config.key))
+
+    def recover_token(self) -> None:
+        """The token is back: close what is left of the old sessions, re-initialise the
+        module (p11-kit-client reconnects only then), log in again, and make new TLS contexts
+        (a new engine: the old one's module instance is dead). Connections already made go on.
+        Raises if the token is still away (token thread)."""
+        self.token.close()
+        for token in self._retired:
+            token.close()
+        self._retired.clear()
+        module = parse(self.config.key).module_path or self.config.module or default_module()
+        reset_module(module)
+        problem = self.probe_token()
+        if problem:
+            raise ExchangedError(problem, code="token-missing")
+        renew_engine()
+        self._adopt(load_identity(self.config, self.trusted, chain=self.identity.chain))
 
     # -- the audit log ------------------------------------------------------------------------
 

@@ -147,6 +147,12 @@ class Inbound:
         node = self.node
         source = _host(stream)
         deadline = trio.current_time() + node.config.limits.handshake_timeout
+        if not node.token_present:  # a handshake needs the key: refuse it plainly
+            await trio.aclose_forcefully(stream)
+            await self.refusals.note("tls-failed", source, "token-missing",
+                                     f"this node's token is not present "
+                                     f"({node.token_problem})")
+            return
         why = self.gate.enter(source)
         if why is not None:
             await trio.aclose_forcefully(stream)

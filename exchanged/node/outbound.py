@@ -117,6 +117,11 @@ class Outbound:
         node = self.node
         while unit in node.config.peers:
             self.wake[unit] = trio.Event()
+            if not node.token_present:  # no handshake without the key: documents wait
+                self._note(unit, f"this node's token is not present ({node.token_problem})")
+                with trio.move_on_after(5):
+                    await self.wake[unit].wait()
+                continue
             items = await node.db(node.store.due, time.time(), recipient=unit)
             owed = await node.db(node.store.receipts_to_return, unit)
             checkpoints = []

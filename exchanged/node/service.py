@@ -41,6 +41,7 @@ RESTART_ONLY = ("unit", "name", "data_dir", "listen_host", "listen_port", "contr
                 "module", "ca", "metrics_listen", "log_format")
 STALE_RETRY_SECONDS = 60  # while the CRL held is stale, the publication point is asked this often
 EXPIRY_CHECK_SECONDS = 3600  # certificates' expiry is looked at this often
+TOKEN_CHECK_SECONDS = 5.0  # is the node's token still there (and, gone, back yet)?
 
 
 class Service:
@@ -52,6 +53,7 @@ class Service:
         self.accepting = trio.CancelScope()
         self.crl_wake = trio.Event()
         self.expiry_wake = trio.Event()  # set when the node certificate changed
+        self.token_wake = trio.Event()  # set when something failed on the token
 
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -73,6 +75,7 @@ class Service:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._crl_refresh)
                 nursery.start_soon(self._expiry_watch)
+                nursery.start_soon(self._token_watch)
                 if self.config.metrics_listen:
                     host, port = self.config.metrics_listen
                     bound = await nursery.start(functools.partial(
@@ -136,7 +139,11 @@ class Service:
                        for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
             keep = {name: getattr(old, name) for name in RESTART_ONLY}
             new = dataclasses.replace(new, **keep)
-            identity = await node.tok(node.renew_identity, new)
+            identity = await node.tok(node.renew_identity, new) if node.token_present else None
+            if not node.token_present and (new.cert, new.key, new.pin_file) != (
+                    old.cert, old.key, old.pin_file):
+                refused.append("the node certificate or key (the token is not present: "
+                               "reload again once it is back)")
         except ExchangedError as e:
             log.error("reload failed, the old configuration stays in force: %s", e)
             await node.audit("config-reload", old.unit, outcome="failed",
@@ -201,6 +208,41 @@ class Service:
             return None
         self.node.metrics.update(await status.gather(self.node, self.outbound))
         return (200, *self.node.metrics.exposition())
+
+    async def _token_watch(self) -> None:
+        """The card comes and goes (A card pulled, a reader unplugged, p11-kit's server
+        gone): every TOKEN_CHECK_SECONDS the token is asked whether it is there. Gone: the
+        node stays up, refuses connections that need its key, keeps documents waiting, and
+        says so (log, audit, the token-missing alert, status, metric). Back: it logs in again
+        and carries on."""
+        node = self.node
+        while True:
+            with trio.move_on_after(TOKEN_CHECK_SECONDS):
+                await self.token_wake.wait()
+            self.token_wake = trio.Event()
+            if node.token_present:
+                problem = await trio.to_thread.run_sync(node.probe_token,
+                                                        limiter=node.token_limiter)
+                if problem is None:
+                    continue
+                node.token_present, node.token_problem = False, problem
+                log.error("the node's token is gone (%s): connections needing its key are "
+                          "refused and documents wait until it is back", problem)
+                node.alert("token-missing", detail=problem)
+                await node.audit("token-missing", node.config.unit, outcome="failed",
+                                 details={"error": problem})
+                continue
+            try:
+                await trio.to_thread.run_sync(node.recover_token, limiter=node.token_limiter)
+            except ExchangedError as e:
+                node.token_problem = str(e)
+                continue
+            node.token_present, node.token_problem = True, None
+            log.info("the node's token is back: logged in again, carrying on")
+            node.alert("token-back", detail=node.config.key)
+            await node.audit("token-back", node.config.unit)
+            for unit in node.config.peers:
+                self.outbound.poke(unit)
 
     def _crl_changed(self) -> None:
         """A newer CRL is held: the peers are asked whether they have it, and whether it is

@@ -96,7 +96,7 @@ async def gather(node: Node, outbound: Outbound) -> dict[str, Any]:
         problems.append(f"the disk holding {c.data_dir} has {free} bytes free, below the "
                         f"reserve of {c.limits.disk_reserve_bytes}: peers hear 'busy'")
     if not node.token_present:
-        problems.append(f"the node's token is not there ({node.token_problem}): connections "
+        problems.append(f"the node's token is not present ({node.token_problem}): connections "
                         "needing its key are refused and documents wait")
     return {
         "unit": c.unit, "up": True, "pid": os.getpid(), "version": _version(),

@@ -86,6 +86,32 @@ def load_module(path: str | None = None) -> Any:
         return _libs[path]
 
 
+def reset_module(path: str | None = None) -> None:
+    """C_Finalize then C_Initialize the module (python-pkcs11's `reinitialize`): after a token
+    went away with its connection (p11-kit-client reconnects to its server only here), or a
+    reader was replugged. Every Token of that module must be closed first: session and object
+    handles of the old instance are reused by the new one. Not while a call may hang on the
+    module: C_Finalize holds the interpreter lock."""
+    lib = load_module(path)
+    try:
+        lib.reinitialize()
+    except (p11e.PKCS11Error, RuntimeError) as e:
+        raise TokenError(f"cannot re-initialise PKCS#11 module {path or default_module()}: "
+                         f"{type(e).__name__}") from None
+
+
+def token_present(path: str | None, uri: Pkcs11Uri) -> str | None:
+    """None if the token `uri` names answers (C_GetSlotList, C_GetTokenInfo), else why not.
+    Cheap: no login, no signature."""
+    try:
+        find_token(load_module(path), uri)
+    except TokenError as e:
+        return str(e)
+    except (p11e.PKCS11Error, RuntimeError) as e:  # python-pkcs11 lets some through raw
+        return f"the token does not answer: {type(e).__name__}"
+    return None
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What `token list` shows of one object; never key material."""
@@ -135,10 +161,13 @@ class Token:
         return cls(session, tok, uri, module)
 
     def close(self) -> None:
+        """Log out and close the session; a token that is gone is closed all the same."""
         with self.lock:
             if self._session is not None:
                 try:
                     self._session.close()
+                except (p11e.PKCS11Error, RuntimeError):
+                    pass  # the device is gone: there is nothing left to close
                 finally:
                     self._session = None
 

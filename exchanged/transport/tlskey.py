@@ -286,9 +286,56 @@ class _Engine:
     module: str  # the module as configured
     isolated: bool  # the engine runs its own instance of it (a private in-memory copy)
     copy_fd: int | None = None  # the memfd holding that copy, open for the life of the process
+    engine_fd: int | None = None  # a renewed engine: the memfd holding its .so's copy
 
 
 _engine_cache: _Engine | None = None
+# Engines whose module instance lost its token (renew_engine): kept, never finished (finishing
+# finalises the module, see the notes at the top); the contexts made from them stay dead.
+_retired: list[_Engine] = []
+
+
+def renew_engine() -> None:
+    """Forget the process's engine: its private instance of the PKCS#11 module lost the token
+    (a card pulled, p11-kit's server gone) and libp11 never initialises a module again in the
+    same process. The next `make_context` builds a new engine object from a private copy of
+    the engine's own .so (OpenSSL binds one .so once) with a new private copy of the module,
+    which initialises afresh. Each renewal keeps a few file descriptors and one library
+    mapping for the life of the process. Only for the private instance (the default)."""
+    global _engine_cache
+    with _lock:
+        if _engine_cache is None:
+            return
+        if not _engine_cache.isolated:
+            raise TlsKeyError("the TLS engine shares python-pkcs11's instance of the module "
+                              "(isolate_module=False) and cannot be renewed: restart the "
+                              "process", code="tls-module")
+        _retired.append(_engine_cache)
+        _engine_cache = None
+
+
+def _fresh_engine(lib: _OpenSSL, engine_id: str = ENGINE_ID) -> tuple[int, int]:
+    """A new engine object, not registered under its id: libp11's .so loaded from a private
+    copy (the dynamic engine refuses to bind the same file twice). (pointer, the copy's fd)."""
+    env = os.environ.get("EXCHANGED_PKCS11_ENGINE")
+    for path in ((env,) if env else ()) + ENGINE_PATHS:
+        if not os.path.exists(path):
+            continue
+        copy, fd = _private_copy(path)
+        lib.crypto.ERR_clear_error()
+        dyn = lib.crypto.ENGINE_by_id(b"dynamic")
+        for cmd, arg in ((b"SO_PATH", copy.encode()), (b"ID", engine_id.encode()),
+                         (b"LIST_ADD", b"0"), (b"LOAD", None)):
+            if not dyn or not lib.crypto.ENGINE_ctrl_cmd_string(dyn, cmd, arg, 0):
+                detail = "; ".join(_errors(lib)) or "no detail"
+                if dyn:
+                    lib.crypto.ENGINE_free(dyn)
+                os.close(fd)
+                raise TlsKeyError(f"cannot load a new instance of the engine {path}: {detail}",
+                                  code="no-engine")
+        return int(dyn), fd
+    raise TlsKeyError("the pkcs11 engine's .so is not found (set EXCHANGED_PKCS11_ENGINE)",
+                      code="no-engine")
 
 
 def _load_engine(lib: _OpenSSL, engine_id: str = ENGINE_ID) -> int:
@@ -360,7 +407,11 @@ def _engine(module: str, isolated: bool) -> _Engine:
     load_module(module)
     path, copy_fd = _private_copy(module) if isolated else (module, None)
     lib = _libs()
-    e = _load_engine(lib)
+    engine_fd = None
+    if _retired:
+        e, engine_fd = _fresh_engine(lib)
+    else:
+        e = _load_engine(lib)
     lib.crypto.ERR_clear_error()
     # FORCE_LOGIN: libp11 logs in before looking for the key, rather than first looking without
     # a login (a key cached from before a C_Logout could be found and be dead).
@@ -369,14 +420,15 @@ def _engine(module: str, isolated: bool) -> _Engine:
             not lib.crypto.ENGINE_init(e):
         detail = "; ".join(_errors(lib)) or "no detail"
         lib.crypto.ENGINE_free(e)
-        if copy_fd is not None:
-            os.close(copy_fd)
+        for fd in (copy_fd, engine_fd):
+            if fd is not None:
+                os.close(fd)
         raise TlsKeyError(f"the pkcs11 engine cannot use the PKCS#11 module {module}: {detail}",
                           code="no-engine")
     # ENGINE_init took a functional reference; the structural one from ENGINE_by_id stays too.
     # Neither is ever released (see the notes at the top: finishing the engine finalises the
     # module). Keys loaded from it are owned by the SSL_CTXs that use them.
-    _engine_cache = _Engine(e, module, isolated, copy_fd)
+    _engine_cache = _Engine(e, module, isolated, copy_fd, engine_fd)
     return _engine_cache
 
 
