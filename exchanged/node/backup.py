@@ -64,7 +64,14 @@ from exchanged.pki.operator import Operator
 from exchanged.store.audit import MIRROR
 from exchanged.store.db import StoreError
 from exchanged.store.files import fsync_dir
-from exchanged.store.nodedb import BLOB_MODE, BLOBS, DB_NAME, NodeStore, verify_log
+from exchanged.store.nodedb import (
+    BLOB_MODE,
+    BLOBS,
+    DB_NAME,
+    NodeStore,
+    sha256_file,
+    verify_log,
+)
 
 FORMAT = "exchanged-backup-1"
 MANIFEST = "backup.json"
@@ -286,17 +293,9 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entry(base: Path, name: str) -> dict[str, Any]:
     return {"path": name, "size": (base / name).stat().st_size,
-            "sha256": _sha256(base / name)}
+            "sha256": sha256_file(base / name)}
 
 
 # -- restoring (offline) --------------------------------------------------------------------------

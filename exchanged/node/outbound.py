@@ -169,6 +169,7 @@ class Outbound:
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
             await trio.sleep(1)  # receipts retry on the next round
             return
+        untried = list(items)
         try:
             conn = proto.ClientConnection(f"{peer.host}:{peer.port}",
                                           max_crl_size=node.config.limits.max_crl_bytes)
@@ -188,6 +189,7 @@ class Outbound:
             for r in owed:
                 await self._send_receipt(tls, conn, r)
             for item in items:
+                untried.remove(item)  # from here on _send_one records what happens to it
                 await self._send_one(tls, conn, item, peer)
                 if conn.state is not proto.State.IDLE:
                     break
@@ -203,6 +205,9 @@ class Outbound:
                 ExchangedError) as e:
             log.warning("delivery to %s interrupted: %s", unit, describe(e))
             self._note(unit, f"delivery interrupted: {describe(e)}")
+            for item in untried:  # the session broke before their turn (e.g. at the ping)
+                await node.db(node.store.schedule_retry, item.doc_id,
+                              f"delivery to {unit} interrupted: {describe(e)}", time.time())
             await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
         finally:
             await trio.aclose_forcefully(tls)
