@@ -2,6 +2,7 @@
 sides, a document sent, signed for and its receipts verified by openssl, the exchange box's
 workflow, then a revoked node refused."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ def test_demo_network_end_to_end(tmp_path: Path) -> None:
     assert "state              signed-for" in out
     assert "signed receipt," in out  # shown by size, not as a wall of base64
     assert "is revoked (keyCompromise)" in out
+    # The revocation travelled by itself: fetched by finance from the publication point, then
+    # handed by finance to district while the CA was down.
+    assert "newly taken) from http://127.0.0.1:" in out
+    assert "the CA's publication point is stopped" in out
+    assert "from peer finance" in out
+    for unit in ("finance", "district"):
+        assert re.search(rf"\n  {unit}: .*is revoked \(keyCompromise\)", out), unit
     # The exchange box: numbered, two divisions signed for, forwarded and verified, returned,
     # reminded, archived.
     assert "registered as 收文〔" in out
