@@ -899,8 +899,8 @@ def _status_text(d: dict[str, Any]) -> str:
         lines.append(f"  oldest queued document {oldest['doc_id']} for {oldest['unit']}, "
                      f"{oldest['seconds']} s")
     lines.append("  peers:")
-    lines.append("    " + _table(d["peers"], ["unit", "address", "queued", "receipts_owed",
-                                               "last_success", "last_error"]
+    lines.append("    " + _table(d["peers"], ["unit", "address", "connections", "queued",
+                                               "receipts_owed", "last_success", "last_error"]
                                   ).replace("\n", "\n    "))
     if d["persons"]:
         lines.append("  persons' certificates:")

@@ -649,14 +649,16 @@ def _check_classified(m: Metadata) -> None:
 def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
           editable_path: str | os.PathLike[str], *, key: TokenKey, cert: x509.Certificate,
           out_path: str | os.PathLike[str],
-          max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Manifest:
+          max_file_size: int = DEFAULT_MAX_FILE_SIZE, durable: bool = True) -> Manifest:
     """Package a document for sending and sign its manifest on the node's token.
 
     Refuses, before anything is written: a classified document for another unit ("classified"),
     a PDF scan that is not a PDF ("not-pdf"), an editable file of no allowed kind ("bad-form"),
     a file over `max_file_size` ("too-large"), a certificate not for `key` ("key-mismatch").
     The package is written to a temporary file beside `out_path`, fsynced, renamed into place
-    and the directory fsynced: `out_path` is either the whole package or untouched."""
+    and the directory fsynced: `out_path` is either the whole package or untouched. With
+    `durable=False` nothing is fsynced: for a caller that copies the package into a durable
+    store at once (the sending node's blob store) and would only pay the syncs twice."""
     if not isinstance(metadata, Metadata):
         raise TypeError("metadata must be a Metadata")
     _check_classified(metadata)
@@ -693,7 +695,7 @@ def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
                      .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature,
                                                         pkcs7.PKCS7Options.Binary]))
         mtime = int(dt.datetime.fromisoformat(metadata.created).timestamp())
-        _write_atomically(Path(out_path), min(max(mtime, 0), 8**11 - 1), [
+        _write_atomically(Path(out_path), min(max(mtime, 0), 8**11 - 1), durable, [
             (MANIFEST_NAME, len(data), io.BytesIO(data), None),
             (SIGNATURE_NAME, len(signature), io.BytesIO(signature), None),
             (PDF_NAME, pdf_size, pdf, manifest.pdf.sha256),
@@ -701,7 +703,7 @@ def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
     return manifest
 
 
-def _write_atomically(out: Path, mtime: int,
+def _write_atomically(out: Path, mtime: int, durable: bool,
                       members: list[tuple[str, int, IO[bytes], str | None]]) -> None:
     """Write the tar (streaming) to a temporary file beside `out`, then rename it into place.
     A member with a digest is re-hashed as it is copied: it must not have changed."""
@@ -719,13 +721,15 @@ def _write_atomically(out: Path, mtime: int,
                         raise PackageError(f"{name} changed while it was being packaged",
                                            code="file-changed")
             raw.flush()
-            os.fsync(raw.fileno())
+            if durable:
+                os.fsync(raw.fileno())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(out.parent)
+    if durable:
+        fsync_dir(out.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,7 +896,7 @@ def _as_stream(source: Any) -> tuple[_Stream, IO[bytes] | None]:
 def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
          dest_dir: str | os.PathLike[str], *, issuer: x509.Certificate,
          max_file_size: int = DEFAULT_MAX_FILE_SIZE, expected_sender: str | None = None,
-         expected_recipient: str | None = None) -> Received:
+         expected_recipient: str | None = None, durable: bool = True) -> Received:
     """Read a package in one pass (a path, a binary file object, or an iterable of chunks),
     check it and put its files into `dest_dir`.
 
@@ -903,7 +907,9 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
     against the manifest, while it is copied; the end of the archive; the form (N4) of the
     extracted files by content. Files are written under temporary names in `dest_dir` (made
     if missing) and renamed into place, fsynced, only when everything holds; on any error
-    nothing is left behind. Raises PackageError."""
+    nothing is left behind. Raises PackageError. `durable=False` skips the fsyncs, for a
+    caller that only checks the package and removes `dest_dir` after (the package itself is
+    what it keeps, already durable)."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     src, owned = _as_stream(source)
@@ -946,7 +952,8 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
             with temp() as out:
                 _file_member(src, index, entry, max_file_size, out)
                 out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
             outputs.append(temps[-1])
         _end(src)
         pdf_tmp, ed_tmp = outputs
@@ -968,14 +975,16 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
             with temp() as out:
                 out.write(blob)
                 out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
             evidence.append(temps[-1])
         final = [dest / PDF_NAME, dest / manifest.editable.name, dest / MANIFEST_NAME,
                  dest / SIGNATURE_NAME]
         for tmp, path in zip([pdf_tmp, ed_tmp, *evidence], final, strict=True):
             os.replace(tmp, path)
         temps.clear()
-        fsync_dir(dest)
+        if durable:
+            fsync_dir(dest)
         return Received(manifest, signer, *final)
     finally:
         for name in temps:

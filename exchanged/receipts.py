@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from exchanged.common import canonical, stamp
 from exchanged.errors import ExchangedError
-from exchanged.pki.cms import CmsError, cms_content, verify_detached
+from exchanged.pki.cms import CmsError, verify_attached
 from exchanged.pki.operator import Operator, SignedOperator
 
 DELIVERY, SIGNED_FOR, RETURN = "delivery", "signed-for", "return"
@@ -49,8 +49,7 @@ def open_signed(cms: bytes, issuer: x509.Certificate, what: str = "receipt", *,
     """An attached signature by a certificate of `issuer`: (signer, content, content as a JSON
     object). ReceiptError if it does not verify or carries no JSON object."""
     try:
-        content = cms_content(cms)
-        signer = verify_detached(cms, content, issuer)
+        signer, content = verify_attached(cms, issuer)
         payload = json.loads(content)
     except (CmsError, ValueError, RecursionError) as e:
         raise ReceiptError(f"the {what} does not verify: {e}", code=code) from None

@@ -52,6 +52,8 @@ CHUNK = 64 * 1024  # one read from a peer
 # ~100 us each (tools/bench-exchange: 61,000 hops per GB, the main cost of a large transfer).
 DISK_SLICE = 1024 * 1024
 ALERT_INTERVAL = 60.0  # seconds between two alerts of the same kind
+# A connection kept open is judged again at least this often (and whenever CRLs or peers change).
+REJUDGE_SECONDS = 60.0
 
 
 class Node:
@@ -212,20 +214,36 @@ class Node:
 
     async def handshake(self, stream: trio.abc.Stream, *, server: bool,
                         expect: str | None = None) -> tuple[trio.SSLStream[Any], Peer,
-                                                            x509.Certificate, str | None]:
+                                                            x509.Certificate, Admission]:
         """TLS on `stream`, then who the peer is (transport.peers): (the TLS stream, the
-        configured peer, its leaf certificate, None — or why only CRLs may pass: our CRL is
-        stale). PeerRefused if it is no peer of ours."""
+        configured peer, its leaf certificate, the admission — `limited` says why only CRLs
+        may pass: our CRL is stale). PeerRefused if it is no peer of ours."""
         ctx = self.server_ctx if server else self.client_ctx
         tls = trio.SSLStream(stream, ctx, server_side=server,
                              server_hostname=None if server else "exchanged-peer")
         with trio.fail_after(self.config.limits.handshake_timeout):
             await tls.do_handshake()
         chain = peer_chain_der(tls)
+        generation = self.peers.generation
         peer, limited = await trio.to_thread.run_sync(
             lambda: self.peers.admit(chain, expect=expect))
         return (tls, peer, x509.load_der_x509_certificate(chain[0]),  # parsed by admit()
-                None if limited is None else str(limited))
+                Admission(chain, expect, generation, trio.current_time(), ctx,
+                          None if limited is None else str(limited)))
+
+    async def readmit(self, adm: Admission) -> Admission:
+        """A connection kept open is judged again before it is used: at once when the CRLs or
+        the peer table changed since it was admitted, else at least every REJUDGE_SECONDS
+        (a certificate expiring, a CRL passing its nextUpdate). The same admission if nothing
+        changed, a new one (its `limited` maybe changed), or PeerRefused: close it."""
+        generation = self.peers.generation
+        if generation == adm.generation and \
+                trio.current_time() - adm.at < REJUDGE_SECONDS:
+            return adm
+        _, limited = await trio.to_thread.run_sync(
+            lambda: self.peers.admit(adm.chain, expect=adm.expect))
+        return Admission(adm.chain, adm.expect, generation, trio.current_time(), adm.ctx,
+                         None if limited is None else str(limited))
 
     async def take_crl(self, der: bytes, source: str) -> bool:
         """A CRL from `source` (a peer, the publication point, an operator): checked, then
@@ -359,6 +377,18 @@ class Node:
 
     def disk_free(self) -> int:
         return shutil.disk_usage(self.config.data_dir).free
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How a peer's connection was let in, kept to judge it again (`Node.readmit`)."""
+
+    chain: list[bytes]  # as the peer sent it, leaf first
+    expect: str | None  # the unit we dialled (None: a connection we accepted)
+    generation: int  # the PeerCheck generation (CRLs, peer table) it was judged under
+    at: float  # trio time of that judgement
+    ctx: Any  # our TLS context then: a renewed certificate makes new connections
+    limited: str | None  # why only CRLs may pass (our CRL is stale), or None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,13 @@ class Limits:
     disk_reserve_bytes: int = 256 * 1024**2  # below this much free space: "busy"
     refusal_audit_interval: float = 60.0  # refused connections: one entry per source and kind
     max_crl_bytes: int = 64 * 1024**2  # a CRL fetched or handed over by a peer
+    # Our connections to a peer stay open between rounds: pinged after `keepalive` seconds
+    # without traffic (kept below the peer's read_timeout: at most half of ours), closed after
+    # `idle_timeout` seconds with nothing to send; up to `connections_per_peer` at once, each
+    # carrying its share of the documents due.
+    keepalive: float = 10.0
+    idle_timeout: float = 60.0
+    connections_per_peer: int = 2
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

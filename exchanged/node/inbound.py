@@ -37,7 +37,7 @@ from exchanged import receipts
 from exchanged.box import MAX_HOPS
 from exchanged.common import stamp
 from exchanged.errors import ExchangedError
-from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
+from exchanged.node.base import CHUNK, DISK_SLICE, Admission, Node, describe
 from exchanged.pki import verify
 from exchanged.receipts import ReceiptError
 from exchanged.roles import check_remote_receiver
@@ -160,7 +160,7 @@ class Inbound:
             return
         try:
             with trio.fail_at(deadline):  # counted from the accept, not from a free slot
-                tls, peer, leaf, limited = await node.handshake(stream, server=True)
+                tls, peer, leaf, adm = await node.handshake(stream, server=True)
         except PeerRefused as e:
             await trio.aclose_forcefully(stream)
             await self.refusals.note("peer-refused", source, e.code, str(e))
@@ -180,7 +180,7 @@ class Inbound:
                                          "connection slots are taken")
                 return
             try:
-                await self._requests(tls, peer, leaf, limited)
+                await self._requests(tls, peer, leaf, adm)
             finally:
                 self.slots.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
@@ -193,9 +193,11 @@ class Inbound:
             await trio.aclose_forcefully(tls)
 
     async def _requests(self, tls: trio.SSLStream[Any], peer: Peer,
-                        leaf: x509.Certificate, limited: str | None) -> None:
-        """A known peer's requests, one after another on one connection. `limited`: our CRL
-        is stale (policy "refuse"), so only CRLs may pass, to mend that."""
+                        leaf: x509.Certificate, adm: Admission) -> None:
+        """A known peer's requests, one after another on one connection (peers keep theirs
+        open between rounds). Each request is judged under the CRLs and peer table in force
+        when it arrives (`Node.readmit`). `adm.limited`: our CRL is stale (policy "refuse"),
+        so only CRLs may pass, to mend that."""
         node = self.node
         limits = node.config.limits
         conn = proto.ServerConnection(max_body_size=limits.max_document_bytes,
@@ -224,6 +226,17 @@ class Inbound:
                     continue
                 if isinstance(event, proto.ConnectionClosed) or event is proto.PAUSED:
                     return
+                if isinstance(event, proto.Request):
+                    try:
+                        adm = await node.readmit(adm)
+                    except PeerRefused as e:
+                        log.warning("closing the connection from %s: %s", peer.unit, e)
+                        await self.refusals.note("peer-refused", peer.unit, e.code, str(e))
+                        await node.send(tls, conn.send(proto.Reject(
+                            "unknown-sender", f"{node.config.unit} no longer accepts "
+                            f"{peer.unit}'s node: {e}")))
+                        return
+                limited = adm.limited
                 if isinstance(event, proto.Ping):
                     await node.send(tls, conn.send(proto.Pong(
                         node.config.unit, dt.datetime.now(dt.UTC), node.crls.number())))
@@ -357,7 +370,7 @@ class Inbound:
             received = await trio.to_thread.run_sync(
                 lambda: pkg.read(node.store.blob_path(sha), workdir, issuer=node.ca_cert,
                                  max_file_size=node.config.limits.max_document_bytes,
-                                 expected_recipient=recipient))
+                                 expected_recipient=recipient, durable=False))
         except ExchangedError as e:
             return await self._refuse(peer, doc, _reason(e.code), str(e))
         except OSError as e:

@@ -172,7 +172,8 @@ class LocalCommands:
         node = self.node
         tmp = Path(tempfile.mkstemp(dir=node.config.data_dir, prefix=".send-")[1])
         try:
-            pkg.build(meta, pdf, editable, key=node.key, cert=node.cert, out_path=tmp)
+            pkg.build(meta, pdf, editable, key=node.key, cert=node.cert, out_path=tmp,
+                      durable=False)  # copied into the blob store, durably, at once
             with node.store.blob_writer(max_size=node.config.limits.max_document_bytes) as w, \
                     open(tmp, "rb") as f:
                 while chunk := f.read(65536):

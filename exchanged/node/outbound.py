@@ -4,6 +4,13 @@ A sender delivers its peer's due documents and the signed-for receipts owed to i
 until the next one falls due or something is queued (`poke`). A failed attempt is counted and
 retried with exponential backoff and jitter (the store keeps the schedule, so it survives a
 restart); a refusal that says "not now" is retried, any other is final.
+
+Connections (`Link`) stay open between rounds: a steady exchange costs no handshake, so no
+token signature, per round. A kept link is pinged after `keepalive` idle seconds (the ping also
+compares CRLs), closed after `idle_timeout` seconds with nothing to send, judged again under the
+current CRLs and peer table before each use (`Node.readmit`), and dropped when this node's
+certificate changes. A round with several documents due shares them among up to
+`connections_per_peer` links, each document on one of them, one at a time.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -19,13 +28,12 @@ from cryptography.hazmat.primitives import hashes
 from exchanged import receipts
 from exchanged.common import stamp_precise
 from exchanged.errors import ExchangedError
-from exchanged.node.base import CHUNK, DISK_SLICE, Node, describe
+from exchanged.node.base import CHUNK, DISK_SLICE, Admission, Node, describe
 from exchanged.pki import verify
 from exchanged.store.audit import mirror_line
 from exchanged.store.nodedb import OutItem
 from exchanged.transport import protocol as proto
 from exchanged.transport.peers import Peer, PeerRefused
-from exchanged.transport.tlskey import peer_chain_der
 
 log = logging.getLogger("exchanged")
 # How long a receiver may take, after the last byte, to store, unpack and check a package
@@ -36,6 +44,21 @@ TRANSIENT = frozenset({"busy", "timeout", "internal-error", "truncated"})
 RESTART_SECONDS = 10  # a sender that failed unexpectedly starts again after this long
 WITNESS_RETRY_SECONDS = 30  # our witness unreachable or refusing: try again after this long
 CRL_SPREAD_SECONDS = 5.0  # a newer CRL goes to a peer at once, but not twice in this long
+# A kept link used this recently is taken without a ping first (a peer closes an idle
+# connection only after its read_timeout; a ping costs a round trip).
+FRESH_SECONDS = 1.0
+
+
+@dataclass
+class Link:
+    """One TLS connection to a peer, kept open between rounds."""
+
+    tls: trio.SSLStream[Any]
+    conn: proto.ClientConnection
+    adm: Admission
+    address: tuple[str, int]  # where it was opened: a peer moved in the configuration, closed
+    used: float  # trio time of the last exchange on it (a keep-alive ping counts)
+    worked: float  # trio time it last carried documents, receipts or checkpoints
 
 
 class Outbound:
@@ -51,6 +74,8 @@ class Outbound:
         self.crl_compared: dict[str, tuple[float, int | None]] = {}
         # unit -> last_success / last_error / last_error_at (exchanged status)
         self.peer_state: dict[str, dict[str, str]] = {}
+        self.idle: dict[str, list[Link]] = {}  # unit -> its links kept open, none in use
+        self.open_links: Counter[str] = Counter()  # unit -> its links open, in use or not
 
     def start(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -112,6 +137,8 @@ class Outbound:
                     await trio.sleep(RESTART_SECONDS)
         finally:
             self.senders.discard(unit)
+            for link in self.idle.pop(unit, []):
+                await self._drop(unit, link)
 
     async def _loop(self, unit: str) -> None:
         node = self.node
@@ -119,6 +146,7 @@ class Outbound:
             self.wake[unit] = trio.Event()
             if not node.token_present:  # no handshake without the key: documents wait
                 self._note(unit, f"this node's token is not present ({node.token_problem})")
+                await self._close_links(unit, all_links=True)
                 with trio.move_on_after(5):
                     await self.wake[unit].wait()
                 continue
@@ -130,15 +158,127 @@ class Outbound:
             later = trio.current_time() < self.witness_retry
             crl_wait = self._crl_wait(unit)
             if items or owed or (checkpoints and not later) or crl_wait == 0:
-                await self._deliver(unit, items, owed, [] if later else checkpoints)
+                await self._round(unit, items, owed, [] if later else checkpoints)
+                continue
+            keep = await self._close_links(unit)
+            if keep == 0:
+                await self._keepalive(unit)
                 continue
             nxt = await node.db(node.store.next_due_time, recipient=unit)
             wait = 3600.0 if nxt is None else max(0.05, nxt - time.time())
             wait = min(wait, max(0.05, crl_wait))
+            if keep is not None:
+                wait = min(wait, keep)
             if checkpoints:
                 wait = min(wait, max(0.05, self.witness_retry - trio.current_time()))
             with trio.move_on_after(wait):
                 await self.wake[unit].wait()
+        await self._close_links(unit, all_links=True)
+
+    # -- links ------------------------------------------------------------------------------
+
+    def _keepalive_seconds(self) -> float:
+        limits = self.node.config.limits
+        return min(limits.keepalive, limits.read_timeout / 2)
+
+    async def _close_links(self, unit: str, *, all_links: bool = False) -> float | None:
+        """Close `unit`'s kept links idle for idle_timeout (or all of them); seconds until
+        one of the rest needs a keep-alive ping or closing (None: no link kept)."""
+        now = trio.current_time()
+        limits = self.node.config.limits
+        links = self.idle.get(unit, [])
+        for link in [ln for ln in links
+                     if all_links or now - ln.worked >= limits.idle_timeout]:
+            links.remove(link)
+            await self._drop(unit, link)
+        if not links:
+            return None
+        ka = self._keepalive_seconds()
+        return max(0.0, min(min(ln.used + ka, ln.worked + limits.idle_timeout) - now
+                            for ln in links))
+
+    async def _keepalive(self, unit: str) -> None:
+        """Ping each kept link idle for `keepalive` seconds (the peer would time it out)."""
+        links = self.idle.get(unit, [])
+        now = trio.current_time()
+        for link in [ln for ln in links if now - ln.used >= self._keepalive_seconds()]:
+            links.remove(link)
+            try:
+                link.adm = await self.node.readmit(link.adm)  # revoked meanwhile: closed now
+                await self._compare_crls(link.tls, link.conn, unit)
+            except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError,
+                    OSError, ExchangedError) as e:  # PeerRefused among them
+                log.info("kept connection to %s closed: %s", unit, describe(e))
+                await self._drop(unit, link)
+                continue
+            link.used = trio.current_time()
+            links.append(link)
+
+    async def _drop(self, unit: str, link: Link) -> None:
+        self.open_links[unit] -= 1
+        await trio.aclose_forcefully(link.tls)
+
+    async def _link(self, unit: str, peer: Peer, compare: bool) -> Link:
+        """A link ready for a round: a kept one that still holds (judged again; pinged unless
+        just used and no CRL comparison is due), else a new connection (handshake, then the
+        ping every connection starts with). Errors as from the handshake (PeerRefused among
+        them)."""
+        node = self.node
+        links = self.idle.setdefault(unit, [])
+        while links:
+            link = links.pop()  # the most recently used
+            try:
+                if link.adm.ctx is not node.client_ctx:  # our certificate was renewed
+                    raise ExchangedError("made with this node's previous certificate")
+                if link.address != (peer.host, peer.port):
+                    raise ExchangedError(f"{unit}'s address is now {peer.host}:{peer.port}")
+                if link.conn.state is not proto.State.IDLE:
+                    raise ExchangedError(f"in state {link.conn.state}")
+                link.adm = await node.readmit(link.adm)
+                if compare or trio.current_time() - link.used >= FRESH_SECONDS:
+                    await self._compare_crls(link.tls, link.conn, unit)
+                    link.used = trio.current_time()
+                return link
+            except PeerRefused:
+                await self._drop(unit, link)
+                raise
+            except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError,
+                    OSError, ExchangedError) as e:
+                log.info("kept connection to %s not reused: %s", unit, describe(e))
+                await self._drop(unit, link)
+        with trio.fail_after(node.config.limits.handshake_timeout):
+            sock = await trio.open_tcp_stream(peer.host, peer.port)
+        try:
+            tls, _, _, adm = await node.handshake(sock, server=False, expect=unit)
+        except BaseException:
+            await trio.aclose_forcefully(sock)
+            raise
+        now = trio.current_time()
+        link = Link(tls, proto.ClientConnection(f"{peer.host}:{peer.port}",
+                                                max_crl_size=node.config.limits.max_crl_bytes),
+                    adm, (peer.host, peer.port), now, now)
+        self.open_links[unit] += 1
+        try:
+            await self._compare_crls(tls, link.conn, unit)
+        except BaseException:
+            await self._drop(unit, link)
+            raise
+        return link
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    async def _round(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]],
+                     checkpoints: list[dict[str, Any]]) -> None:
+        """Deliver what is due, the documents shared among up to connections_per_peer links
+        (the first also carries the receipts and checkpoints)."""
+        k = max(1, min(self.node.config.limits.connections_per_peer, len(items)))
+        if k == 1:
+            await self._deliver(unit, items, owed, checkpoints)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver, unit, items[0::k], owed, checkpoints)
+            for i in range(1, k):
+                nursery.start_soon(self._deliver, unit, items[i::k], [], [])
 
     async def _deliver(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]],
                        checkpoints: list[dict[str, Any]]) -> None:
@@ -146,15 +286,10 @@ class Outbound:
         peer = node.config.peers.get(unit)
         if peer is None:  # removed from the configuration meanwhile
             return
+        compare = self._crl_wait(unit) == 0
         self.crl_compared[unit] = (trio.current_time(), node.crls.number())  # tried, at least
         try:
-            with trio.fail_after(node.config.limits.handshake_timeout):
-                sock = await trio.open_tcp_stream(peer.host, peer.port)
-            try:
-                tls, _, _, limited = await node.handshake(sock, server=False, expect=unit)
-            except BaseException:
-                await trio.aclose_forcefully(sock)
-                raise
+            link = await self._link(unit, peer, compare)
         except Exception as e:  # unreachable, refused, or whatever the server sent
             err = f"cannot reach {unit} at {peer.host}:{peer.port}: {describe(e)}"
             if isinstance(e, PeerRefused):
@@ -169,18 +304,15 @@ class Outbound:
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
             await trio.sleep(1)  # receipts retry on the next round
             return
+        tls, conn = link.tls, link.conn
         untried = list(items)
+        keep = False
         try:
-            conn = proto.ClientConnection(f"{peer.host}:{peer.port}",
-                                          max_crl_size=node.config.limits.max_crl_bytes)
-            await self._compare_crls(tls, conn, unit)
-            if limited is not None:  # our CRL is stale: did the peer mend it?
-                still = await trio.to_thread.run_sync(
-                    lambda: node.peers.admit(peer_chain_der(tls), expect=unit)[1])
-                limited = None if still is None else str(still)
-            if limited is not None:
-                err = f"this node has no current CRL ({limited}): nothing is sent until it " \
-                      "has one"
+            if link.adm.limited is not None:  # our CRL is stale: did the peer mend it?
+                link.adm = await node.readmit(link.adm)
+            if link.adm.limited is not None:
+                err = f"this node has no current CRL ({link.adm.limited}): nothing is sent " \
+                      "until it has one"
                 log.warning("%s: %s", unit, err)
                 self._note(unit, err)
                 for item in items:
@@ -201,6 +333,7 @@ class Outbound:
                 else:
                     self.witness_retry = 0.0
             self._note(unit)
+            keep = conn.state is proto.State.IDLE
         except (trio.BrokenResourceError, trio.TooSlowError, proto.ProtocolError, OSError,
                 ExchangedError) as e:
             log.warning("delivery to %s interrupted: %s", unit, describe(e))
@@ -210,7 +343,14 @@ class Outbound:
                               f"delivery to {unit} interrupted: {describe(e)}", time.time())
             await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
         finally:
-            await trio.aclose_forcefully(tls)
+            if keep and unit in node.config.peers:
+                now = trio.current_time()
+                link.used = now
+                if items or owed or checkpoints:
+                    link.worked = now
+                self.idle.setdefault(unit, []).append(link)
+            else:
+                await self._drop(unit, link)
 
     async def _compare_crls(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                             unit: str) -> None:

@@ -64,7 +64,8 @@ async def gather(node: Node, outbound: Outbound) -> dict[str, Any]:
                       "oldest_queued_seconds": _ago(q.get("oldest_queued_at")),
                       "last_success": seen.get("last_success"),
                       "last_error": seen.get("last_error"),
-                      "last_error_at": seen.get("last_error_at")})
+                      "last_error_at": seen.get("last_error_at"),
+                      "connections": outbound.open_links[unit]})
         if seen.get("last_error") and (seen.get("last_error_at") or "") > \
                 (seen.get("last_success") or ""):
             problems.append(f"peer {unit}: {seen['last_error']}")

@@ -138,6 +138,7 @@ class PeerCheck:
             if peers is not None:
                 self.peers = dict(peers)
                 changed = True
+                self.generation += 1  # connections open now are judged again (node/base.py)
             if changed:
                 self._cache.clear()
         return changed
