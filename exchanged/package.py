@@ -88,7 +88,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -648,17 +648,19 @@ def _check_classified(m: Metadata) -> None:
 
 def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
           editable_path: str | os.PathLike[str], *, key: TokenKey, cert: x509.Certificate,
-          out_path: str | os.PathLike[str],
-          max_file_size: int = DEFAULT_MAX_FILE_SIZE, durable: bool = True) -> Manifest:
+          out_path: str | os.PathLike[str] | None = None, sink: _Sink | None = None,
+          max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Manifest:
     """Package a document for sending and sign its manifest on the node's token.
 
     Refuses, before anything is written: a classified document for another unit ("classified"),
     a PDF scan that is not a PDF ("not-pdf"), an editable file of no allowed kind ("bad-form"),
     a file over `max_file_size` ("too-large"), a certificate not for `key` ("key-mismatch").
     The package is written to a temporary file beside `out_path`, fsynced, renamed into place
-    and the directory fsynced: `out_path` is either the whole package or untouched. With
-    `durable=False` nothing is fsynced: for a caller that copies the package into a durable
-    store at once (the sending node's blob store) and would only pay the syncs twice."""
+    and the directory fsynced: `out_path` is either the whole package or untouched. Or it is
+    streamed into `sink` (anything with `write(bytes)`: the sending node's blob writer, which
+    hashes and stores it durably itself; no file in between)."""
+    if (out_path is None) == (sink is None):
+        raise TypeError("give out_path or sink, one of them")
     if not isinstance(metadata, Metadata):
         raise TypeError("metadata must be a Metadata")
     _check_classified(metadata)
@@ -695,41 +697,56 @@ def build(metadata: Metadata, pdf_path: str | os.PathLike[str],
                      .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature,
                                                         pkcs7.PKCS7Options.Binary]))
         mtime = int(dt.datetime.fromisoformat(metadata.created).timestamp())
-        _write_atomically(Path(out_path), min(max(mtime, 0), 8**11 - 1), durable, [
+        members: list[tuple[str, int, IO[bytes], str | None]] = [
             (MANIFEST_NAME, len(data), io.BytesIO(data), None),
             (SIGNATURE_NAME, len(signature), io.BytesIO(signature), None),
             (PDF_NAME, pdf_size, pdf, manifest.pdf.sha256),
-            (manifest.editable.name, ed_size, ed, manifest.editable.sha256)])
+            (manifest.editable.name, ed_size, ed, manifest.editable.sha256)]
+        mtime = min(max(mtime, 0), 8**11 - 1)
+        if sink is not None:
+            _write_tar(sink, mtime, members)
+        else:
+            assert out_path is not None
+            _write_atomically(Path(out_path), mtime, members)
     return manifest
 
 
-def _write_atomically(out: Path, mtime: int, durable: bool,
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
+
+
+def _write_tar(sink: _Sink, mtime: int,
+               members: list[tuple[str, int, IO[bytes], str | None]]) -> None:
+    """The tar, streamed into `sink`. A member with a digest is re-hashed as it is copied: it
+    must not have changed."""
+    with tarfile.open(fileobj=sink, mode="w|",  # type: ignore[call-overload]
+                      format=tarfile.USTAR_FORMAT) as tar:
+        for name, size, f, sha256 in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, mtime, 0o644
+            f.seek(0)
+            reader = _HashingReader(f, size, name)
+            tar.addfile(info, reader)
+            if sha256 is not None and reader.sha.hexdigest() != sha256:
+                raise PackageError(f"{name} changed while it was being packaged",
+                                   code="file-changed")
+
+
+def _write_atomically(out: Path, mtime: int,
                       members: list[tuple[str, int, IO[bytes], str | None]]) -> None:
-    """Write the tar (streaming) to a temporary file beside `out`, then rename it into place.
-    A member with a digest is re-hashed as it is copied: it must not have changed."""
+    """Write the tar to a temporary file beside `out`, fsync it, rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for name, size, f, sha256 in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = size, mtime, 0o644
-                    f.seek(0)
-                    reader = _HashingReader(f, size, name)
-                    tar.addfile(info, reader)
-                    if sha256 is not None and reader.sha.hexdigest() != sha256:
-                        raise PackageError(f"{name} changed while it was being packaged",
-                                           code="file-changed")
+            _write_tar(raw, mtime, members)
             raw.flush()
-            if durable:
-                os.fsync(raw.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if durable:
-        fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 # ---------------------------------------------------------------------------------------------

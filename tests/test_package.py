@@ -297,6 +297,21 @@ def test_read_from_a_file_object_and_from_chunks(pki: Pki, files: Files, tmp_pat
         assert package.read(chunks, tmp_path / f"c{size}", issuer=pki.ca).manifest == manifest
 
 
+def test_a_package_streamed_into_a_sink_is_the_same_package(pki: Pki, files: Files,
+                                                            tmp_path: Path) -> None:
+    """What the sending node does: build straight into its blob writer, no file between."""
+    sink, m = io.BytesIO(), meta()
+    manifest = package.build(m, files.pdf, files.docx, key=pki.key, cert=pki.cert, sink=sink)
+    on_disk = build(pki, files, tmp_path / "p", m)
+    assert manifest == on_disk
+    got = package.read(io.BytesIO(sink.getvalue()), tmp_path / "in", issuer=pki.ca)
+    assert got.manifest == manifest
+    for both_or_neither in ({"out_path": tmp_path / "q", "sink": io.BytesIO()}, {}):
+        with pytest.raises(TypeError, match="one of them"):
+            package.build(meta(), files.pdf, files.docx, key=pki.key, cert=pki.cert,
+                          **both_or_neither)  # type: ignore[arg-type]
+
+
 def test_metadata_survives_every_field(pki: Pki, tmp_path: Path) -> None:
     pdf = write(tmp_path / "a.pdf", minimal_pdf())
     txt = write(tmp_path / "a.txt", "正文\n".encode("gb18030"))

@@ -20,8 +20,13 @@ made by openssl for a test-only node certificate issued by the same CA (that key
 a token); both servers see the same client. Documents are submitted through the daemon's
 control socket, exactly as `exchanged send` does, without starting a Python per document.
 
-Usage: tools/bench-exchange [--quick] [--big-mb MB] [--rounds N] [--seconds S] [--docs N]
-       [--small N] [--crl-entries N] [--workdir DIR] [--keep]
+5. Token operations per document at steady state, counted by OpenSC's pkcs11-spy between
+   each daemon and SoftHSM (both daemons restarted on the spy), and what a card at 200 ms per
+   signature would allow.
+
+Usage: tools/bench-exchange [--quick] [--json] [--big-mb MB] [--rounds N] [--seconds S]
+       [--docs N] [--small N] [--crl-entries N] [--workdir DIR] [--keep]
+--json prints one JSON object of the headline figures instead of the report.
 Everything it starts (daemons, s_server) is stopped on the way out, also on failure.
 """
 
@@ -44,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +61,13 @@ from demo_network import Demo, free_port  # noqa: E402
 
 from exchanged import client  # noqa: E402
 from exchanged.pki.pin import PinSource  # noqa: E402
-from exchanged.pki.token import Token  # noqa: E402
+from exchanged.pki.token import Token, default_module  # noqa: E402
 from exchanged.pki.uri import parse  # noqa: E402
 from exchanged.transport.tlskey import openssl_cli_engine  # noqa: E402
 
 MiB = 1024 * 1024
+SPY = Path("/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so")  # OpenSC's, from Debian's opensc
+CARD_SIGNATURE_SECONDS = 0.2  # a real smart card: 100-500 ms per signature
 REASONS = ["unspecified", "keyCompromise", "superseded", "affiliationChanged",
            "cessationOfOperation"]
 CLIENT = ("node-bench-client", "Bench Client (test only)")
@@ -124,6 +132,7 @@ class Bench:
         self.servers: list[subprocess.Popen[bytes]] = []
         self.notes: list[str] = []
         self.rates: dict[str, tuple[float, float]] = {}
+        self.figures: dict[str, Any] = {}  # --json
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -250,6 +259,9 @@ class Bench:
               f"{', '.join(f'{r[0]:.0f}' for r in ours)}; openssl "
               f"{', '.join(f'{r[0]:.0f}' for r in theirs)})")
         self.rates[label] = (o[0], t[0])
+        key = "handshake_ratio" if len(self.rates) == 1 else "handshake_ratio_big_crl"
+        self.figures[key] = round(o[0] / t[0], 3)
+        self.figures[key.replace("ratio", "per_s")] = round(o[0], 1)
 
     def big_crl(self) -> Path:
         """Revoke N random serials in the CA database and publish the CRL to both nodes."""
@@ -361,6 +373,8 @@ class Bench:
             setup.append(self.pipe(empty))
         total = a.docs * size / MiB
         o, t, t0 = min(ours), min(theirs), min(setup)
+        self.figures.update(doc_1mib_ratio=round(t / o, 3), doc_1mib_mib_s=round(total / o, 1),
+                            pipe_mib_s=round(total / t, 1))
         print(f"\n{a.docs} documents of 1 MiB ({size:,} bytes: a PDF + a "
               f"{txt.stat().st_size}-byte text), end to end, best of {a.rounds} "
               f"(openssl: best of {len(theirs)})")
@@ -385,6 +399,8 @@ class Bench:
         rates = [a.small / self.timed_sends(a.small, small_pdf, small_txt, "small")
                  for _ in range(a.rounds)]
         fs, sig = self.fsync_rate(), self.sign_rate()
+        self.figures.update(small_docs_per_s=round(max(rates), 1), fsync_per_s=round(fs, 1),
+                            token_signatures_per_s=round(sig, 1))
         print(f"\n{a.small} small documents ({ssize:,} bytes each), full durability and "
               f"receipts, best of {a.rounds}")
         print(f"  exchanged, submit -> all delivered        {max(rates):8.1f} documents/s  "
@@ -475,6 +491,8 @@ class Bench:
             sampler.join()
         hwm = {u: proc_kib(p, "VmHWM") for u, p in pids.items()}
         total = size + txt.stat().st_size
+        self.figures.update(big_doc_mb=round(total / 1e6),
+                            big_doc_peak_rss_mib=round(max(hwm.values()) / 1024, 1))
         print(f"\nPeak memory while a {total / 1e6:,.0f} MB document ({total:,} bytes) passes")
         for u, role in (("office", "receiving"), ("finance", "sending")):
             how = "VmHWM, reset just before" if reset else \
@@ -489,6 +507,74 @@ class Bench:
               f"delivered {t_done:.1f} s after submission: {total / MiB / t_done:.1f} MiB/s "
               "end to end)")
         big.unlink()
+
+    # -- idle memory -------------------------------------------------------------------------
+
+    def idle_rss(self) -> None:
+        """Both daemons' resident memory, idle after start-up (empty CRL, nothing queued)."""
+        time.sleep(2)
+        rss = {u: proc_kib(self.d.daemons[u].pid, "VmRSS") for u in ("finance", "office")}
+        self.figures["idle_rss_mib"] = round(max(rss.values()) / 1024, 1)
+        print(f"\nIdle daemons after start-up: resident memory finance {mib(rss['finance'])}, "
+              f"office {mib(rss['office'])}")
+
+    # -- 5. token operations -----------------------------------------------------------------
+
+    def token_ops(self) -> None:
+        """Restart both daemons on pkcs11-spy (OpenSC) in front of SoftHSM, send documents on
+        kept connections, and count the PKCS#11 signatures each token made per document."""
+        d, w, n = self.d, self.work, self.a.small
+        if not SPY.exists():
+            self.notes.append(f"{SPY} missing (Debian package opensc): token operations not "
+                              "counted")
+            return
+        units = ("finance", "office")
+        for u in units:
+            p = d.daemons[u]
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+            cfg = w / u / "exchanged.toml"
+            cfg.write_text(cfg.read_text().replace("[pkcs11]\n", f'[pkcs11]\nmodule = "{SPY}"\n'))
+        saved = dict(d.env)
+        try:
+            d.env["PKCS11SPY"] = default_module()
+            for u in units:
+                d.env["PKCS11SPY_OUTPUT"] = str(w / u / "spy.log")
+                with contextlib.redirect_stdout(io.StringIO()):
+                    d.start(u)
+        finally:
+            d.env.clear()
+            d.env.update(saved)
+        small_pdf, small_txt = w / "small.pdf", w / "small.txt"
+        self.timed_sends(5, small_pdf, small_txt, "spy warm-up")  # connections made and kept
+        marks = {u: (w / u / "spy.log").stat().st_size for u in units}
+        seconds = self.timed_sends(n, small_pdf, small_txt, "spy")
+        counts: dict[str, Counter[str]] = {}
+        for u in units:
+            with open(w / u / "spy.log", "rb") as f:
+                f.seek(marks[u])
+                text = f.read().decode(errors="replace")
+            counts[u] = Counter(re.findall(r"^\d+: (C_\w+)$", text, re.MULTILINE))
+        # One signature is C_SignInit then C_Sign (python-pkcs11 and libp11 may call C_Sign
+        # twice, the first time for the length): signatures are counted by their C_SignInit.
+        sigs = {u: counts[u]["C_SignInit"] for u in units}
+        per_doc = sum(sigs.values()) / n
+        busiest = max(sigs.values()) / n
+        card = 1 / (CARD_SIGNATURE_SECONDS * busiest) if busiest else float("inf")
+        self.figures.update(token_ops_per_doc=round(per_doc, 2),
+                            token_ops_per_doc_by_node={u: round(v / n, 2) for u, v in
+                                                       sigs.items()},
+                            card_200ms_docs_per_s=round(card, 2))
+        print(f"\nToken operations at steady state: {n} small documents on kept connections, "
+              "counted by OpenSC's pkcs11-spy in front of SoftHSM")
+        for u, role in (("finance", "sending"), ("office", "receiving")):
+            calls = sum(counts[u].values())
+            print(f"  {role} node ({u}): {sigs[u] / n:5.2f} signatures per document "
+                  f"({sigs[u]} in all; {calls} PKCS#11 calls, {calls / n:.1f} per document)")
+        print(f"  both tokens: {per_doc:.2f} signatures per document; a card at "
+              f"{CARD_SIGNATURE_SECONDS * 1000:.0f} ms per signature would allow "
+              f"{card:.1f} documents/s (the busier token bounds it)")
+        print(f"  (with the spy logging every call: {n / seconds:.1f} documents/s)")
 
 
 def main() -> int:
@@ -505,6 +591,9 @@ def main() -> int:
     ap.add_argument("--crl-entries", type=int, default=100_000)
     ap.add_argument("--workdir", help="work here (default: a new temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--json", action="store_true", help="print one JSON object of the headline "
+                    "figures (handshake_ratio, doc_1mib_ratio, small_docs_per_s, fsync_per_s, "
+                    "big_doc_peak_rss_mib, idle_rss_mib, token_ops_per_doc, ...) instead")
     a = ap.parse_args()
     q = a.quick
     a.big_mb = a.big_mb or (200 if q else 1000)
@@ -518,6 +607,15 @@ def main() -> int:
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench-exchange-"))
     work.mkdir(parents=True, exist_ok=True)
     b = Bench(a, work)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report) if a.json else contextlib.nullcontext():
+        code = run(a, b, work)
+    if a.json:
+        print(json.dumps(b.figures, indent=1, sort_keys=True))
+    return code
+
+
+def run(a: argparse.Namespace, b: Bench, work: Path) -> int:
     ver = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.machine())
@@ -534,6 +632,7 @@ def main() -> int:
         except BaseException:
             print(setup_log.getvalue(), file=sys.stderr)
             raise
+        b.idle_rss()
         print(f"\nNew TLS connections per second: full handshake (TLS 1.3, mutual auth, the "
               f"server key on the token), one small HTTP GET each;\nclient `openssl s_time -new "
               f"-www` with a software key (s_time takes no engine key), {a.seconds} s per "
@@ -551,6 +650,7 @@ def main() -> int:
               flush=True)
         b.documents()
         b.memory()
+        b.token_ops()
         for unit in ("finance", "office"):
             problems = b.daemon_log_problems(unit)
             if problems:

@@ -39,6 +39,7 @@ from exchanged.pki.token import Token, TokenKey, default_module, reset_module, t
 from exchanged.pki.uri import parse
 from exchanged.roles import Roles
 from exchanged.store.audit import MIRROR, NODE_CERTIFICATE, signers
+from exchanged.store.db import Change, apply_group
 from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
 from exchanged.transport import publish
@@ -77,6 +78,10 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.db_limiter = trio.CapacityLimiter(1)
+        self.commit_queue: list[Change] = []  # group commit (`commit`)
+        self.committing = False
+        self.commit_turn = trio.Event()
+        self.commit_stats = {"commits": 0, "changes": 0}
         self.token_limiter = trio.CapacityLimiter(1)
         self.stopping = False
         self.active_transfers = 0
@@ -291,6 +296,32 @@ class Node:
     async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await trio.to_thread.run_sync(lambda: fn(*args, **kw),
                                              limiter=self.db_limiter)
+
+    async def commit(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the database thread, in a group commit: changes that arrive together
+        (documents on several connections) share one transaction and one fsync, each in its
+        own savepoint. Returns (or raises) only after the COMMIT that covers it; what `fn`
+        raises is undone alone. The first caller to find no batch running runs one with all
+        that wait; the others wait for their batch."""
+        change = Change(fn, args)
+        self.commit_queue.append(change)
+        while not change.done:
+            if self.committing:
+                await self.commit_turn.wait()
+                continue
+            self.committing = True
+            try:
+                batch, self.commit_queue = self.commit_queue, []
+                await self.db(apply_group, self.store.db, batch)
+                self.commit_stats["commits"] += 1
+                self.commit_stats["changes"] += len(batch)
+            finally:
+                self.committing = False
+                self.commit_turn.set()
+                self.commit_turn = trio.Event()
+        if change.error is not None:
+            raise change.error
+        return change.result  # type: ignore[no-any-return]
 
     async def tok(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """`fn` in the token's thread; refused at once while the token is away."""

@@ -404,7 +404,7 @@ class Inbound:
                                  sender=peer.unit, recipient=node.config.unit,
                                  received_at=received_at)
         try:
-            new = await node.db(self._store_received, doc, peer, meta, sha, receipt, box,
+            new = await node.commit(self._store_received, doc, peer, meta, sha, receipt, box,
                                 [str(c) for c in custody or ()],
                                 received.signer.fingerprint(hashes.SHA256()).hex())
         except StoreError as e:  # id-conflict is final; the store failing is not their fault

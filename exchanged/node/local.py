@@ -168,20 +168,12 @@ class LocalCommands:
                                "names a document the recipient sent back", code="bad-state")
 
     def _package(self, meta: pkg.Metadata, pdf: Path, editable: Path) -> tuple[str, int]:
-        """Build the package (signed on the node token), store it as a blob: (sha256, size)."""
+        """Build the package (signed on the node token) straight into the blob store, where it
+        is hashed and made durable: (sha256, size)."""
         node = self.node
-        tmp = Path(tempfile.mkstemp(dir=node.config.data_dir, prefix=".send-")[1])
-        try:
-            pkg.build(meta, pdf, editable, key=node.key, cert=node.cert, out_path=tmp,
-                      durable=False)  # copied into the blob store, durably, at once
-            with node.store.blob_writer(max_size=node.config.limits.max_document_bytes) as w, \
-                    open(tmp, "rb") as f:
-                while chunk := f.read(65536):
-                    w.write(chunk)
-                sha = w.commit()
-            return sha, tmp.stat().st_size
-        finally:
-            tmp.unlink(missing_ok=True)
+        with node.store.blob_writer(max_size=node.config.limits.max_document_bytes) as w:
+            pkg.build(meta, pdf, editable, key=node.key, cert=node.cert, sink=w)
+            return w.commit(), w.size
 
     def _enqueue(self, meta: pkg.Metadata, sha: str, size: int,
                  numbered: tuple[int, int] | None) -> None:

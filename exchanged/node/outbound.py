@@ -320,11 +320,17 @@ class Outbound:
                 return
             for r in owed:
                 await self._send_receipt(tls, conn, r)
+            if items:  # all of this link's share at once: one commit, not one per document
+                await node.commit(self._mark_sending, items)
             for item in items:
                 untried.remove(item)  # from here on _send_one records what happens to it
                 await self._send_one(tls, conn, item, peer)
                 if conn.state is not proto.State.IDLE:
                     break
+            for item in untried:  # marked sending, but the peer closed before their turn
+                await node.db(node.store.schedule_retry, item.doc_id, f"{unit} closed the "
+                              "connection before this document's turn", time.time())
+            untried = []
             if checkpoints and conn.state is proto.State.IDLE:  # after the documents
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
                 for cp in checkpoints:
@@ -383,10 +389,15 @@ class Outbound:
                                 answer.message)
         self.crl_compared[unit] = (trio.current_time(), node.crls.number())
 
+    def _mark_sending(self, items: list[OutItem]) -> None:
+        store = self.node.store
+        with store.transaction():
+            for item in items:
+                store.mark_sending(item.doc_id)
+
     async def _send_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                         item: OutItem, peer: Peer) -> None:
         node = self.node
-        await node.db(node.store.mark_sending, item.doc_id)
         path = node.store.blob_path(item.package_sha256)
         try:
             await node.send(tls, conn.send(proto.SubmitDocument(
@@ -409,7 +420,7 @@ class Outbound:
         unproven = None
         if isinstance(answer, proto.Acknowledge):
             unproven = await trio.to_thread.run_sync(self._check_receipt, item, answer, peer)
-        await node.db(self._record_answer, item, answer, unproven)
+        await node.commit(self._record_answer, item, answer, unproven)
 
     def _check_receipt(self, item: OutItem, answer: proto.Acknowledge, peer: Peer
                        ) -> str | None:

@@ -7,8 +7,9 @@ us), one transaction helper, and row readers that return dictionaries.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,64 @@ def connect(path: Path) -> sqlite_utils.Database:
 
 
 class Transaction:
-    """`with Transaction(db):` — BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+    """`with Transaction(db):` — BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception.
+
+    Inside a transaction already open (a group commit, `apply_group`) it is a SAVEPOINT
+    instead: its changes go with the enclosing COMMIT, and an exception undoes only them."""
 
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
+        self.nested = False
 
     def __enter__(self) -> sqlite_utils.Database:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.nested = self.db.conn.in_transaction
+        self.db.execute("SAVEPOINT tx" if self.nested else "BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is None:
-            self.db.execute("COMMIT")
+        if self.nested:
+            if exc_type is not None:
+                self.db.execute("ROLLBACK TO tx")
+            self.db.execute("RELEASE tx")
+        elif exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:  # SQLITE_FULL, I/O error: the transaction stays open
+                if self.db.conn.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
         else:
             self.db.execute("ROLLBACK")
+
+
+@dataclass
+class Change:
+    """One caller's change in a group commit: `fn(*args)`, and what came of it."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+def apply_group(db: sqlite_utils.Database, changes: Sequence[Change]) -> None:
+    """Apply `changes` in one transaction, each in its own savepoint (a change that raises is
+    undone alone and keeps its exception), with one COMMIT: one fsync of the WAL for all. If
+    the COMMIT fails, none of them holds and each gets that error. Raises nothing."""
+    try:
+        with Transaction(db):
+            for c in changes:
+                try:
+                    with Transaction(db):
+                        c.result = c.fn(*c.args)
+                except Exception as e:
+                    c.error = e
+    except Exception as e:
+        for c in changes:
+            c.result, c.error = None, c.error or e
+    for c in changes:
+        c.done = True
 
 
 @contextmanager
