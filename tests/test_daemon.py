@@ -210,6 +210,51 @@ def test_nothing_is_lost_when_a_daemon_is_killed(demo, victim: str) -> None:  # 
             store.check_blob(i["package_sha256"])  # the bytes on disk still hash right
 
 
+@pytest.mark.slow
+def test_nothing_is_lost_when_the_receiver_is_killed_during_group_commits(demo) -> None:  # type: ignore[no-untyped-def]
+    """finance sends on four connections at once, so office stores documents arriving
+    together in shared COMMITs; office is SIGKILLed once those are seen, and twice more; every
+    document still arrives exactly once (an acknowledgement only ever follows its COMMIT)."""
+    d, paths = demo
+    cfg = Path(paths["finance"])
+    original = cfg.read_text()
+    cfg.write_text(original.replace("[limits]\n", "[limits]\nconnections_per_peer = 4\n"))
+    quiet = __import__("contextlib").redirect_stdout(__import__("io").StringIO())
+    try:
+        with quiet:
+            d.start("finance")
+            d.start("office")
+        known = {i["doc_id"] for i in json.loads(d.x("inbox", "--config", paths["office"],
+                                                     "--json", quiet=True))}
+        ids = _send_many(d, paths["finance"], 150)
+
+        def shared_commits() -> bool:
+            g = json.loads(d.x("status", "--config", paths["office"], "--json", quiet=True,
+                               ok=None))["group_commit"]
+            return bool(g["changes"] > g["commits"])
+        d.wait_for("office to share a COMMIT between documents", shared_commits, timeout=60)
+        rng = random.Random(11)
+        for k in range(3):
+            if k:
+                time.sleep(rng.uniform(0.3, 1.2))
+            d.daemons["office"].kill()
+            d.daemons["office"].wait()
+            with quiet:
+                d.start("office")
+
+        def outbox() -> dict[str, str]:
+            out = json.loads(d.x("outbox", "--config", paths["finance"], "--json", quiet=True))
+            return {i["doc_id"]: i["state"] for i in out if i["doc_id"] in ids}
+        states = d.wait_for("every document delivered", lambda: (
+            s := outbox()) and all(v == "delivered" for v in s.values()) and s, timeout=120)
+        assert len(states) == len(ids)  # type: ignore[arg-type]
+        inbox = json.loads(d.x("inbox", "--config", paths["office"], "--json", quiet=True))
+        got = sorted(i["doc_id"] for i in inbox if i["doc_id"] not in known)
+        assert got == sorted(ids)  # each exactly once
+    finally:
+        cfg.write_text(original)
+
+
 def test_alert_reload_and_the_nodes_audit_log(demo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An arriving document runs the alert command (N3); SIGHUP reloads the peer table, after
     which finance is refused (A13); the node's audit log records it all and verifies."""

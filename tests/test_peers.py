@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -138,6 +138,31 @@ def test_verdicts_are_cached_until_a_crl_changes(tmp_path: Path) -> None:
     assert pc.statistics()["cached_peers"] == 0
     with pytest.raises(PeerRefused, match="revoked"):
         pc.check([c])
+
+
+def test_the_cache_alone_answers_only_what_was_judged(tmp_path: Path) -> None:
+    """admit_cached (the handshake's path without a thread hop) says nothing it has not
+    judged, says what admit says once it has, and forgets on a CRL change or a peer table
+    change (the connections kept open are judged again: node/base.readmit)."""
+    c = issue()
+    der = [c.public_bytes(serialization.Encoding.DER)]
+    path = crl_file(tmp_path / "ca.crl", 1, [])
+    pc = PeerCheck([CA], [path], PEERS)
+    assert pc.admit_cached(der) is None
+    assert pc.admit_cached(der) is None  # asking does not judge
+    assert pc.admit(der) == pc.admit_cached(der) and pc.admit_cached(der) is not None
+    with pytest.raises(PeerRefused, match="expected finance"):
+        pc.admit_cached(der, expect="finance")
+    generation = pc.generation
+    pc.reload(peers=dict(PEERS))
+    assert pc.generation > generation and pc.admit_cached(der) is None
+    crl_file(path, 2, [(c, "keyCompromise")])
+    pc.admit(der)
+    assert pc.reload() and pc.admit_cached(der) is None
+    with pytest.raises(PeerRefused, match="revoked"):
+        pc.admit(der)
+    with pytest.raises(PeerRefused, match="revoked"):  # a cached refusal is a refusal
+        pc.admit_cached(der)
 
 
 def test_a_missing_crl_refuses(tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ class Bench:
         self.notes: list[str] = []
         self.rates: dict[str, tuple[float, float]] = {}
         self.figures: dict[str, Any] = {}  # --json
+        self.rss_trail: list[tuple[str, dict[str, int]]] = []
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -510,6 +511,11 @@ class Bench:
 
     # -- idle memory -------------------------------------------------------------------------
 
+    def rss_mark(self, when: str) -> None:
+        """Remember both daemons' resident memory at this point (printed at the end)."""
+        self.rss_trail.append((when, {u: proc_kib(self.d.daemons[u].pid, "VmRSS")
+                                      for u in ("finance", "office")}))
+
     def idle_rss(self) -> None:
         """Both daemons' resident memory, idle after start-up (empty CRL, nothing queued)."""
         time.sleep(2)
@@ -633,6 +639,7 @@ def run(a: argparse.Namespace, b: Bench, work: Path) -> int:
             print(setup_log.getvalue(), file=sys.stderr)
             raise
         b.idle_rss()
+        b.rss_mark("idle after start-up")
         print(f"\nNew TLS connections per second: full handshake (TLS 1.3, mutual auth, the "
               f"server key on the token), one small HTTP GET each;\nclient `openssl s_time -new "
               f"-www` with a software key (s_time takes no engine key), {a.seconds} s per "
@@ -641,21 +648,29 @@ def run(a: argparse.Namespace, b: Bench, work: Path) -> int:
               flush=True)
         b.handshakes("empty CRL", ["-crl_check", "-CRLform", "DER", "-CRL",
                                    str(work / "ca" / "ca.crl")])
+        b.rss_mark("after the handshakes, empty CRL")
         crl = b.big_crl()
+        b.rss_mark("after taking the 100k CRL")
         b.handshakes(f"{a.crl_entries // 1000}k-entry CRL",
                      ["-crl_check", "-CRLform", "DER", "-CRL", str(crl)])
         r = b.rates
         (e0, o0), (e1, o1) = list(r.values())
         print(f"  100k CRL / empty CRL: exchanged {e1 / e0:.2f}, openssl {o1 / o0:.2f}",
               flush=True)
+        b.rss_mark("after the handshakes, 100k CRL")
         b.documents()
+        b.rss_mark("after the 1 MiB and small documents")
         b.memory()
+        b.rss_mark("after the big document")
         b.token_ops()
         for unit in ("finance", "office"):
             problems = b.daemon_log_problems(unit)
             if problems:
                 b.notes.append(f"{unit}'s daemon logged {len(problems)} warning(s)/error(s), "
                                f"e.g. {problems[0]}")
+        print("\nResident memory along the way (finance, office):")
+        for when, rss in b.rss_trail:
+            print(f"  {when:40} {mib(rss['finance']):>11} {mib(rss['office']):>11}")
         for note in b.notes:
             print(f"  note: {note}")
         print(f"\n(total {time.perf_counter() - t_start:.0f} s; work directory {work}"

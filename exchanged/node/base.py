@@ -230,7 +230,8 @@ class Node:
             await tls.do_handshake()
         chain = peer_chain_der(tls)
         generation = self.peers.generation
-        peer, limited = await trio.to_thread.run_sync(
+        known = self.peers.admit_cached(chain, expect=expect)  # no thread hop when cached
+        peer, limited = known if known is not None else await trio.to_thread.run_sync(
             lambda: self.peers.admit(chain, expect=expect))
         return (tls, peer, x509.load_der_x509_certificate(chain[0]),  # parsed by admit()
                 Admission(chain, expect, generation, trio.current_time(), ctx,
@@ -245,7 +246,8 @@ class Node:
         if generation == adm.generation and \
                 trio.current_time() - adm.at < REJUDGE_SECONDS:
             return adm
-        _, limited = await trio.to_thread.run_sync(
+        known = self.peers.admit_cached(adm.chain, expect=adm.expect)
+        _, limited = known if known is not None else await trio.to_thread.run_sync(
             lambda: self.peers.admit(adm.chain, expect=adm.expect))
         return Admission(adm.chain, adm.expect, generation, trio.current_time(), adm.ctx,
                          None if limited is None else str(limited))

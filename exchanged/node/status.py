@@ -113,6 +113,7 @@ async def gather(node: Node, outbound: Outbound) -> dict[str, Any]:
         "disk": {"free_bytes": free, "reserve_bytes": c.limits.disk_reserve_bytes},
         "audit": {"seq": head[0], "hash": head[1]},
         "store": statistics, "active_transfers": node.active_transfers,
+        "group_commit": dict(node.commit_stats),  # changes > commits: some shared a COMMIT
         "peer_check": node.peers.statistics(),
         "problems": problems,
     }

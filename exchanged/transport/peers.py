@@ -184,6 +184,24 @@ class PeerCheck:
                     self._cache.move_to_end(key)
                     while len(self._cache) > MAX_CACHED:
                         self._cache.popitem(last=False)
+        return self._outcome(cached, expect)
+
+    def admit_cached(self, chain: Sequence[bytes], *, expect: str | None = None
+                     ) -> tuple[Peer, PeerRefused | None] | None:
+        """`admit` from the cache alone, cheap enough for the event loop: None when the chain
+        has no current verdict (then `admit` it in a thread: judging it may take a while)."""
+        if not chain:
+            return None
+        key = b"".join(hashlib.sha256(d).digest() for d in chain)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is None or dt.datetime.now(dt.UTC) >= cached.until:
+                return None
+            self._cache.move_to_end(key)
+        return self._outcome(cached, expect)
+
+    @staticmethod
+    def _outcome(cached: _Verdict, expect: str | None) -> tuple[Peer, PeerRefused | None]:
         peer, limited = cached.peer, None
         if cached.error is not None:
             if cached.crl_only is None:
