@@ -864,7 +864,7 @@ def _small_member(src: _Stream, index: int, name: str, limit: int) -> bytes:
 
 
 def _file_member(src: _Stream, index: int, entry: FileEntry, max_file_size: int,
-                 out: IO[bytes]) -> None:
+                 out: _Sink) -> None:
     info = _header(src, index, entry.name)
     if info.size != entry.size:
         raise PackageError(f"{entry.name} is {info.size} bytes but the signed manifest says "
@@ -910,10 +910,58 @@ def _as_stream(source: Any) -> tuple[_Stream, IO[bytes] | None]:
     return _Stream.of_chunks(source), None
 
 
+def _head(src: _Stream, issuer: x509.Certificate, max_file_size: int,
+          expected_sender: str | None, expected_recipient: str | None
+          ) -> tuple[bytes, bytes, x509.Certificate, Manifest]:
+    """The manifest and its signature (members 1 and 2), checked: (manifest bytes, signature,
+    signer, manifest)."""
+    data = _small_member(src, 1, MANIFEST_NAME, MAX_MANIFEST)
+    signature = _small_member(src, 2, SIGNATURE_NAME, MAX_SIGNATURE)
+    try:
+        signer = verify_detached(signature, data, issuer)
+    except CmsError as e:
+        raise PackageError(f"the package's signature is not valid: {e}",
+                           code="bad-signature") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+        raise PackageError(f"the package's signature is malformed: {e}",
+                           code="bad-signature") from None
+    manifest = Manifest.from_bytes(data)
+    m = manifest.metadata
+    if expected_recipient is not None and m.recipient != expected_recipient:
+        raise PackageError(f"document {m.doc_id} is for {m.recipient}, not for "
+                           f"{expected_recipient}", code="wrong-recipient")
+    if expected_sender is not None:
+        if m.sender != expected_sender:
+            raise PackageError(f"document {m.doc_id} says it is from {m.sender}, but it came "
+                               f"from {expected_sender}", code="wrong-sender")
+        if signer_unit(signer) != m.sender:
+            raise PackageError(f"document {m.doc_id} from {m.sender} is signed by "
+                               f"{signer.subject.rfc4514_string()}, a node of another unit",
+                               code="wrong-sender")
+    _check_classified(m)
+    for entry in (manifest.pdf, manifest.editable):
+        _check_size(entry.name, entry.size, max_file_size)
+    return data, signature, signer, manifest
+
+
+def _check_form(manifest: Manifest, pdf: IO[bytes], pdf_size: int, ed: IO[bytes],
+                ed_size: int) -> None:
+    """N4: the received files' form, judged by their content."""
+    problem = _pdf_problem(pdf, pdf_size)
+    if problem:
+        raise PackageError(f"document.pdf is not a PDF: {problem}", code="not-pdf")
+    kind = _editable_kind(ed, ed_size)
+    declared = manifest.editable.kind
+    if kind is None or (kind != declared and not (kind == "doc" and declared == "wps")):
+        found = f"its content is {kind}" if kind else "it is none of them by its content"
+        raise _form(f"the editable file must be txt, doc, docx, wps, ofd or rtf, and "
+                    f"{manifest.editable.name} was declared {declared}: {found}")
+
+
 def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
          dest_dir: str | os.PathLike[str], *, issuer: x509.Certificate,
          max_file_size: int = DEFAULT_MAX_FILE_SIZE, expected_sender: str | None = None,
-         expected_recipient: str | None = None, durable: bool = True) -> Received:
+         expected_recipient: str | None = None) -> Received:
     """Read a package in one pass (a path, a binary file object, or an iterable of chunks),
     check it and put its files into `dest_dir`.
 
@@ -924,9 +972,8 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
     against the manifest, while it is copied; the end of the archive; the form (N4) of the
     extracted files by content. Files are written under temporary names in `dest_dir` (made
     if missing) and renamed into place, fsynced, only when everything holds; on any error
-    nothing is left behind. Raises PackageError. `durable=False` skips the fsyncs, for a
-    caller that only checks the package and removes `dest_dir` after (the package itself is
-    what it keeps, already durable)."""
+    nothing is left behind. Raises PackageError. (`check` makes the same checks on a stored
+    package without copying anything.)"""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     src, owned = _as_stream(source)
@@ -938,70 +985,34 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
         return os.fdopen(fd, "wb")
 
     try:
-        data = _small_member(src, 1, MANIFEST_NAME, MAX_MANIFEST)
-        signature = _small_member(src, 2, SIGNATURE_NAME, MAX_SIGNATURE)
-        try:
-            signer = verify_detached(signature, data, issuer)
-        except CmsError as e:
-            raise PackageError(f"the package's signature is not valid: {e}",
-                               code="bad-signature") from None
-        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
-            raise PackageError(f"the package's signature is malformed: {e}",
-                               code="bad-signature") from None
-        manifest = Manifest.from_bytes(data)
-        m = manifest.metadata
-        if expected_recipient is not None and m.recipient != expected_recipient:
-            raise PackageError(f"document {m.doc_id} is for {m.recipient}, not for "
-                               f"{expected_recipient}", code="wrong-recipient")
-        if expected_sender is not None:
-            if m.sender != expected_sender:
-                raise PackageError(f"document {m.doc_id} says it is from {m.sender}, but it came "
-                                   f"from {expected_sender}", code="wrong-sender")
-            if signer_unit(signer) != m.sender:
-                raise PackageError(f"document {m.doc_id} from {m.sender} is signed by "
-                                   f"{signer.subject.rfc4514_string()}, a node of another unit",
-                                   code="wrong-sender")
-        _check_classified(m)
-        for entry in (manifest.pdf, manifest.editable):
-            _check_size(entry.name, entry.size, max_file_size)
+        data, signature, signer, manifest = _head(src, issuer, max_file_size,
+                                                  expected_sender, expected_recipient)
         outputs = []
         for index, entry in ((3, manifest.pdf), (4, manifest.editable)):
             with temp() as out:
                 _file_member(src, index, entry, max_file_size, out)
                 out.flush()
-                if durable:
-                    os.fsync(out.fileno())
+                os.fsync(out.fileno())
             outputs.append(temps[-1])
         _end(src)
         pdf_tmp, ed_tmp = outputs
-        f, size = _open_regular(pdf_tmp, "the received PDF")
-        with f:
-            problem = _pdf_problem(f, size)
-        if problem:
-            raise PackageError(f"document.pdf is not a PDF: {problem}", code="not-pdf")
-        f, size = _open_regular(ed_tmp, "the received editable file")
-        with f:
-            kind = _editable_kind(f, size)
-        declared = manifest.editable.kind
-        if kind is None or (kind != declared and not (kind == "doc" and declared == "wps")):
-            found = f"its content is {kind}" if kind else "it is none of them by its content"
-            raise _form(f"the editable file must be txt, doc, docx, wps, ofd or rtf, and "
-                        f"{manifest.editable.name} was declared {declared}: {found}")
+        pdf, pdf_size = _open_regular(pdf_tmp, "the received PDF")
+        ed, ed_size = _open_regular(ed_tmp, "the received editable file")
+        with pdf, ed:
+            _check_form(manifest, pdf, pdf_size, ed, ed_size)
         evidence = []
         for blob in (data, signature):
             with temp() as out:
                 out.write(blob)
                 out.flush()
-                if durable:
-                    os.fsync(out.fileno())
+                os.fsync(out.fileno())
             evidence.append(temps[-1])
         final = [dest / PDF_NAME, dest / manifest.editable.name, dest / MANIFEST_NAME,
                  dest / SIGNATURE_NAME]
         for tmp, path in zip([pdf_tmp, ed_tmp, *evidence], final, strict=True):
             os.replace(tmp, path)
         temps.clear()
-        if durable:
-            fsync_dir(dest)
+        fsync_dir(dest)
         return Received(manifest, signer, *final)
     finally:
         for name in temps:
@@ -1009,3 +1020,82 @@ def read(source: str | os.PathLike[str] | BinaryIO | Iterable[bytes],
                 os.unlink(name)
         if owned is not None:
             owned.close()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A stored package that holds (`check`): its manifest and who signed it."""
+
+    manifest: Manifest
+    signer: x509.Certificate
+
+    @property
+    def metadata(self) -> Metadata:
+        return self.manifest.metadata
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + size) of a file, as a file of its own (the sniffers seek)."""
+
+    def __init__(self, f: IO[bytes], start: int, size: int) -> None:
+        super().__init__()
+        self._f, self._start, self._size, self._pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, min(self._size, base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = self._size - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _Discard(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def check(path: str | os.PathLike[str], *, issuer: x509.Certificate,
+          max_file_size: int = DEFAULT_MAX_FILE_SIZE, expected_sender: str | None = None,
+          expected_recipient: str | None = None) -> Checked:
+    """Every check of `read`, on a package stored at `path`, without copying a byte of it:
+    one pass hashes the members where they lie, then the form is judged on the files inside
+    the package itself (a tar stores each member whole, in one place). What a receiving node
+    runs on each arriving package. Raises PackageError."""
+    f, _ = _open_regular(path, "the package")
+    with f:
+        src = _Stream(f.read)
+        _, _, signer, manifest = _head(src, issuer, max_file_size, expected_sender,
+                                       expected_recipient)
+        places = []
+        for index, entry in ((3, manifest.pdf), (4, manifest.editable)):
+            places.append(f.tell() + _BLOCK)  # the member's data, after its header
+            _file_member(src, index, entry, max_file_size, _Discard())
+        _end(src)
+        with _Window(f, places[0], manifest.pdf.size) as pdf, \
+                _Window(f, places[1], manifest.editable.size) as ed:
+            _check_form(manifest, pdf, manifest.pdf.size,  # type: ignore[arg-type]
+                        ed, manifest.editable.size)  # type: ignore[arg-type]
+        return Checked(manifest, signer)

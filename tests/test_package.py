@@ -306,6 +306,12 @@ def test_a_package_streamed_into_a_sink_is_the_same_package(pki: Pki, files: Fil
     assert manifest == on_disk
     got = package.read(io.BytesIO(sink.getvalue()), tmp_path / "in", issuer=pki.ca)
     assert got.manifest == manifest
+    # ... and what a receiving node runs on it, stored: the same, nothing copied out.
+    (tmp_path / "stored").write_bytes(sink.getvalue())
+    before = sorted(tmp_path.iterdir())
+    checked = package.check(tmp_path / "stored", issuer=pki.ca, expected_sender="finance")
+    assert checked.manifest == manifest and checked.signer == got.signer
+    assert sorted(tmp_path.iterdir()) == before
     for both_or_neither in ({"out_path": tmp_path / "q", "sink": io.BytesIO()}, {}):
         with pytest.raises(TypeError, match="one of them"):
             package.build(meta(), files.pdf, files.docx, key=pki.key, cert=pki.cert,
@@ -370,6 +376,14 @@ def test_sniff_pdf_by_content(tmp_path: Path) -> None:
 ])
 def test_sniff_editable_by_content(tmp_path: Path, name: str, data: bytes, kind: str) -> None:
     assert sniff_editable(write(tmp_path / name, data)) == kind
+    assert in_window(data) == kind
+
+
+def in_window(data: bytes) -> str | None:
+    """The kind judged as `package.check` judges it: the bytes where they lie inside a bigger
+    file (a stored package), through a window on it."""
+    f = io.BytesIO(b"\x01" * 700 + data + b"%%EOF trailing bytes\n" * 50)
+    return package._editable_kind(package._Window(f, 700, len(data)), len(data))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("name", "data"), [
@@ -389,6 +403,7 @@ def test_sniff_editable_by_content(tmp_path: Path, name: str, data: bytes, kind:
 ])
 def test_sniff_editable_refuses(tmp_path: Path, name: str, data: bytes) -> None:
     assert sniff_editable(write(tmp_path / name, data)) is None
+    assert in_window(data) is None
 
 
 def test_sniffers_refuse_what_is_not_a_regular_file(tmp_path: Path) -> None:
@@ -505,8 +520,16 @@ def pkg(pki: Pki, files: Files, tmp_path: Path) -> Path:
 
 def read_refused(pki: Pki, source: Any, dest: Path, code: str, match: str = "",
                  **kw: Any) -> PackageError:
+    """Refused by `read` (nothing left behind) and, for what can be stored, by `check` (what
+    a receiving node runs on a stored package) with the same reason."""
     e = refused(code, lambda: package.read(source, dest, issuer=pki.ca, **kw), match)
     assert not dest.exists() or os.listdir(dest) == []  # nothing left behind
+    if isinstance(source, bytes | Path):
+        stored = source if isinstance(source, Path) else dest.parent / f"{dest.name}.stored"
+        if isinstance(source, bytes):
+            stored.write_bytes(source)
+        e2 = refused(code, lambda: package.check(stored, issuer=pki.ca, **kw), match)
+        assert str(e2) == str(e)
     return e
 
 

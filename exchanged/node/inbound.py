@@ -20,12 +20,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import shutil
 import sqlite3
 import ssl
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -365,19 +362,16 @@ class Inbound:
                 return await self._refuse(peer, doc, "bad-form", f"the custody records do not "
                                           f"hold: {e}")
         recipient = records[0]["node"] if records else node.config.unit
-        workdir = Path(tempfile.mkdtemp(dir=node.config.data_dir, prefix=".unpack-"))
-        try:
+        try:  # every check of unpacking, on the stored package itself: nothing copied
             received = await trio.to_thread.run_sync(
-                lambda: pkg.read(node.store.blob_path(sha), workdir, issuer=node.ca_cert,
-                                 max_file_size=node.config.limits.max_document_bytes,
-                                 expected_recipient=recipient, durable=False))
+                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
+                                  max_file_size=node.config.limits.max_document_bytes,
+                                  expected_recipient=recipient))
         except ExchangedError as e:
             return await self._refuse(peer, doc, _reason(e.code), str(e))
         except OSError as e:
-            return await self._refuse(peer, doc, "busy", f"the receiving node could not unpack "
+            return await self._refuse(peer, doc, "busy", f"the receiving node could not read "
                                       f"the document ({e.strerror}); send it again later")
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
         meta = received.metadata
         if records:  # signed by the node of the unit that first sent it, good per our CRLs
             problem = await trio.to_thread.run_sync(self._origin_problem, received.signer, meta,
