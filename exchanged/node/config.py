@@ -31,6 +31,7 @@ class Limits:
     handshake_timeout: float = 15.0  # counted from the moment a connection is accepted
     drain_timeout: float = 20.0
     max_connections: int = 64  # authenticated peer connections at once
+    max_connections_per_peer: int = 8  # ... of them from one peer unit
     max_unauthenticated: int = 128  # connections still in their TLS handshake, in all
     max_unauthenticated_per_source: int = 8  # ... from one source address
     peer_quota_bytes: int = 8 * 1024**3  # a peer's documents here not yet signed for

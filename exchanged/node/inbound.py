@@ -130,6 +130,7 @@ class Inbound:
         self.refusals = RefusalLog(node)
         self.slots = trio.CapacityLimiter(limits.max_connections)
         self.in_flight: Counter[str] = Counter()  # blobs of packages being checked now
+        self.per_peer: Counter[str] = Counter()  # connections open now, by peer unit
 
     def limits_changed(self) -> None:
         """SIGHUP changed the limits: the gate and the connection slots follow (connections
@@ -169,6 +170,12 @@ class Inbound:
         finally:
             self.gate.leave(source)
         try:
+            cap = node.config.limits.max_connections_per_peer
+            if self.per_peer[peer.unit] >= cap:  # one peer may not take every slot
+                await self.refusals.note("peer-refused", peer.unit, "busy",
+                                         f"{peer.unit} already has {cap} connections open "
+                                         "(limits.max_connections_per_peer)")
+                return
             with trio.move_on_after(node.config.limits.handshake_timeout) as waited:
                 await self.slots.acquire()
             if waited.cancelled_caught:
@@ -176,10 +183,12 @@ class Inbound:
                                          f"{peer.unit}: all {self.slots.total_tokens} "
                                          "connection slots are taken")
                 return
+            self.per_peer[peer.unit] += 1
             try:
                 await self._requests(tls, peer, leaf, adm)
             finally:
                 self.slots.release()
+                self.per_peer[peer.unit] -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
         except Exception as e:  # one peer's failure must never take the whole node down

@@ -23,7 +23,7 @@ import pytest
 from cryptography import x509
 
 from exchanged.transport import protocol as proto
-from hostile.conftest import Net, submit_raw
+from hostile.conftest import Net, submit_raw, tls_context
 
 
 def _connect_from(source: str, port: int) -> socket.socket:
@@ -59,6 +59,52 @@ def test_idle_connections_from_one_address_do_not_hold_up_a_peer(healthy: Net) -
     refused = net.sql("office", "SELECT details FROM audit WHERE action = 'tls-failed' AND "
                                 "object = '127.0.0.2'")
     assert refused and "too-many-connections" in refused[0][0]
+
+
+def test_one_peer_cannot_take_every_connection_slot(healthy: Net) -> None:
+    """A configured peer (here: finance's certificate with a test key) holding connections
+    open gets at most max_connections_per_peer of them; the next is closed after the
+    handshake, told nothing, and the refusal is logged."""
+    import trio
+
+    net = healthy
+    old = net.restart("office", max_connections_per_peer=3)
+
+    async def hold(n: int) -> list[bool]:
+        """Open n connections one after another, keep them, and say which got a pong."""
+        answered, held = [], []
+        try:
+            for _ in range(n):
+                stream = await trio.open_tcp_stream("127.0.0.1", net.port("office"))
+                tls = trio.SSLStream(stream, tls_context(net, "finance", server=False),
+                                     server_hostname="peer")
+                held.append(tls)
+                conn = proto.ClientConnection("peer")
+                got = None
+                try:
+                    with trio.fail_after(10):
+                        await tls.send_all(conn.send(proto.Ping(None)))
+                        while (got := conn.next_event()) is proto.NEED_DATA:
+                            conn.receive_data(await tls.receive_some(65536))
+                except (trio.BrokenResourceError, proto.ProtocolError):
+                    got = None
+                answered.append(isinstance(got, proto.Pong))
+        finally:
+            for tls in held:
+                await trio.aclose_forcefully(tls)
+        return answered
+
+    try:
+        answered = trio.run(hold, 6)
+        # finance's own daemon may hold one or two of the three already (kept connections).
+        assert 1 <= sum(answered) <= 3 and answered[-1] is False, answered
+        assert answered == sorted(answered, reverse=True), answered  # refused only once full
+        log = (net.d.work / "office" / "daemon.log").read_text()
+        assert "finance already has 3 connections open" in log
+    finally:
+        net.cfg("office").write_text(old)
+        net.stop("office")
+        net.start("office")
 
 
 def test_failed_handshakes_are_audited_in_aggregate(healthy: Net) -> None:
