@@ -23,7 +23,7 @@ import base64
 import datetime as dt
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,8 @@ from cryptography.x509 import verification as xv
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, ExtensionOID
 
 from exchanged.errors import ExchangedError
+from exchanged.pki import path as pathmod
+from exchanged.pki.path import name_key, names_equal  # noqa: F401 (used below)
 
 __all__ = ["PURPOSES", "REASON_CODES", "CrlInfo", "CrlSet", "ValidationError", "check_crl",
            "crl_der", "describe", "validate"]
@@ -628,6 +630,46 @@ def _ee_policy() -> xv.ExtensionPolicy:
             .may_be_present(x509.ExtendedKeyUsage, agnostic, eku))
 
 
+def _profile_rules(trusted_der: frozenset[bytes], ekus: tuple[x509.ObjectIdentifier, ...]
+                   ) -> Callable[[x509.Certificate, bool], str | None]:
+    """The rules of _ca_policy() and _ee_policy(), for exchanged.pki.path's own pass."""
+    any_eku = x509.ObjectIdentifier("2.5.29.37.0")
+
+    def rules(cert: x509.Certificate, as_ca: bool) -> str | None:
+        try:
+            ku = _ext(cert, x509.KeyUsage)
+            eku = _ext(cert, x509.ExtendedKeyUsage)
+            aki = _ext(cert, x509.AuthorityKeyIdentifier)
+            ski = _ext(cert, x509.SubjectKeyIdentifier)
+        except ValidationError as e:
+            return str(e)
+        if eku is not None and len(eku) == 0:
+            return "empty extendedKeyUsage"
+        if as_ca:
+            if ski is None:
+                return "CA certificate without subjectKeyIdentifier"
+            if aki is None and _der(cert) not in trusted_der and not _self_signed(cert):
+                return "CA certificate without authorityKeyIdentifier"
+            if eku is not None and ekus and any_eku not in eku:
+                missing = [_EKU_NAMES[oid] for oid in ekus if oid not in eku]
+                if missing:
+                    return f"{_WRONG_KU_MARK} CA extendedKeyUsage excludes {', '.join(missing)}"
+            return None
+        if aki is None and not _self_signed(cert):
+            return "certificate without authorityKeyIdentifier"
+        if ku is not None and ku.key_cert_sign and not _is_ca(cert):
+            return "keyCertSign asserted in a certificate that is not a CA"
+        return None
+
+    return rules
+
+
+def _from_path_error(pe: pathmod.PathError, leaf: x509.Certificate) -> ValidationError:
+    cert = pe.cert or leaf
+    where = "" if cert is leaf else f"{describe(leaf)}: issuer "
+    return ValidationError(pe.code, f"{where}{describe(cert)}: {pe}", certificate=cert)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation
 
@@ -718,10 +760,30 @@ class _Run:
                                        ee_policy=_ee_policy()))
         if self.max_chain_depth is not None:
             builder = builder.max_chain_depth(self.max_chain_depth)
+        profile = pathmod.Profile(at=self.at, trusted_der=self.trusted_der,
+                                  extra=_profile_rules(self.trusted_der, ekus))
         try:
             chain = builder.build_client_verifier().verify(leaf, self.untrusted).chain
         except xv.VerificationError as e:
-            raise self.classify(leaf, str(e)) from None
+            # cryptography refuses some valid paths (see exchanged.pki.path): search ourselves,
+            # and accept only a path that passes every rule there.
+            refusal = self.classify(leaf, str(e))
+            try:
+                chain = pathmod.build(leaf, self.trusted, self.untrusted, profile,
+                                      max_intermediates=8 if self.max_chain_depth is None
+                                      else self.max_chain_depth)
+            except pathmod.PathError as pe:
+                if refusal.code != "invalid" or pe.code == "unknown-issuer":
+                    raise refusal from None
+                raise _from_path_error(pe, leaf) from None
+        else:
+            # What cryptography skipped (name constraints of types it does not support, when
+            # not critical; self-issued certificates...): our pass on its chain, signatures
+            # already checked.
+            try:
+                pathmod.check_path(chain, profile, lambda _c, _i: None)
+            except pathmod.PathError as pe:
+                raise _from_path_error(pe, leaf) from None
         for cert in chain[:-1]:
             # RFC 5280 4.1.2.2: positive. cryptography accepts 0 for compatibility with old
             # roots; our PKI never issues it, so a 0 is a forgery or a foreign certificate.
