@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "exchanged-pkits"
@@ -113,9 +114,10 @@ def section_of(name: str) -> str | None:
     return None
 
 
-def _norm(name: object) -> str:
-    """A loose name key for gathering candidates (the validators compare names themselves)."""
-    return re.sub(r"\s+", " ", str(name)).strip().lower()
+def _norm(name: Any) -> str:
+    """A name key for gathering candidates, by asn1crypto's RFC 5280 7.1 comparison (the
+    validators compare names themselves)."""
+    return str(name.hashable)
 
 
 class Directory:
@@ -132,20 +134,20 @@ class Directory:
         for p in sorted((data / "certs").glob("*.crt")):
             cert = ax.Certificate.load(p.read_bytes())
             tbs = cert["tbs_certificate"]
-            self.issuer_of[p] = _norm(tbs["issuer"].human_friendly)
+            self.issuer_of[p] = _norm(tbs["issuer"])
             names: list[str] = []
             for ext in tbs["extensions"] or ():
                 if ext["extn_id"].native == "crl_distribution_points":
                     for dp in ext["extn_value"].parsed:
                         for gn in dp["crl_issuer"] or ():
                             if gn.name == "directory_name":
-                                names.append(_norm(gn.chosen.human_friendly))
+                                names.append(_norm(gn.chosen))
             self.crl_issuers_of[p] = names
             if not _EE.match(p.name):
-                self.subjects.setdefault(_norm(tbs["subject"].human_friendly), []).append(p)
+                self.subjects.setdefault(_norm(tbs["subject"]), []).append(p)
         for p in sorted((data / "crls").glob("*.crl")):
             c = acrl.CertificateList.load(p.read_bytes())
-            self.crls.setdefault(_norm(c["tbs_cert_list"]["issuer"].human_friendly),
+            self.crls.setdefault(_norm(c["tbs_cert_list"]["issuer"]),
                                  []).append(p)
         self.anchor = data / "certs" / "TrustAnchorRootCertificate.crt"
 
