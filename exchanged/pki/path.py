@@ -513,12 +513,10 @@ class Budget:
 
     signatures: int = 64  # signature checks while building
     paths: int = 16  # complete paths run through check_path()
+    steps: int = 2048  # candidate issuers looked at (a signature cached or not)
     spent_signatures: int = 0
     spent_paths: int = 0
-
-    @property
-    def exhausted(self) -> bool:
-        return self.spent_signatures >= self.signatures or self.spent_paths >= self.paths
+    spent_steps: int = 0
 
 
 @dataclass
@@ -565,6 +563,9 @@ class _Search:
     def extend(self, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
         current = path[-1]
         for issuer, trusted in self.candidates(current):
+            self.budget.spent_steps += 1
+            if self.budget.spent_steps > self.budget.steps:
+                raise _Exhausted()
             if any(issuer is c or _der(issuer) == _der(c) for c in path):
                 continue  # no loops
             if trusted:
@@ -627,9 +628,11 @@ def build(leaf: x509.Certificate, anchors: Sequence[x509.Certificate],
     try:
         found = search.run()
     except _Exhausted:
-        raise PathError("invalid", f"path search budget exhausted ({search.budget.signatures} "
-                        f"signature checks, {search.budget.paths} complete paths) without a "
-                        "valid path: too many candidate issuers", leaf) from None
+        b = search.budget
+        raise PathError("invalid", f"path search budget exhausted ({b.spent_signatures} of "
+                        f"{b.signatures} signature checks, {b.spent_paths} of {b.paths} complete "
+                        f"paths, {b.spent_steps} of {b.steps} candidates) without a valid path: "
+                        "too many candidate issuers", leaf) from None
     if found is not None:
         return found
     if search.errors:
