@@ -456,3 +456,50 @@ def _ca_cert(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivate
     if ca:
         b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
     return b.sign(signer, hashes.SHA256())
+
+
+# --------------------------------------------------------------------------------------------
+# `exchanged cert verify` with certificates cryptography cannot parse
+
+
+def test_cert_verify_names_an_unreadable_dsa_certificate(tmp_path: Path, root: Party) -> None:
+    """A DSA key whose parameters are inherited from the issuer (RFC 3279 2.3.2; PKITS 4.1.5):
+    cryptography cannot parse the certificate; the command says what it is and why it is
+    refused, for the leaf and for an intermediate it leaves out."""
+    import sys
+    ica = issue(dn((CN, "ICA")), root, ca=True)
+    dsa_key = dsa.generate_private_key(2048)
+    with_params = (x509.CertificateBuilder().subject_name(dn((CN, "DSA leaf")))
+                   .issuer_name(ica.name).public_key(dsa_key.public_key()).serial_number(9)
+                   .not_valid_before(NOW - DAY).not_valid_after(NOW + DAY)
+                   .sign(ica.key, hashes.SHA256()))
+    a = ax.Certificate.load(with_params.public_bytes(serialization.Encoding.DER))
+    tbs = a["tbs_certificate"]
+    spki = tbs["subject_public_key_info"]
+    tbs["subject_public_key_info"] = ax.PublicKeyInfo({
+        "algorithm": {"algorithm": "dsa"}, "public_key": spki["public_key"]})
+    tbs_der = tbs.dump(force=True)
+    der = ax.Certificate({"tbs_certificate": ax.TbsCertificate.load(tbs_der),
+                          "signature_algorithm": a["signature_algorithm"],
+                          "signature_value": ica.key.sign(tbs_der, ec.ECDSA(hashes.SHA256()))
+                          }).dump()
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(der)
+    (tmp_path / "dsa.der").write_bytes(der)
+    (tmp_path / "root.pem").write_bytes(root.cert.public_bytes(serialization.Encoding.PEM))
+    leaf = issue("leaf", ica)
+    (tmp_path / "leaf.pem").write_bytes(leaf.cert.public_bytes(serialization.Encoding.PEM))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "exchanged", "cert", "verify", *args,
+                               "--ca", str(tmp_path / "root.pem"), "--no-crl-check",
+                               "--at", NOW.isoformat()], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    p = cli(str(tmp_path / "dsa.der"))
+    assert p.returncode == 1
+    assert "CN: DSA leaf" in p.stderr.replace("Common Name", "CN")
+    assert "inherited from its issuer" in p.stderr and "refuses DSA on purpose" in p.stderr
+    p = cli(str(tmp_path / "leaf.pem"), "--untrusted", str(tmp_path / "dsa.der"))
+    assert p.returncode == 1
+    assert "unknown" in p.stderr and "left out, unreadable" in p.stderr and "dsa.der" in p.stderr

@@ -54,7 +54,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-__all__ = ["Budget", "PathError", "build", "check_path", "name_key", "names_equal"]
+__all__ = ["Budget", "PathError", "build", "check_path", "name_key", "names_equal",
+           "unreadable_reason"]
 
 
 class PathError(Exception):
@@ -643,3 +644,29 @@ def build(leaf: x509.Certificate, anchors: Sequence[x509.Certificate],
                         f"{leaf.issuer.rfc4514_string()} unknown)", leaf)
     raise PathError("invalid", "no valid path to a trusted certificate within "
                     f"{max_intermediates} intermediates", leaf)
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates cryptography cannot parse
+
+_DSA_OID = "1.2.840.10040.4.1"
+
+
+def unreadable_reason(der: bytes, error: str) -> str:
+    """Why a certificate cryptography refused to parse is refused, read with asn1crypto: a DSA
+    key whose parameters are inherited from the issuer (RFC 3279 2.3.2) gets a plain answer."""
+    from asn1crypto import x509 as ax  # only on this error path
+    try:
+        cert = ax.Certificate.load(der)
+        spki = cert["tbs_certificate"]["subject_public_key_info"]
+        algorithm = spki["algorithm"]["algorithm"].dotted
+        params = spki["algorithm"]["parameters"]
+        subject = cert["tbs_certificate"]["subject"].human_friendly
+    except (ValueError, TypeError, KeyError) as e:
+        return f"it is not a certificate ({error.splitlines()[0]}; {e})"
+    if algorithm == _DSA_OID:
+        inherited = params.native is None
+        return (f"{subject or '<empty subject>'}: its key is a DSA key"
+                f"{' whose parameters are inherited from its issuer' if inherited else ''}: "
+                "exchanged refuses DSA on purpose (FIPS 186-5 withdrew DSA for signing)")
+    return f"{subject or '<empty subject>'}: cryptography cannot read it ({error.splitlines()[0]})"
