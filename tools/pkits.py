@@ -68,6 +68,10 @@ SECTIONS: list[tuple[str, str, tuple[str, ...]]] = [
     ("4.16", "private certificate extensions", ("CertificateExtension",)),
 ]
 
+OPENSSL_FLAGS = ("-crl_check_all", "-x509_strict")
+# openssl's optional CRL features: indirect CRLs and CRL scopes, delta CRLs
+OPENSSL_EXTENDED = ("-extended_crl", "-use_deltas")
+
 _EE = re.compile(r"^(Valid|Invalid)(.+?)Test(\d+)EE\.crt$")
 # Names of policy tests that would otherwise match a pattern above (4.8-4.12 are not run).
 _POLICY = re.compile(r"Polic|inhibit|requireExplicit|UserNotice|CPSPointer")
@@ -86,6 +90,7 @@ class Test:
     ours_ok: bool | None = None
     ossl: str = ""
     ossl_ok: bool | None = None
+    ossl_ext_ok: bool | None = None
 
 
 def fetch() -> Path:
@@ -207,12 +212,12 @@ def _pem(paths: Iterable[Path], kind: str, out: Path) -> None:
             f.write(pem.stdout)
 
 
-def run_openssl(t: Test, anchor: Path, tmp: Path) -> None:
-    work = tmp / f"{t.section}-{t.number}"
+def run_openssl(t: Test, anchor: Path, tmp: Path, extended: bool = False) -> None:
+    work = tmp / f"{t.section}-{t.number}{'-ext' if extended else ''}"
     work.mkdir()
     _pem([anchor], "x509", work / "ca.pem")
     _pem([t.ee], "x509", work / "ee.pem")
-    cmd = ["openssl", "verify", "-crl_check_all", "-x509_strict",
+    cmd = ["openssl", "verify", *OPENSSL_FLAGS, *(OPENSSL_EXTENDED if extended else ()),
            "-CAfile", str(work / "ca.pem")]
     if t.untrusted:
         _pem(t.untrusted, "x509", work / "untrusted.pem")
@@ -222,6 +227,9 @@ def run_openssl(t: Test, anchor: Path, tmp: Path) -> None:
         cmd += ["-CRLfile", str(work / "crls.pem")]
     p = subprocess.run([*cmd, str(work / "ee.pem")], capture_output=True, text=True,
                        timeout=120)
+    if extended:
+        t.ossl_ext_ok = p.returncode == 0
+        return
     t.ossl_ok = p.returncode == 0
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     t.ossl = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "")
@@ -251,33 +259,39 @@ def main() -> int:
         jobs = [pool.submit(run_ours, t, anchor, args.python) for t in todo]
         if not args.no_openssl:
             jobs += [pool.submit(run_openssl, t, anchor, Path(tmp)) for t in todo]
+            jobs += [pool.submit(run_openssl, t, anchor, Path(tmp), True) for t in todo]
         for j in jobs:
             j.result()
 
-    print(f"PKITS ({data}), {len(todo)} tests; exchanged cert verify vs "
-          "openssl verify -crl_check_all -x509_strict")
-    print(f"{'section':<8}{'title':<32}{'tests':>6}{'exchanged':>11}{'openssl':>9}")
-    totals = [0, 0, 0]
+    print(f"PKITS ({data}), {len(todo)} tests: `exchanged cert verify` beside "
+          f"`openssl verify {' '.join(OPENSSL_FLAGS)}` (openssl) and with "
+          f"{' '.join(OPENSSL_EXTENDED)} added (+ext)")
+    print(f"{'section':<8}{'title':<32}{'tests':>6}{'exchanged':>11}{'openssl':>9}{'+ext':>6}")
+    totals = [0, 0, 0, 0]
     for section, title, _ in SECTIONS:
         ts = [t for t in todo if t.section == section]
         if not ts:
             continue
         ours = sum(t.ours_ok == t.valid for t in ts)
         ossl = sum(t.ossl_ok == t.valid for t in ts)
+        ext = sum(t.ossl_ext_ok == t.valid for t in ts)
         totals[0] += len(ts)
         totals[1] += ours
         totals[2] += ossl
+        totals[3] += ext
         print(f"{section:<8}{title:<32}{len(ts):>6}{ours:>11}"
-              f"{'-' if args.no_openssl else ossl:>9}")
+              f"{'-' if args.no_openssl else ossl:>9}{'-' if args.no_openssl else ext:>6}")
     print(f"{'total':<40}{totals[0]:>6}{totals[1]:>11}"
-          f"{'-' if args.no_openssl else totals[2]:>9}")
+          f"{'-' if args.no_openssl else totals[2]:>9}"
+          f"{'-' if args.no_openssl else totals[3]:>6}")
     wrong_accepts = [t for t in todo if t.ours_ok and not t.valid]
     print(f"\nwrong accepts by exchanged: {len(wrong_accepts)}"
           + "".join(f"\n  {t.section}.{t.number} {t.name}" for t in wrong_accepts))
     if not args.no_openssl:
-        ossl_wa = [t for t in todo if t.ossl_ok and not t.valid]
-        print(f"wrong accepts by openssl: {len(ossl_wa)}"
-              + "".join(f"\n  {t.section}.{t.number} {t.name}" for t in ossl_wa))
+        for label, attr in (("openssl", "ossl_ok"), ("openssl +ext", "ossl_ext_ok")):
+            wa = [t for t in todo if getattr(t, attr) and not t.valid]
+            print(f"wrong accepts by {label}: {len(wa)}"
+                  + "".join(f"\n  {t.section}.{t.number} {t.name}" for t in wa))
     print("\ntests exchanged gets wrong:" if totals[1] < totals[0] else "")
     for t in todo:
         if args.verbose or t.ours_ok != t.valid:
