@@ -503,3 +503,21 @@ def test_cert_verify_names_an_unreadable_dsa_certificate(tmp_path: Path, root: P
     p = cli(str(tmp_path / "leaf.pem"), "--untrusted", str(tmp_path / "dsa.der"))
     assert p.returncode == 1
     assert "unknown" in p.stderr and "left out, unreadable" in p.stderr and "dsa.der" in p.stderr
+
+
+def test_fallback_refuses_differing_signature_algorithms(root: Party) -> None:
+    """RFC 5280 4.1.1.2: the algorithm inside TBSCertificate and the one outside must be the
+    same; here the outside says ECDSA-SHA384 (and the signature is one) while the inside says
+    SHA256."""
+    ica = _constrained_ica(root, ca=True)
+    leaf = issue(dn((O_, "Test"), (CN, "leaf")), ica)
+    a = ax.Certificate.load(leaf.cert.public_bytes(serialization.Encoding.DER))
+    tbs_der = a["tbs_certificate"].dump()
+    swapped = ax.Certificate({
+        "tbs_certificate": ax.TbsCertificate.load(tbs_der),
+        "signature_algorithm": {"algorithm": "sha384_ecdsa"},
+        "signature_value": ica.key.sign(tbs_der, ec.ECDSA(hashes.SHA384()))}).dump()
+    cert = x509.load_der_x509_certificate(swapped)
+    with pytest.raises(ValidationError) as e:
+        validate(cert, trusted=[root.cert], untrusted=[ica.cert], at=NOW, check_revocation=False)
+    assert e.value.code == "bad-signature" and "4.1.1.2" in str(e.value)

@@ -42,6 +42,7 @@ says so.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -84,6 +85,7 @@ def _value_key(attr: x509.NameAttribute[str | bytes]) -> str:
     return " ".join(text.split())
 
 
+@functools.lru_cache(maxsize=4096)  # the same few names come back at every handshake
 def name_key(name: x509.Name) -> NameKey:
     """A key under which two names are equal exactly when RFC 5280 7.1 says they match: RDNs in
     order, attributes of an RDN in any order, values compared after normalisation."""
@@ -115,6 +117,9 @@ def check_signature(cert: x509.Certificate, issuer_key: object) -> str | None:
     except UnsupportedAlgorithm as e:
         return f"unsupported signature algorithm ({e})"
     sig, tbs = cert.signature, cert.tbs_certificate_bytes
+    if not _same_signature_algorithms(cert):
+        return ("the signature algorithm inside the certificate differs from the one outside "
+                "(RFC 5280 4.1.1.2)")
     try:
         if isinstance(issuer_key, rsa.RSAPublicKey):
             if issuer_key.key_size < 2048:
@@ -126,6 +131,8 @@ def check_signature(cert: x509.Certificate, issuer_key: object) -> str | None:
                 return "RSA signature with unknown padding"
             issuer_key.verify(sig, tbs, params, hash_alg)
         elif isinstance(issuer_key, ec.EllipticCurvePublicKey):
+            if not isinstance(issuer_key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
+                return f"its issuer's key is on the curve {issuer_key.curve.name}, not allowed"
             if not isinstance(hash_alg, _HASHES):
                 return f"signature hash {getattr(hash_alg, 'name', hash_alg)} is not allowed"
             issuer_key.verify(sig, tbs, ec.ECDSA(hash_alg))
@@ -140,6 +147,34 @@ def check_signature(cert: x509.Certificate, issuer_key: object) -> str | None:
     except (TypeError, ValueError, UnsupportedAlgorithm) as e:
         return f"the signature cannot be checked ({e})"
     return None
+
+
+def _element(buf: bytes, pos: int) -> tuple[int, int]:
+    """(content start, end) of the DER element at pos."""
+    n = buf[pos + 1]
+    start = pos + 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(buf[start:start + k], "big")
+        start += k
+    return start, start + n
+
+
+def _same_signature_algorithms(cert: x509.Certificate) -> bool:
+    """TBSCertificate.signature equals Certificate.signatureAlgorithm, byte for byte."""
+    try:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        start, _ = _element(der, 0)  # Certificate
+        tbs_start, tbs_end = _element(der, start)
+        outer = der[tbs_end:_element(der, tbs_end)[1]]
+        pos = tbs_start
+        if der[pos] == 0xA0:  # [0] version
+            pos = _element(der, pos)[1]
+        pos = _element(der, pos)[1]  # serialNumber
+        inner = der[pos:_element(der, pos)[1]]
+    except IndexError:
+        return False
+    return inner == outer
 
 
 def _public_key(cert: x509.Certificate) -> object | None:
@@ -414,7 +449,7 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
         check_validity(cert, profile.at)
         check_serial(cert)
         # (b), (c) name constraints, not for self-issued intermediates
-        if last or not self_issued(cert):
+        if (constraints.permitted or constraints.excluded) and (last or not self_issued(cert)):
             constraints.check(cert, _names_of(cert, exts))
         _check_criticality(cert, exts)
         bc = _get(exts, x509.BasicConstraints)

@@ -666,6 +666,13 @@ def _profile_rules(trusted_der: frozenset[bytes], ekus: tuple[x509.ObjectIdentif
     return rules
 
 
+def _has_name_constraints(cert: x509.Certificate) -> bool:
+    try:
+        return _ext(cert, x509.NameConstraints) is not None
+    except ValidationError:
+        return True  # let the full pass say what is wrong
+
+
 def _from_path_error(pe: pathmod.PathError, leaf: x509.Certificate) -> ValidationError:
     cert = pe.cert or leaf
     where = "" if cert is leaf else f"{describe(leaf)}: issuer "
@@ -779,13 +786,15 @@ class _Run:
                     raise refusal from None
                 raise _from_path_error(pe, leaf) from None
         else:
-            # What cryptography skipped (name constraints of types it does not support, when
-            # not critical; self-issued certificates...): our pass on its chain, signatures
-            # already checked.
-            try:
-                pathmod.check_path(chain, profile, lambda _c, _i: None)
-            except pathmod.PathError as pe:
-                raise _from_path_error(pe, leaf) from None
+            # What cryptography skips: name constraints of the types it does not support
+            # (directoryName, URI...) when not critical. Our pass on its chain, signatures
+            # already checked; everything else it enforces itself at least as strictly, so a
+            # chain without nameConstraints anywhere needs no second look.
+            if any(_has_name_constraints(c) for c in chain):
+                try:
+                    pathmod.check_path(chain, profile, lambda _c, _i: None)
+                except pathmod.PathError as pe:
+                    raise _from_path_error(pe, leaf) from None
         for cert in chain[:-1]:
             # RFC 5280 4.1.2.2: positive. cryptography accepts 0 for compatibility with old
             # roots; our PKI never issues it, so a 0 is a forgery or a foreign certificate.
