@@ -365,14 +365,17 @@ def test_crl_with_a_named_point_does_not_cover_a_certificate_without_points(
 
 def test_crl_issuer_in_a_point_needs_an_indirect_crl_of_that_issuer(root: Party) -> None:
     """6.3.3 (b)(1): a point with cRLIssuer is served only by an indirect CRL of that issuer;
-    the certificate issuer's own CRL does not stand in for it (PKITS 4.14.35)."""
+    a CRL of the certificate issuer for that point does not stand in for it (PKITS 4.14.35).
+    (A CRL of the certificate issuer that no point leads to is taken through the implied point,
+    6.3.3's last paragraph.)"""
     ica = issue(dn((CN, "ICA")), root, ca=True)
     crl_signer = issue(dn((CN, "CRL issuer")), root, ca=True)
     point = x509.DirectoryName(dn((CN, "CRL issuer"), (OU, "part 1")))
     leaf = issue("leaf", ica, extensions=[(x509.CRLDistributionPoints(
         [_dp(point, crl_issuer=[crl_signer.name])]), False)])
-    base = [crl(root), crl(ica)]
+    base = [crl(root), crl(ica, extensions=[(idp(full_name=[point]), True)])]
     assert ours(leaf, root, [ica, crl_signer], crls=base) == "crl-missing"
+    assert ours(leaf, root, [ica, crl_signer], crls=[crl(root), crl(ica)]) is None
     indirect = crl(crl_signer, extensions=[(idp(full_name=[point], indirect_crl=True), True)])
     assert ours(leaf, root, [ica, crl_signer], crls=[*base, indirect]) is None
     not_indirect = crl(crl_signer, extensions=[(idp(full_name=[point]), True)])
@@ -521,3 +524,23 @@ def test_fallback_refuses_differing_signature_algorithms(root: Party) -> None:
     with pytest.raises(ValidationError) as e:
         validate(cert, trusted=[root.cert], untrusted=[ica.cert], at=NOW, check_revocation=False)
     assert e.value.code == "bad-signature" and "4.1.1.2" in str(e.value)
+
+
+def test_delta_crl_applies_only_with_the_complete_crls_key_identifier(root: Party) -> None:
+    """6.3.3 (c)(3): when the complete CRL names its key (authorityKeyIdentifier), a delta
+    naming another key does not update it: its removeFromCRL does not release a hold."""
+    ica = issue(dn((CN, "ICA")), root, ca=True)
+    leaf = issue("leaf", ica)
+
+    def aki(key_id: bytes) -> tuple[x509.AuthorityKeyIdentifier, bool]:
+        return x509.AuthorityKeyIdentifier(key_id, None, None), False
+
+    own = x509.SubjectKeyIdentifier.from_public_key(ica.key.public_key()).digest
+    complete = crl(ica, [(leaf, R.certificate_hold)], number=10, extensions=[aki(own)])
+
+    def delta(key_id: bytes) -> x509.CertificateRevocationList:
+        return crl(ica, [(leaf, R.remove_from_crl)], number=11,
+                   extensions=[aki(key_id), (x509.DeltaCRLIndicator(10), True)])
+
+    assert ours(leaf, root, [ica], crls=[crl(root), complete, delta(own)]) is None
+    assert ours(leaf, root, [ica], crls=[crl(root), complete, delta(b"\x01" * 20)]) == "suspended"

@@ -929,7 +929,10 @@ class _Run:
             if entry is not None and _reason(entry) is x509.ReasonFlags.remove_from_crl:
                 entry = None  # removeFromCRL only means something in a delta (RFC 5280 5.3.1)
             # The newest delta built on this complete CRL (or an older base) updates it.
+            # 6.3.3 (c): same issuer and scope, the same key when the complete CRL says which
+            # (authorityKeyIdentifier), built on this complete CRL or an older one.
             applicable = [d for d in deltas if d.scope == scope
+                          and (base.key_id is None or d.key_id == base.key_id)
                           and (d.base_number or 0) <= (base.number or 0)
                           and (d.number or 0) > (base.number or 0)]
             if applicable:
@@ -996,9 +999,18 @@ class _Run:
             if (idp.only_contains_user_certs and is_ca) or (idp.only_contains_ca_certs
                                                             and not is_ca):
                 return None
-        idp_names = _idp_names(crl)
         dps = _ext(cert, x509.CRLDistributionPoints)
-        points: list[x509.DistributionPoint | None] = list(dps) if dps else [None]
+        found = self._through_points(crl, cert, list(dps) if dps else [None])
+        if found is None and dps:
+            # 6.3.3: a CRL of the certificate issuer that none of its points leads to is still
+            # taken through the implied point (no reasons, no cRLIssuer, named by the issuer).
+            found = self._through_points(crl, cert, [None])
+        return found
+
+    def _through_points(self, crl: _Crl, cert: x509.Certificate,
+                        points: list[x509.DistributionPoint | None]
+                        ) -> frozenset[x509.ReasonFlags] | None:
+        idp_names = _idp_names(crl)
         reasons: set[x509.ReasonFlags] = set()
         matched = False
         for dp in points:
