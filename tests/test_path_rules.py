@@ -544,3 +544,22 @@ def test_delta_crl_applies_only_with_the_complete_crls_key_identifier(root: Part
 
     assert ours(leaf, root, [ica], crls=[crl(root), complete, delta(own)]) is None
     assert ours(leaf, root, [ica], crls=[crl(root), complete, delta(b"\x01" * 20)]) == "suspended"
+
+
+def test_name_constraint_work_is_bounded_across_paths(root: Party) -> None:
+    """Six copies of one constrained CA (same name and key), each a complete path to check
+    with 300 subtrees x 101 names: the comparisons of all paths together stay within the
+    budget, then the search stops, saying why."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subtrees = [x509.DNSName(f"d{i}.example.com") for i in range(300)]
+    copies = [issue(dn((O_, "Test"), (CN, "ICA")), root, ca=True, key=key,
+                    extensions=[(nc(permitted=subtrees), True)]) for _ in range(6)]
+    names = [x509.DNSName(f"d{i}.example.com") for i in range(100)] + [x509.DNSName("evil.org")]
+    leaf = issue("leaf", copies[0], extensions=[(x509.SubjectAlternativeName(names), False)])
+    budget = pathmod.Budget()
+    with pytest.raises(pathmod.PathError) as e:
+        pathmod.build(leaf.cert, [root.cert], [c.cert for c in copies],
+                      pathmod.Profile(at=NOW, trusted_der=frozenset()), budget=budget)
+    assert "refused for cost" in str(e.value)
+    assert budget.spent_name_checks <= budget.name_checks + 300 * 101
+    assert budget.spent_paths < 6

@@ -68,6 +68,10 @@ class PathError(Exception):
         self.cert = cert
 
 
+class CostExceeded(PathError):
+    """The validation would cost more than its budget allows: the search stops here."""
+
+
 # --------------------------------------------------------------------------------------------
 # Names (RFC 5280 7.1, RFC 4518 in simplified form)
 
@@ -230,8 +234,9 @@ def self_issued(cert: x509.Certificate) -> bool:
 # --------------------------------------------------------------------------------------------
 # Name constraints
 
-# Most (names x subtrees) comparisons one certificate may cost; beyond it the path is refused
-# (a hostile certificate with thousands of names against thousands of subtrees).
+# Most (names x subtrees) comparisons one validation may cost (all the paths it examines
+# together); beyond it the path is refused (a hostile certificate with thousands of names
+# against thousands of subtrees).
 MAX_NAME_CHECKS = 1 << 16
 
 
@@ -343,14 +348,16 @@ class _Constraints:
             kind, base = _subtree(gn)
             self.excluded.append((ca, kind, base))
 
-    def check(self, cert: x509.Certificate, names: list[_Name]) -> None:
+    def check(self, cert: x509.Certificate, names: list[_Name], budget: Budget) -> None:
         if not self.permitted and not self.excluded:
             return
         cost = len(names) * (len(self.excluded) + sum(
             len(v) for _, d in self.permitted for v in d.values()))
-        if cost > MAX_NAME_CHECKS:
-            raise PathError("invalid", f"too many names ({len(names)}) against too many "
-                            "name constraints to check (refused for cost)", cert)
+        budget.spent_name_checks += cost
+        if budget.spent_name_checks > budget.name_checks:
+            raise CostExceeded("invalid", f"too many names ({len(names)}) against too many "
+                            f"name constraints to check (over {budget.name_checks} "
+                            "comparisons: refused for cost)", cert)
         for kind, value in names:
             if value is None and (any(kind in d for _, d in self.permitted)
                                   or any(k == kind for _, k, _b in self.excluded)):
@@ -423,9 +430,11 @@ def check_validity(cert: x509.Certificate, at: dt.datetime) -> None:
 
 def check_path(path: Sequence[x509.Certificate], profile: Profile,
                verify_signature: Callable[[x509.Certificate, x509.Certificate], str | None]
-               | None = None) -> None:
+               | None = None, budget: Budget | None = None) -> None:
     """RFC 5280 6.1 on `path` (leaf first, trust anchor last); raise PathError at the first
-    rule broken. The anchor is trust anchor information: its name and key only."""
+    rule broken. The anchor's own checks are those cryptography's verifier makes of a trust
+    anchor (check_anchor); its name constraints apply to the path."""
+    budget = budget or Budget()
     verify = verify_signature or (lambda c, i: check_signature(c, _public_key(i)))
     anchor = path[-1]
     n = len(path) - 1
@@ -450,7 +459,7 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
         check_serial(cert)
         # (b), (c) name constraints, not for self-issued intermediates
         if (constraints.permitted or constraints.excluded) and (last or not self_issued(cert)):
-            constraints.check(cert, _names_of(cert, exts))
+            constraints.check(cert, _names_of(cert, exts), budget)
         _check_criticality(cert, exts)
         bc = _get(exts, x509.BasicConstraints)
         bc_value = bc.value if bc is not None else None
@@ -550,6 +559,8 @@ class Budget:
     signatures: int = 64  # signature checks while building
     paths: int = 16  # complete paths run through check_path()
     steps: int = 2048  # candidate issuers looked at (a signature cached or not)
+    name_checks: int = MAX_NAME_CHECKS  # name x subtree comparisons, all paths together
+    spent_name_checks: int = 0
     spent_signatures: int = 0
     spent_paths: int = 0
     spent_steps: int = 0
@@ -616,7 +627,9 @@ class _Search:
                     raise _Exhausted()
                 self.budget.spent_paths += 1
                 try:
-                    check_path(candidate, self.profile, self.signature)
+                    check_path(candidate, self.profile, self.signature, self.budget)
+                except CostExceeded:
+                    raise
                 except PathError as e:
                     self.errors.append((len(candidate) + 100, e))
                     continue
