@@ -217,8 +217,6 @@ def _extensions(cert: x509.Certificate) -> x509.Extensions:
         raise PathError("invalid", f"its extensions cannot be parsed ({e})", cert) from None
 
 
-
-
 def _get(exts: x509.Extensions, cls: type[x509.ExtensionType]) -> x509.Extension[
         x509.ExtensionType] | None:
     try:
