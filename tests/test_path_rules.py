@@ -42,7 +42,8 @@ def nc(permitted: Sequence[x509.GeneralName] | None = None,
 
 def openssl_ok(tmp: Path, leaf: x509.Certificate, root: x509.Certificate,
                untrusted: Sequence[x509.Certificate] = (),
-               crls: Sequence[x509.CertificateRevocationList] = (), strict: bool = True) -> bool:
+               crls: Sequence[x509.CertificateRevocationList] = (), strict: bool = True,
+               policy_check: bool = False) -> bool:
     """Does `openssl verify` accept the path (at NOW; CRLs checked for every certificate when
     given)?"""
     def pem(name: str, objs: Sequence[x509.Certificate | x509.CertificateRevocationList]) -> str:
@@ -54,6 +55,8 @@ def openssl_ok(tmp: Path, leaf: x509.Certificate, root: x509.Certificate,
            "-CAfile", pem("root.pem", [root])]
     if strict:
         cmd.append("-x509_strict")
+    if policy_check:
+        cmd += ["-policy_check", "-policy", "2.5.29.32.0"]  # user-initial-policy-set: any
     if untrusted:
         cmd += ["-untrusted", pem("untrusted.pem", list(untrusted))]
     if crls:
@@ -563,3 +566,66 @@ def test_name_constraint_work_is_bounded_across_paths(root: Party) -> None:
     assert "refused for cost" in str(e.value)
     assert budget.spent_name_checks <= budget.name_checks + 300 * 101
     assert budget.spent_paths < 6
+
+
+# --------------------------------------------------------------------------------------------
+# Certificate policies (6.1.3 (d)-(f), 6.1.4 (a)-(b), (h)-(j), 6.1.5), default inputs:
+# any policy acceptable to the user, no explicit policy asked for by the user
+
+
+P1 = x509.ObjectIdentifier("1.3.6.1.4.1.99999.2.1")
+P2 = x509.ObjectIdentifier("1.3.6.1.4.1.99999.2.2")
+ANY = x509.ObjectIdentifier("2.5.29.32.0")
+
+
+def policies(*oids: x509.ObjectIdentifier) -> tuple[x509.CertificatePolicies, bool]:
+    return x509.CertificatePolicies([x509.PolicyInformation(o, None) for o in oids]), False
+
+
+def require_explicit(n: int) -> tuple[x509.PolicyConstraints, bool]:
+    return x509.PolicyConstraints(require_explicit_policy=n, inhibit_policy_mapping=None), True
+
+
+def mappings(*pairs: tuple[x509.ObjectIdentifier, x509.ObjectIdentifier]
+             ) -> tuple[x509.UnrecognizedExtension, bool]:
+    der = ax.PolicyMappings([{"issuer_domain_policy": a.dotted_string,
+                              "subject_domain_policy": b.dotted_string} for a, b in pairs]).dump()
+    return x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.33"), der), True
+
+
+def test_required_explicit_policy(tmp_path: Path, root: Party) -> None:
+    ica = issue(dn((CN, "ICA")), root, ca=True, extensions=[policies(P1), require_explicit(0)])
+    cases = [(issue("p1", ica, extensions=[policies(P1)]), True),
+             (issue("p2", ica, extensions=[policies(P2)]), False),
+             (issue("none", ica), False)]
+    for leaf, ok in cases:
+        assert (ours(leaf, root, [ica]) is None) is ok, leaf.cert.subject
+        assert openssl_ok(tmp_path, leaf.cert, root.cert, [ica.cert], policy_check=True) is ok
+    # without requireExplicitPolicy, policies do not decide
+    free = issue(dn((CN, "free ICA")), root, ca=True, extensions=[policies(P1)])
+    assert ours(issue("p2", free, extensions=[policies(P2)]), root, [free]) is None
+
+
+def test_inhibit_any_policy(tmp_path: Path, root: Party) -> None:
+    ica = issue(dn((CN, "ICA")), root, ca=True, extensions=[
+        policies(ANY), require_explicit(0), (x509.InhibitAnyPolicy(0), True)])
+    only_any = issue("any", ica, extensions=[policies(ANY)])
+    named = issue("p1", ica, extensions=[policies(P1)])
+    assert ours(only_any, root, [ica]) == "invalid"
+    assert ours(named, root, [ica]) is None
+    assert not openssl_ok(tmp_path, only_any.cert, root.cert, [ica.cert], policy_check=True)
+    assert openssl_ok(tmp_path, named.cert, root.cert, [ica.cert], policy_check=True)
+
+
+def test_policy_mapping(tmp_path: Path, root: Party) -> None:
+    ica = issue(dn((CN, "ICA")), root, ca=True, extensions=[
+        policies(P1), require_explicit(0), mappings((P1, P2))])
+    mapped = issue("p2", ica, extensions=[policies(P2)])
+    unmapped = issue("p1", ica, extensions=[policies(P1)])
+    assert ours(mapped, root, [ica]) is None
+    assert ours(unmapped, root, [ica]) == "invalid"
+    assert openssl_ok(tmp_path, mapped.cert, root.cert, [ica.cert], policy_check=True)
+    assert not openssl_ok(tmp_path, unmapped.cert, root.cert, [ica.cert], policy_check=True)
+    to_any = issue(dn((CN, "bad ICA")), root, ca=True, extensions=[
+        policies(P1), mappings((P1, ANY))])
+    assert ours(issue("x", to_any, extensions=[policies(P1)]), root, [to_any]) == "invalid"

@@ -206,7 +206,6 @@ _KNOWN = frozenset({
 _MUST_BE_NON_CRITICAL = frozenset({
     ExtensionOID.AUTHORITY_KEY_IDENTIFIER, ExtensionOID.SUBJECT_KEY_IDENTIFIER,
     ExtensionOID.AUTHORITY_INFORMATION_ACCESS, ExtensionOID.FRESHEST_CRL,
-    ExtensionOID.POLICY_MAPPINGS,
 })
 
 
@@ -399,6 +398,176 @@ def _names_of(cert: x509.Certificate, exts: x509.Extensions) -> list[_Name]:
 
 
 # --------------------------------------------------------------------------------------------
+# Certificate policies (6.1.2 (a), 6.1.3 (d)-(f), 6.1.4 (a)-(b), (h)-(j), 6.1.5 (a)-(b), (g))
+#
+# With the inputs every validation here uses: user-initial-policy-set {anyPolicy}, and
+# initial-policy-mapping-inhibit, initial-explicit-policy, initial-any-policy-inhibit all false.
+
+ANY_POLICY = "2.5.29.32.0"
+
+
+@dataclass(eq=False)
+class _PolicyNode:
+    policy: str
+    expected: set[str]
+    parent: _PolicyNode | None
+    children: list[_PolicyNode] = field(default_factory=list)
+
+    def add(self, policy: str, expected: set[str]) -> _PolicyNode:
+        child = _PolicyNode(policy, expected, self)
+        self.children.append(child)
+        return child
+
+
+class _Policies:
+    """The valid_policy_tree and its three counters, for a path of n certificates."""
+
+    # Most nodes the tree may hold (policy mappings can make it grow with every certificate).
+    MAX_NODES = 1 << 12
+
+    def __init__(self, n: int) -> None:
+        self.root: _PolicyNode | None = _PolicyNode(ANY_POLICY, {ANY_POLICY}, None)
+        self.levels: list[list[_PolicyNode]] = [[self.root]]  # the nodes of each depth
+        self.explicit_policy = n + 1
+        self.inhibit_any_policy = n + 1
+        self.policy_mapping = n + 1
+        self.nodes = 1
+
+    @property
+    def level(self) -> list[_PolicyNode]:
+        """The nodes of the deepest depth."""
+        return self.levels[-1] if self.root is not None else []
+
+    def _grow(self, cert: x509.Certificate) -> None:
+        self.nodes += 1
+        if self.nodes > self.MAX_NODES:
+            raise CostExceeded("invalid", "the certificate policy tree grows past "
+                               f"{self.MAX_NODES} nodes (refused for cost)", cert)
+
+    def _prune(self) -> None:
+        """Delete every node above the deepest depth that has no children, bottom up; the
+        tree is NULL when nothing is left."""
+        for depth in range(len(self.levels) - 2, -1, -1):
+            keep = []
+            for node in self.levels[depth]:
+                if node.children:
+                    keep.append(node)
+                elif node.parent is not None:
+                    node.parent.children.remove(node)
+            self.levels[depth] = keep
+        if not self.levels[0] or not self.levels[-1]:
+            self.root = None
+
+    def process(self, cert: x509.Certificate, exts: x509.Extensions, last: bool,
+                is_self_issued: bool) -> None:
+        """6.1.3 (d)-(f)."""
+        ext = _get(exts, x509.CertificatePolicies)
+        if ext is not None and self.root is not None:
+            assert isinstance(ext.value, x509.CertificatePolicies)
+            oids = [p.policy_identifier.dotted_string for p in ext.value]
+            new_level: list[_PolicyNode] = []
+            for oid in oids:
+                if oid == ANY_POLICY:
+                    continue
+                parents = [nd for nd in self.level if oid in nd.expected] or \
+                    [nd for nd in self.level if nd.policy == ANY_POLICY]
+                for nd in parents:
+                    self._grow(cert)
+                    new_level.append(nd.add(oid, {oid}))
+            if ANY_POLICY in oids and (self.inhibit_any_policy > 0
+                                       or (not last and is_self_issued)):
+                for nd in self.level:
+                    have = {c.policy for c in nd.children}
+                    for value in sorted(nd.expected - have):
+                        self._grow(cert)
+                        new_level.append(nd.add(value, {value}))
+            self.levels.append(new_level)
+            self._prune()
+        elif ext is None:
+            self.root = None
+        if self.explicit_policy <= 0 and self.root is None:
+            raise PathError("invalid", "no acceptable certificate policy while an explicit "
+                            "policy is required (RFC 5280 6.1.3 (f))", cert)
+
+    def prepare(self, cert: x509.Certificate, exts: x509.Extensions,
+                is_self_issued: bool) -> None:
+        """6.1.4 (a), (b), (h)-(j)."""
+        pairs = _policy_mappings(cert, exts)
+        if pairs is not None:
+            mapping: dict[str, set[str]] = {}
+            for issuer_p, subject_p in pairs:
+                if ANY_POLICY in (issuer_p, subject_p):
+                    raise PathError("invalid", "policyMappings maps anyPolicy (RFC 5280 "
+                                    "6.1.4 (a))", cert)
+                mapping.setdefault(issuer_p, set()).add(subject_p)
+            if self.root is not None:
+                if self.policy_mapping > 0:
+                    for issuer_p, subjects in mapping.items():
+                        matched = [nd for nd in self.level if nd.policy == issuer_p]
+                        for nd in matched:
+                            nd.expected = set(subjects)
+                        if not matched:
+                            for nd in [x for x in self.level if x.policy == ANY_POLICY]:
+                                if nd.parent is not None:
+                                    self._grow(cert)
+                                    self.levels[-1].append(nd.parent.add(issuer_p,
+                                                                         set(subjects)))
+                else:
+                    gone = [nd for nd in self.level if nd.policy in mapping]
+                    for nd in gone:
+                        if nd.parent is not None:
+                            nd.parent.children.remove(nd)
+                    self.levels[-1] = [nd for nd in self.level if nd not in gone]
+                    self._prune()
+        if not is_self_issued:  # (h)
+            self.explicit_policy = max(0, self.explicit_policy - 1)
+            self.policy_mapping = max(0, self.policy_mapping - 1)
+            self.inhibit_any_policy = max(0, self.inhibit_any_policy - 1)
+        self._constraints(exts)
+        inhibit = _get(exts, x509.InhibitAnyPolicy)
+        if inhibit is not None:  # (j)
+            assert isinstance(inhibit.value, x509.InhibitAnyPolicy)
+            self.inhibit_any_policy = min(self.inhibit_any_policy, inhibit.value.skip_certs)
+
+    def _constraints(self, exts: x509.Extensions) -> None:
+        pc = _get(exts, x509.PolicyConstraints)
+        if pc is not None:  # (i)
+            assert isinstance(pc.value, x509.PolicyConstraints)
+            if pc.value.require_explicit_policy is not None:
+                self.explicit_policy = min(self.explicit_policy,
+                                           pc.value.require_explicit_policy)
+            if pc.value.inhibit_policy_mapping is not None:
+                self.policy_mapping = min(self.policy_mapping, pc.value.inhibit_policy_mapping)
+
+    def wrap_up(self, cert: x509.Certificate, exts: x509.Extensions) -> None:
+        """6.1.5 (a), (b), (g) with user-initial-policy-set {anyPolicy}."""
+        if self.explicit_policy > 0:
+            self.explicit_policy -= 1
+        pc = _get(exts, x509.PolicyConstraints)
+        if pc is not None and isinstance(pc.value, x509.PolicyConstraints) and \
+                pc.value.require_explicit_policy == 0:
+            self.explicit_policy = 0
+        if self.explicit_policy <= 0 and self.root is None:
+            raise PathError("invalid", "no acceptable certificate policy while an explicit "
+                            "policy is required (RFC 5280 6.1.5)", cert)
+
+
+def _needs_policies(path: Sequence[x509.Certificate]) -> bool:
+    """Policy processing can only refuse a path when some certificate requires an explicit
+    policy (or maps anyPolicy, checked regardless)."""
+    for cert in path[:-1]:
+        try:
+            pc = cert.extensions.get_extension_for_class(x509.PolicyConstraints)
+        except x509.ExtensionNotFound:
+            continue
+        except ValueError:
+            return True
+        if pc.value.require_explicit_policy is not None:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
 # Processing one path
 
 
@@ -442,10 +611,12 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
     if anchor_nc is not None:
         constraints.add(anchor, anchor_nc)
     working = anchor
+    policies = _Policies(n) if _needs_policies(path) else None
     for i in range(1, n + 1):
         cert = path[n - i]
         last = i == n
         exts = _extensions(cert)
+        is_self_issued = self_issued(cert)
         # (a)(1) signature, (a)(2) validity, (a)(4) name chaining
         if not names_equal(cert.issuer, working.subject):
             raise PathError("unknown-issuer", f"its issuer name does not match the subject "
@@ -456,13 +627,15 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
         check_validity(cert, profile.at)
         check_serial(cert)
         # (b), (c) name constraints, not for self-issued intermediates
-        if (constraints.permitted or constraints.excluded) and (last or not self_issued(cert)):
+        if (constraints.permitted or constraints.excluded) and (last or not is_self_issued):
             constraints.check(cert, _names_of(cert, exts), budget)
         _check_criticality(cert, exts)
         bc = _get(exts, x509.BasicConstraints)
         bc_value = bc.value if bc is not None else None
         assert bc_value is None or isinstance(bc_value, x509.BasicConstraints)
         is_ca = bool(bc_value is not None and bc_value.ca)
+        if policies is not None:
+            policies.process(cert, exts, last, is_self_issued)
         if profile.extra is not None:
             problem = profile.extra(cert, not last)
             if problem is not None:
@@ -474,6 +647,8 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
             if nc is not None and not is_ca:
                 raise PathError("invalid", "nameConstraints in a certificate that is not a "
                                 "CA", cert)
+            if policies is not None:
+                policies.wrap_up(cert, exts)
             break
         # preparation for the next certificate (6.1.4)
         if not is_ca:
@@ -483,7 +658,11 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
         if nc is not None:
             assert isinstance(nc.value, x509.NameConstraints)
             constraints.add(cert, nc.value)
-        if not self_issued(cert):  # (l)
+        if policies is not None:
+            policies.prepare(cert, exts, is_self_issued)
+        else:
+            _check_mappings(cert, exts)
+        if not is_self_issued:  # (l)
             if max_path_length <= 0:
                 raise PathError("invalid", "the path is longer than a pathLenConstraint "
                                 "above it allows (RFC 5280 6.1.4 (l))", cert)
@@ -497,6 +676,32 @@ def check_path(path: Sequence[x509.Certificate], profile: Profile,
                 raise PathError("invalid", "keyUsage of a CA certificate must assert "
                                 "keyCertSign (RFC 5280 6.1.4 (n))", cert)
         working = cert
+
+
+def _check_mappings(cert: x509.Certificate, exts: x509.Extensions) -> None:
+    """6.1.4 (a), when the policy tree is not kept."""
+    for pair in _policy_mappings(cert, exts) or ():
+        if ANY_POLICY in pair:
+            raise PathError("invalid", "policyMappings maps anyPolicy (RFC 5280 6.1.4 (a))",
+                            cert)
+
+
+def _policy_mappings(cert: x509.Certificate, exts: x509.Extensions
+                     ) -> list[tuple[str, str]] | None:
+    """(issuerDomainPolicy, subjectDomainPolicy) pairs of policyMappings, None when absent
+    (cryptography does not parse this extension; asn1crypto does)."""
+    try:
+        ext = exts.get_extension_for_oid(ExtensionOID.POLICY_MAPPINGS)
+    except x509.ExtensionNotFound:
+        return None
+    from asn1crypto import x509 as ax  # only for certificates that map policies
+    value = ext.value
+    der = value.value if isinstance(value, x509.UnrecognizedExtension) else value.public_bytes()
+    try:
+        return [(m["issuer_domain_policy"].dotted, m["subject_domain_policy"].dotted)
+                for m in ax.PolicyMappings.load(der)]
+    except (ValueError, TypeError) as e:
+        raise PathError("invalid", f"its policyMappings cannot be parsed ({e})", cert) from None
 
 
 def _check_criticality(cert: x509.Certificate, exts: x509.Extensions) -> None:

@@ -666,10 +666,14 @@ def _profile_rules(trusted_der: frozenset[bytes], ekus: tuple[x509.ObjectIdentif
     return rules
 
 
-def _has_name_constraints(cert: x509.Certificate) -> bool:
+_SECOND_LOOK = frozenset({ExtensionOID.NAME_CONSTRAINTS, ExtensionOID.POLICY_CONSTRAINTS,
+                          ExtensionOID.POLICY_MAPPINGS})
+
+
+def _needs_second_look(cert: x509.Certificate) -> bool:
     try:
-        return _ext(cert, x509.NameConstraints) is not None
-    except ValidationError:
+        return any(e.oid in _SECOND_LOOK for e in cert.extensions)
+    except ValueError:
         return True  # let the full pass say what is wrong
 
 
@@ -787,10 +791,10 @@ class _Run:
                 raise _from_path_error(pe, leaf) from None
         else:
             # What cryptography skips: name constraints of the types it does not support
-            # (directoryName, URI...) when not critical. Our pass on its chain, signatures
-            # already checked; everything else it enforces itself at least as strictly, so a
-            # chain without nameConstraints anywhere needs no second look.
-            if any(_has_name_constraints(c) for c in chain):
+            # (directoryName, URI...) when not critical, certificate policies. Our pass on
+            # its chain, signatures already checked; everything else it enforces itself at
+            # least as strictly, so a chain without those extensions needs no second look.
+            if any(_needs_second_look(c) for c in chain):
                 try:
                     pathmod.check_path(chain, profile, lambda _c, _i: None)
                 except pathmod.PathError as pe:
