@@ -5,15 +5,16 @@ cannot do.
 valid paths on purpose (it is a web-PKI verifier): critical name constraints of type
 directoryName or URI, names that match only under the comparison rules of RFC 5280 7.1,
 self-issued intermediates counted against pathLenConstraint, a non-critical basicConstraints in
-a CA certificate, GeneralizedTime validity dates before 2050. And it ignores what it does not
-support when the extension is not critical. So verify.py also
+a CA certificate, GeneralizedTime validity dates before 2050, critical policy extensions. And it
+ignores what it does not support when the extension is not critical (name constraints of those
+types, certificate policies). So verify.py also
 
-* runs `check_path()` on every chain cryptography accepts (the rules below; anything
-  cryptography skipped is caught), and
+* runs `check_path()` on every chain cryptography accepts whose certificates carry name
+  constraints or policy constraints (what cryptography may have skipped), and
 * when cryptography refuses, searches paths itself with `build()` and accepts one only if
   `check_path()` passes every rule on it.
 
-Rules implemented (RFC 5280 6.1.3 and 6.1.4, policies excepted):
+Rules implemented (RFC 5280 6.1.3 to 6.1.5):
 
 * signature by the working public key, with the algorithms cryptography's verifier allows
   (RSA >= 2048 bits PKCS#1 v1.5 or PSS, ECDSA, Ed25519, Ed448; SHA-256/384/512). DSA is
@@ -27,16 +28,19 @@ Rules implemented (RFC 5280 6.1.3 and 6.1.4, policies excepted):
 * basicConstraints cA in every intermediate, pathLenConstraint with self-issued intermediates
   not counted (6.1.4 (l)), keyUsage keyCertSign when present (6.1.4 (n)), unknown critical
   extensions refused (6.1.4 (o), 6.1.5 (f));
+* certificate policies (6.1.3 (d)-(f), 6.1.4 (a)-(b), (h)-(j), 6.1.5 (a)-(b), (g)) with the
+  inputs every validation here uses: any policy acceptable, no explicit policy, mapping or
+  anyPolicy inhibited by the caller. Then a path can only fail on policies when a certificate
+  requires an explicit policy (requireExplicitPolicy), and the valid_policy_tree is only kept
+  for such paths; a mapping to or from anyPolicy is refused in any path;
 * our own profile rules (as the extension policies handed to cryptography): subject key
   identifier in CA certificates, authority key identifier unless self-signed or trusted,
-  keyCertSign only with cA, no empty extendedKeyUsage, positive serial numbers.
+  keyCertSign only with cA, no empty extendedKeyUsage, positive serial numbers of at most
+  20 octets, the same signature algorithm inside and outside the TBSCertificate.
 
-Certificate policies (6.1.3 (d)-(f), 6.1.4 (a)-(j)) are not processed: the extensions are
-recognised and their content ignored, as by cryptography's verifier.
-
-Path search is bounded: at most `Budget.signatures` signature checks and `Budget.paths`
-complete paths examined per validation; on exhaustion the search stops with an error that
-says so.
+Work is bounded (`Budget`): signature checks, candidate issuers looked at, complete paths
+examined, name-against-subtree comparisons, policy tree nodes, all per validation; on
+exhaustion the search stops with an error that says so.
 """
 
 from __future__ import annotations
