@@ -629,3 +629,23 @@ def test_policy_mapping(tmp_path: Path, root: Party) -> None:
     to_any = issue(dn((CN, "bad ICA")), root, ca=True, extensions=[
         policies(P1), mappings((P1, ANY))])
     assert ours(issue("x", to_any, extensions=[policies(P1)]), root, [to_any]) == "invalid"
+
+
+def test_mapping_does_not_revive_an_inhibited_any_policy(root: Party) -> None:
+    """CA0 stops anyPolicy below it (inhibitAnyPolicy 0); CA1 asserts only anyPolicy, maps P3
+    to P1 and requires an explicit policy. RFC 5280 6.1.3 (d)(2): CA1's anyPolicy is not
+    honoured, so no policy survives CA1 (and 6.1.4 (b)(1) has no anyPolicy node to map from):
+    the path is invalid. (openssl 3.0 -policy_check accepts it, mapping from the inhibited
+    anyPolicy; found by comparing the two on random policy chains.)"""
+    p3 = x509.ObjectIdentifier("1.3.6.1.4.1.99999.2.3")
+    ca0 = issue(dn((CN, "CA0")), root, ca=True, extensions=[
+        policies(ANY, P1), (x509.InhibitAnyPolicy(0), True)])
+    ca1 = issue(dn((CN, "CA1")), ca0, ca=True, extensions=[
+        policies(ANY), require_explicit(0), (x509.InhibitAnyPolicy(0), True),
+        mappings((p3, P1))])
+    assert ours(issue("leaf", ca1, extensions=[policies(P1)]), root, [ca0, ca1]) == "invalid"
+    # the same CA1 without the inhibition above it keeps P1 through its anyPolicy
+    free0 = issue(dn((CN, "CA0")), root, ca=True, extensions=[policies(ANY, P1)])
+    free1 = issue(dn((CN, "CA1")), free0, ca=True, extensions=[
+        policies(ANY), require_explicit(0), mappings((p3, P1))])
+    assert ours(issue("leaf", free1, extensions=[policies(P1)]), root, [free0, free1]) is None
