@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -542,17 +543,56 @@ def cmd_audit_checkpoint(args: argparse.Namespace, stack: ExitStack) -> int:
 
 # -- cert verify -----------------------------------------------------------------------------
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _read_certs(path: str, what: str, first_required: bool = False
+                ) -> tuple[list[x509.Certificate], list[str]]:
+    """The certificates of a file (PEM blocks or one DER), and why those that cryptography
+    cannot parse are refused (exchanged.pki.path.unreadable_reason)."""
+    from exchanged.pki.path import unreadable_reason
+    data = _read(path, what)
+    if b"-----BEGIN" in data:
+        ders = [base64.b64decode(b) for b in _PEM_CERT.findall(data)]
+        if not ders:
+            raise ExchangedError(f"{what} {path} holds no CERTIFICATE PEM block",
+                                 code="bad-cert")
+    else:
+        ders = [data]
+    certs: list[x509.Certificate] = []
+    problems: list[str] = []
+    for i, der in enumerate(ders, 1):
+        try:
+            certs.append(x509.load_der_x509_certificate(der))
+        except ValueError as e:
+            where = path if len(ders) == 1 else f"{path} #{i}"
+            problems.append(f"{what} {where}: {unreadable_reason(der, str(e))}")
+            if i == 1 and first_required:
+                raise ExchangedError(f"{problems[0]}; not validated", code="bad-cert") from None
+    return certs, problems
+
+
 def cmd_cert_verify(args: argparse.Namespace, stack: ExitStack) -> int:
     from exchanged.pki import verify
 
-    (leaf, *extra) = _load_certs(args.cert, "certificate")
+    (leaf, *extra), problems = _read_certs(args.cert, "certificate", first_required=True)
     trusted = [c for p in args.ca for c in _load_certs(p, "CA certificate")]
-    untrusted = extra + [c for p in args.untrusted or () for c in
-                         _load_certs(p, "intermediate certificate")]
+    untrusted = list(extra)
+    for p in args.untrusted or ():
+        more, why = _read_certs(p, "intermediate certificate")
+        untrusted += more
+        problems += why  # unreadable intermediates are left out of the search, and said so
     crls = verify.CrlSet.load(args.crl or ())
     at = _parse_time(args.at) if args.at else None
-    chain = verify.validate(leaf, trusted=trusted, untrusted=untrusted, crls=crls, at=at,
-                            purpose=args.purpose, check_revocation=not args.no_crl_check)
+    try:
+        chain = verify.validate(leaf, trusted=trusted, untrusted=untrusted, crls=crls, at=at,
+                                purpose=args.purpose, check_revocation=not args.no_crl_check)
+    except verify.ValidationError as e:
+        if not problems:
+            raise
+        raise verify.ValidationError(e.code, f"{e} (left out, unreadable: "
+                                     f"{'; '.join(problems)})", certificate=e.certificate,
+                                     crl_reason=e.crl_reason) from None
     _emit(args, {"ok": True, "chain": [c.subject.rfc4514_string() for c in chain]},
           lambda d: f"{args.cert}: OK ({' <- '.join(d['chain'])})")
     return 0

@@ -52,16 +52,6 @@ _BASIC_CONSTRAINTS_AND_KEY_USAGE = frozenset({
 
 # case id -> why we differ. Each entry is asserted to still disagree with the corpus.
 KNOWN_DIFFERENCES = {
-    "pathlen::self-issued-certs-pathlen":
-        "cryptography's path builder counts self-issued intermediates against "
-        "pathLenConstraint (as Go and rustls-webpki do); RFC 5280 4.2.1.9 exempts them. "
-        "Stricter than the RFC, and our CAs never issue self-issued intermediates.",
-    "pathlen::max-chain-depth-1-self-issued":
-        "the same counting of self-issued intermediates, against max_chain_depth.",
-    "pathological::nc-dos-3":
-        "the case expects a rejection for cost, but calls the chain technically valid: "
-        "cryptography applies name constraints to SANs, not to the 2048 emailAddress subject "
-        "attributes, so it accepts at once. What matters here, termination, holds.",
     "rfc5280::aki::cross-signed-root-missing-aki":
         "a trust anchor is exempt from the AKI requirement (it is trusted by configuration, "
         "not through its issuer); the opposite choice fails cve::cve-2024-0567, whose trusted "

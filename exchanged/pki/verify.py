@@ -23,7 +23,7 @@ import base64
 import datetime as dt
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,8 @@ from cryptography.x509 import verification as xv
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, ExtensionOID
 
 from exchanged.errors import ExchangedError
+from exchanged.pki import path as pathmod
+from exchanged.pki.path import NameKey, name_key, names_equal
 
 __all__ = ["PURPOSES", "REASON_CODES", "CrlInfo", "CrlSet", "ValidationError", "check_crl",
            "crl_der", "describe", "validate"]
@@ -201,7 +203,7 @@ class _Crl:
     # serial -> entry, for entries about certificates of the CRL issuer itself
     direct: dict[int, x509.RevokedCertificate] = field(default_factory=dict)
     # (certificate issuer, serial) -> entry, for other issuers' entries of an indirect CRL
-    indirect: dict[tuple[x509.Name, int], x509.RevokedCertificate] = field(default_factory=dict)
+    indirect: dict[tuple[NameKey, int], x509.RevokedCertificate] = field(default_factory=dict)
     # SPKI DER of a key -> does the CRL signature verify with it (a CrlSet is long-lived)
     signature_ok: dict[bytes, bool] = field(default_factory=dict)
 
@@ -252,9 +254,9 @@ class _Crl:
         return _ALL_REASONS
 
     @property
-    def scope(self) -> tuple[x509.Name, x509.IssuingDistributionPoint | None]:
+    def scope(self) -> tuple[NameKey, x509.IssuingDistributionPoint | None]:
         """CRLs with the same scope compete (highest number wins); a delta needs one."""
-        return (self.issuer, self.idp)
+        return (name_key(self.issuer), self.idp)
 
     def index(self, der: bytes) -> None:
         """Build the serial -> entry dictionaries (O(1) lookup afterwards).
@@ -282,7 +284,7 @@ class _Crl:
             return
         # Full scan: entry extensions, certificateIssuer carried over to following entries
         # (RFC 5280 5.3.3).
-        current: x509.Name | None = None  # None: the CRL issuer
+        current: NameKey | None = None  # None: the CRL issuer
         for entry in crl:
             try:
                 extensions = list(entry.extensions)
@@ -299,13 +301,15 @@ class _Crl:
                     if not self.is_indirect:
                         self.problem = self.problem or (
                             "it has a certificateIssuer entry but is not an indirect CRL")
+                    # RFC 5280 5.3.3: the entry and those that follow it are about
+                    # certificates of this issuer; names compared per 7.1.
                     names = [n.value for n in ext.value if isinstance(n, x509.DirectoryName)]
-                    current = names[0] if names else x509.Name([])
-                    if current == self.issuer:
+                    current = name_key(names[0]) if names else ()
+                    if names and names_equal(names[0], self.issuer):
                         current = None
             self._put(current, entry)
 
-    def _put(self, issuer: x509.Name | None, entry: x509.RevokedCertificate) -> None:
+    def _put(self, issuer: NameKey | None, entry: x509.RevokedCertificate) -> None:
         """Index an entry; of two for the same certificate, keep the one that revokes."""
         table: dict[Any, x509.RevokedCertificate] = \
             self.direct if issuer is None else self.indirect
@@ -315,9 +319,9 @@ class _Crl:
             table[key] = entry
 
     def lookup(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
-        if cert.issuer == self.issuer:
+        if names_equal(cert.issuer, self.issuer):
             return self.direct.get(_serial(cert))
-        return self.indirect.get((cert.issuer, _serial(cert)))
+        return self.indirect.get((name_key(cert.issuer), _serial(cert)))
 
     def verifies_with(self, cert: x509.Certificate) -> bool:
         try:
@@ -385,13 +389,13 @@ class CrlSet:
 
     def __init__(self) -> None:
         self._crls: list[_Crl] = []
-        self._by_issuer: dict[x509.Name, list[_Crl]] = {}
+        self._by_issuer: dict[NameKey, list[_Crl]] = {}
 
     def _add(self, crl: x509.CertificateRevocationList, source: str,
              der: bytes | None = None) -> None:
         c = _Crl.parse(crl, source, der)
         self._crls.append(c)
-        self._by_issuer.setdefault(c.issuer, []).append(c)
+        self._by_issuer.setdefault(name_key(c.issuer), []).append(c)
 
     @classmethod
     def from_crls(cls, crls: Iterable[x509.CertificateRevocationList]) -> CrlSet:
@@ -428,7 +432,7 @@ class CrlSet:
         return (c.crl for c in self._crls)
 
     def _issued_by(self, name: x509.Name) -> list[_Crl]:
-        return self._by_issuer.get(name, [])
+        return self._by_issuer.get(name_key(name), [])
 
     def newest(self, issuer: x509.Name) -> CrlInfo | None:
         """The complete CRL with the highest number `issuer` signed in this set (whether or
@@ -628,6 +632,57 @@ def _ee_policy() -> xv.ExtensionPolicy:
             .may_be_present(x509.ExtendedKeyUsage, agnostic, eku))
 
 
+def _profile_rules(trusted_der: frozenset[bytes], ekus: tuple[x509.ObjectIdentifier, ...]
+                   ) -> Callable[[x509.Certificate, bool], str | None]:
+    """The rules of _ca_policy() and _ee_policy(), for exchanged.pki.path's own pass."""
+    any_eku = x509.ObjectIdentifier("2.5.29.37.0")
+
+    def rules(cert: x509.Certificate, as_ca: bool) -> str | None:
+        try:
+            ku = _ext(cert, x509.KeyUsage)
+            eku = _ext(cert, x509.ExtendedKeyUsage)
+            aki = _ext(cert, x509.AuthorityKeyIdentifier)
+            ski = _ext(cert, x509.SubjectKeyIdentifier)
+        except ValidationError as e:
+            return str(e)
+        if eku is not None and len(eku) == 0:
+            return "empty extendedKeyUsage"
+        if as_ca:
+            if ski is None:
+                return "CA certificate without subjectKeyIdentifier"
+            if aki is None and _der(cert) not in trusted_der and not _self_signed(cert):
+                return "CA certificate without authorityKeyIdentifier"
+            if eku is not None and ekus and any_eku not in eku:
+                missing = [_EKU_NAMES[oid] for oid in ekus if oid not in eku]
+                if missing:
+                    return f"{_WRONG_KU_MARK} CA extendedKeyUsage excludes {', '.join(missing)}"
+            return None
+        if aki is None and not _self_signed(cert):
+            return "certificate without authorityKeyIdentifier"
+        if ku is not None and ku.key_cert_sign and not _is_ca(cert):
+            return "keyCertSign asserted in a certificate that is not a CA"
+        return None
+
+    return rules
+
+
+_SECOND_LOOK = frozenset({ExtensionOID.NAME_CONSTRAINTS, ExtensionOID.POLICY_CONSTRAINTS,
+                          ExtensionOID.POLICY_MAPPINGS})
+
+
+def _needs_second_look(cert: x509.Certificate) -> bool:
+    try:
+        return any(e.oid in _SECOND_LOOK for e in cert.extensions)
+    except ValueError:
+        return True  # let the full pass say what is wrong
+
+
+def _from_path_error(pe: pathmod.PathError, leaf: x509.Certificate) -> ValidationError:
+    cert = pe.cert or leaf
+    where = "" if cert is leaf else f"{describe(leaf)}: issuer "
+    return ValidationError(pe.code, f"{where}{describe(cert)}: {pe}", certificate=cert)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation
 
@@ -685,9 +740,9 @@ class _Run:
         self.at = at
         self.max_chain_depth = max_chain_depth
         self.trusted_der = frozenset(_der(c) for c in trusted)
-        self.by_subject: dict[x509.Name, list[x509.Certificate]] = {}
+        self.by_subject: dict[NameKey, list[x509.Certificate]] = {}
         for c in trusted + untrusted:
-            self.by_subject.setdefault(c.subject, []).append(c)
+            self.by_subject.setdefault(name_key(c.subject), []).append(c)
         self.in_progress: set[bytes] = set()
         self.signer_results: dict[tuple[bytes, bytes], str | None] = {}
 
@@ -718,10 +773,32 @@ class _Run:
                                        ee_policy=_ee_policy()))
         if self.max_chain_depth is not None:
             builder = builder.max_chain_depth(self.max_chain_depth)
+        profile = pathmod.Profile(at=self.at, trusted_der=self.trusted_der,
+                                  extra=_profile_rules(self.trusted_der, ekus))
         try:
             chain = builder.build_client_verifier().verify(leaf, self.untrusted).chain
         except xv.VerificationError as e:
-            raise self.classify(leaf, str(e)) from None
+            # cryptography refuses some valid paths (see exchanged.pki.path): search ourselves,
+            # and accept only a path that passes every rule there.
+            refusal = self.classify(leaf, str(e))
+            try:
+                chain = pathmod.build(leaf, self.trusted, self.untrusted, profile,
+                                      max_intermediates=8 if self.max_chain_depth is None
+                                      else self.max_chain_depth)
+            except pathmod.PathError as pe:
+                if refusal.code != "invalid" or pe.code == "unknown-issuer":
+                    raise refusal from None
+                raise _from_path_error(pe, leaf) from None
+        else:
+            # What cryptography skips: name constraints of the types it does not support
+            # (directoryName, URI...) when not critical, certificate policies. Our pass on
+            # its chain, signatures already checked; everything else it enforces itself at
+            # least as strictly, so a chain without those extensions needs no second look.
+            if any(_needs_second_look(c) for c in chain):
+                try:
+                    pathmod.check_path(chain, profile, lambda _c, _i: None)
+                except pathmod.PathError as pe:
+                    raise _from_path_error(pe, leaf) from None
         for cert in chain[:-1]:
             # RFC 5280 4.1.2.2: positive. cryptography accepts 0 for compatibility with old
             # roots; our PKI never issues it, so a 0 is a forgery or a foreign certificate.
@@ -747,9 +824,9 @@ class _Run:
 
         Returns whether a trusted certificate's subject is reached, and the certificates met.
         """
-        trusted_names = {c.subject for c in self.trusted}
-        seen: set[x509.Name] = set()
-        todo = [leaf.issuer]
+        trusted_names = {name_key(c.subject) for c in self.trusted}
+        seen: set[NameKey] = set()
+        todo = [name_key(leaf.issuer)]
         met: list[x509.Certificate] = []
         reached = False
         while todo:
@@ -760,7 +837,7 @@ class _Run:
             reached = reached or name in trusted_names
             for c in self.by_subject.get(name, ()):
                 met.append(c)
-                todo.append(c.issuer)
+                todo.append(name_key(c.issuer))
         return reached, met
 
     def classify(self, leaf: x509.Certificate, error: str) -> ValidationError:
@@ -809,9 +886,12 @@ class _Run:
         deltas: list[_Crl] = []
         failures: list[_Failure] = []
         seen_any = False
+        reasons_of: dict[int, frozenset[x509.ReasonFlags]] = {}
         for crl in self.candidate_crls(cert):
-            if not self.in_scope(crl, cert):
+            reasons = self.dp_reasons(crl, cert)
+            if reasons is None:
                 continue
+            reasons_of[id(crl)] = reasons
             seen_any = True
             # A complete CRL past its nextUpdate still counts in choosing the newest: an older
             # CRL that is still current must not stand in for a newer one that is stale (it
@@ -839,7 +919,7 @@ class _Run:
                                   certificate=cert)
 
         # Per scope the highest cRLNumber wins: a newer CRL that drops a hold releases it.
-        winners: dict[tuple[x509.Name, x509.IssuingDistributionPoint | None], _Crl] = {}
+        winners: dict[tuple[NameKey, x509.IssuingDistributionPoint | None], _Crl] = {}
         for crl in complete:
             best_crl = winners.get(crl.scope)
             if best_crl is None or (crl.number or 0) > (best_crl.number or 0):
@@ -848,12 +928,15 @@ class _Run:
         covered: set[x509.ReasonFlags] = set()
         hits: list[tuple[x509.RevokedCertificate, _Crl]] = []
         for scope, base in winners.items():
-            covered |= base.reasons
+            covered |= reasons_of[id(base)]
             entry, source = base.lookup(cert), base
             if entry is not None and _reason(entry) is x509.ReasonFlags.remove_from_crl:
                 entry = None  # removeFromCRL only means something in a delta (RFC 5280 5.3.1)
             # The newest delta built on this complete CRL (or an older base) updates it.
+            # 6.3.3 (c): same issuer and scope, the same key when the complete CRL says which
+            # (authorityKeyIdentifier), built on this complete CRL or an older one.
             applicable = [d for d in deltas if d.scope == scope
+                          and (base.key_id is None or d.key_id == base.key_id)
                           and (d.base_number or 0) <= (base.number or 0)
                           and (d.number or 0) > (base.number or 0)]
             if applicable:
@@ -896,25 +979,65 @@ class _Run:
         cRLDistributionPoints delegate to (RFC 5280 6.3.3(b)(1): cRLIssuer)."""
         found = list(self.crls._issued_by(cert.issuer))
         for name in _delegated_crl_issuers(cert):
-            if name != cert.issuer:
+            if not names_equal(name, cert.issuer):
                 found += [c for c in self.crls._issued_by(name) if c.is_indirect]
         return found
 
-    def in_scope(self, crl: _Crl, cert: x509.Certificate) -> bool:
-        """issuingDistributionPoint scope (RFC 5280 5.2.5, 6.3.3(b)(2))."""
+    def dp_reasons(self, crl: _Crl, cert: x509.Certificate) -> frozenset[x509.ReasonFlags] | None:
+        """The reasons `crl` can decide for `cert` (RFC 5280 6.3.3 (b), (d): its scope), or None
+        when it does not cover the certificate.
+
+        Some distribution point of the certificate must lead to the CRL - a certificate without
+        cRLDistributionPoints has one implied, with no name, its issuer as cRLIssuer and all
+        reasons: (b)(1) a cRLIssuer in the point needs a CRL issued under that name with the
+        indirectCRL flag, no cRLIssuer a CRL of the certificate's issuer; (b)(2)(i) when the
+        CRL's issuingDistributionPoint names a point, one of its names must be among the
+        point's names (or, for a point without a name, among its cRLIssuer names); (b)(2)(ii)-
+        (iv) onlyContainsUserCerts, onlyContainsCACerts, onlyContainsAttributeCerts. The
+        reasons are those of the matching points met with onlySomeReasons (d)."""
         idp = crl.idp
-        if idp is None:
-            return True
-        if idp.only_contains_attribute_certs:
-            return False
-        is_ca = _is_ca(cert)
-        if (idp.only_contains_user_certs and is_ca) or (idp.only_contains_ca_certs and not is_ca):
-            return False
+        if idp is not None:
+            if idp.only_contains_attribute_certs:
+                return None
+            is_ca = _is_ca(cert)
+            if (idp.only_contains_user_certs and is_ca) or (idp.only_contains_ca_certs
+                                                            and not is_ca):
+                return None
+        dps = _ext(cert, x509.CRLDistributionPoints)
+        found = self._through_points(crl, cert, list(dps) if dps else [None])
+        if found is None and dps:
+            # 6.3.3: a CRL of the certificate issuer that none of its points leads to is still
+            # taken through the implied point (no reasons, no cRLIssuer, named by the issuer).
+            found = self._through_points(crl, cert, [None])
+        return found
+
+    def _through_points(self, crl: _Crl, cert: x509.Certificate,
+                        points: list[x509.DistributionPoint | None]
+                        ) -> frozenset[x509.ReasonFlags] | None:
         idp_names = _idp_names(crl)
-        cert_names = _dp_names(cert)
-        # Both name a distribution point: they must share a name. (If only one does, the
-        # partition cannot be checked and the CRL is taken to apply.)
-        return not (idp_names and cert_names and not idp_names & cert_names)
+        reasons: set[x509.ReasonFlags] = set()
+        matched = False
+        for dp in points:
+            delegated = [gn.value for gn in (dp.crl_issuer if dp is not None else None) or ()
+                         if isinstance(gn, x509.DirectoryName)]
+            if dp is not None and dp.crl_issuer:
+                if not crl.is_indirect or not any(names_equal(crl.issuer, n)
+                                                   for n in delegated):
+                    continue
+            elif not names_equal(crl.issuer, cert.issuer):
+                continue
+            if idp_names:
+                if dp is not None and (dp.full_name or dp.relative_name):
+                    names = _point_names(dp, cert)
+                else:
+                    names = {_gn_key(x509.DirectoryName(n)) for n in delegated or [cert.issuer]}
+                if not names & idp_names:
+                    continue
+            matched = True
+            point_reasons = (frozenset(dp.reasons) if dp is not None and dp.reasons
+                             else _ALL_REASONS)
+            reasons |= point_reasons & crl.reasons
+        return frozenset(reasons) if matched else None
 
     def unusable(self, crl: _Crl, cert: x509.Certificate, issuer: x509.Certificate,
                  anchor: x509.Certificate, *, stale_counts: bool = True) -> _Failure | None:
@@ -939,8 +1062,8 @@ class _Run:
         """RFC 5280 6.3.3(f)/(g): the CRL is signed by the certificate's issuer, or by another
         certificate with the CRL issuer's name and cRLSign that validates to the same anchor
         (a separate CRL-signing key of the same CA, or the signer of an indirect CRL)."""
-        candidates = [issuer] if issuer.subject == crl.issuer else []
-        others = [c for c in self.by_subject.get(crl.issuer, ()) if c != issuer]
+        candidates = [issuer] if names_equal(issuer.subject, crl.issuer) else []
+        others = [c for c in self.by_subject.get(name_key(crl.issuer), ()) if c != issuer]
         if others and crl.key_id is not None:  # skip certificates of other keys unverified
             others = [c for c in others if _key_id(c) in (None, crl.key_id)]
         # The pool may hold a peer's certificates: bound the signature checks they can cause.
@@ -1017,29 +1140,37 @@ def _delegated_crl_issuers(cert: x509.Certificate) -> list[x509.Name]:
     return names
 
 
-def _relative(base: x509.Name, rdn: x509.RelativeDistinguishedName) -> x509.GeneralName:
-    return x509.DirectoryName(x509.Name([*base.rdns, rdn]))
+def _gn_key(gn: x509.GeneralName) -> tuple[str, object]:
+    """A general name as compared in distribution point matching: directory names per
+    RFC 5280 7.1, other names by value."""
+    if isinstance(gn, x509.DirectoryName):
+        return ("dn", name_key(gn.value))
+    return (type(gn).__name__, gn.value)
 
 
-def _idp_names(crl: _Crl) -> set[x509.GeneralName]:
+def _relative(base: x509.Name, rdn: x509.RelativeDistinguishedName) -> tuple[str, object]:
+    return _gn_key(x509.DirectoryName(x509.Name([*base.rdns, rdn])))
+
+
+def _idp_names(crl: _Crl) -> set[tuple[str, object]]:
+    """The distribution point names of the CRL's issuingDistributionPoint (a relative name is
+    under the CRL issuer)."""
     idp = crl.idp
     if idp is None:
         return set()
     if idp.full_name:
-        return set(idp.full_name)
+        return {_gn_key(gn) for gn in idp.full_name}
     if idp.relative_name:
         return {_relative(crl.issuer, idp.relative_name)}
     return set()
 
 
-def _dp_names(cert: x509.Certificate) -> set[x509.GeneralName]:
-    """Distribution point names of the certificate's cRLDistributionPoints."""
-    dps = _ext(cert, x509.CRLDistributionPoints)
-    names: set[x509.GeneralName] = set()
-    for dp in dps or ():
-        if dp.full_name:
-            names.update(dp.full_name)
-        elif dp.relative_name:
-            bases = [gn.value for gn in dp.crl_issuer or () if isinstance(gn, x509.DirectoryName)]
-            names.update(_relative(b, dp.relative_name) for b in bases or [cert.issuer])
-    return names
+def _point_names(dp: x509.DistributionPoint, cert: x509.Certificate) -> set[tuple[str, object]]:
+    """The names of one distribution point of a certificate (a relative name is under its
+    cRLIssuer, or under the certificate's issuer when it has none)."""
+    if dp.full_name:
+        return {_gn_key(gn) for gn in dp.full_name}
+    if dp.relative_name:
+        bases = [gn.value for gn in dp.crl_issuer or () if isinstance(gn, x509.DirectoryName)]
+        return {_relative(b, dp.relative_name) for b in bases or [cert.issuer]}
+    return set()
