@@ -271,9 +271,7 @@ def _copy(src: Path, dest: Path) -> tuple[str, int]:
             while block := os.read(fd, CHUNK):
                 h.update(block)
                 n += len(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(out, view):]
+                _write_all(out, block)
             os.fsync(out)
         finally:
             os.close(out)
@@ -285,12 +283,16 @@ def _copy(src: Path, dest: Path) -> tuple[str, int]:
 def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _entry(base: Path, name: str) -> dict[str, Any]:

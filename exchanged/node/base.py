@@ -43,7 +43,7 @@ from exchanged.store.db import Change, apply_group
 from exchanged.store.nodedb import NodeStore
 from exchanged.store.roledb import RoleStore
 from exchanged.transport import publish
-from exchanged.transport.peers import Peer, PeerCheck
+from exchanged.transport.peers import Peer, PeerCheck, PeerRefused
 from exchanged.transport.tlskey import make_context, peer_chain_der, renew_engine
 
 log = logging.getLogger("exchanged")
@@ -230,12 +230,19 @@ class Node:
             await tls.do_handshake()
         chain = peer_chain_der(tls)
         generation = self.peers.generation
-        known = self.peers.admit_cached(chain, expect=expect)  # no thread hop when cached
-        peer, limited = known if known is not None else await trio.to_thread.run_sync(
-            lambda: self.peers.admit(chain, expect=expect))
+        peer, limited = await self._admit(chain, expect)
         return (tls, peer, x509.load_der_x509_certificate(chain[0]),  # parsed by admit()
                 Admission(chain, expect, generation, trio.current_time(), ctx,
                           None if limited is None else str(limited)))
+
+    async def _admit(self, chain: list[bytes], expect: str | None
+                     ) -> tuple[Peer, PeerRefused | None]:
+        """PeerCheck.admit: from its cache in the event loop (no thread hop), else judged in
+        a thread (that may take a while)."""
+        known = self.peers.admit_cached(chain, expect=expect)
+        if known is not None:
+            return known
+        return await trio.to_thread.run_sync(lambda: self.peers.admit(chain, expect=expect))
 
     async def readmit(self, adm: Admission) -> Admission:
         """A connection kept open is judged again before it is used: at once when the CRLs or
@@ -246,9 +253,7 @@ class Node:
         if generation == adm.generation and \
                 trio.current_time() - adm.at < REJUDGE_SECONDS:
             return adm
-        known = self.peers.admit_cached(adm.chain, expect=adm.expect)
-        _, limited = known if known is not None else await trio.to_thread.run_sync(
-            lambda: self.peers.admit(adm.chain, expect=adm.expect))
+        _, limited = await self._admit(adm.chain, adm.expect)
         return Admission(adm.chain, adm.expect, generation, trio.current_time(), adm.ctx,
                          None if limited is None else str(limited))
 

@@ -717,6 +717,22 @@ _ROUTE_RE: Final = re.compile(rb"/v1/(documents|receipts)/([^/?#]+)")
 _CHECKPOINT_RE: Final = re.compile(rb"/v1/checkpoints/([1-9][0-9]{0,17})")
 
 
+def _check_upload(what: str, transfer_encoding: Any, length: int | None, limit: int,
+                  content_type: str | None, wanted: str) -> None:
+    """A CRL or a checkpoint offered in a request body: sized, within `limit`, of its type."""
+    if transfer_encoding or length is None:
+        raise RemoteProtocolError("Content-Length is required (chunked uploads are refused)",
+                                  code="length-required")
+    if length > limit:
+        raise RemoteProtocolError(f"a {what} of {length} bytes is over the limit of {limit}",
+                                  code="too-large")
+    if content_type != wanted:
+        raise RemoteProtocolError(f"a {what} must be {wanted}, not {_short(content_type)}",
+                                  code="unsupported-media-type")
+    if length == 0:
+        raise RemoteProtocolError(f"an empty {what}")
+
+
 class ServerConnection(_Connection):
     """The receiving side of one connection. Limits (bytes):
 
@@ -853,34 +869,16 @@ class ServerConnection(_Connection):
             self._goto(State.RECV_BODY)
             return None
         if kind == "crl":
-            if transfer_encoding or length is None:
-                raise RemoteProtocolError("Content-Length is required (chunked uploads are "
-                                          "refused)", code="length-required")
-            if length > self.max_crl_size:
-                raise RemoteProtocolError(f"a CRL of {length} bytes is over the limit of "
-                                          f"{self.max_crl_size}", code="too-large")
-            if content_type != CRL_TYPE:
-                raise RemoteProtocolError(f"a CRL must be {CRL_TYPE}, not "
-                                          f"{_short(content_type)}", code="unsupported-media-type")
-            if length == 0:
-                raise RemoteProtocolError("an empty CRL")
+            _check_upload("CRL", transfer_encoding, length, self.max_crl_size, content_type,
+                          CRL_TYPE)
             self._crl_offered = True
             self._request = None
             self._goto(State.RECV_BODY)
             return None
 
         if checkpoint is not None:
-            if transfer_encoding or length is None:
-                raise RemoteProtocolError("Content-Length is required (chunked uploads are "
-                                          "refused)", code="length-required")
-            if length > MAX_CHECKPOINT_SIZE:
-                raise RemoteProtocolError(f"a checkpoint of {length} bytes is over the limit of "
-                                          f"{MAX_CHECKPOINT_SIZE}", code="too-large")
-            if content_type != _JSON_TYPE:
-                raise RemoteProtocolError(f"a checkpoint must be {_JSON_TYPE}, not "
-                                          f"{_short(content_type)}", code="unsupported-media-type")
-            if length == 0:
-                raise RemoteProtocolError("an empty checkpoint")
+            _check_upload("checkpoint", transfer_encoding, length, MAX_CHECKPOINT_SIZE,
+                          content_type, _JSON_TYPE)
             self._checkpoint_seq = int(checkpoint.group(1))
             self._request = None
             self._goto(State.RECV_BODY)
