@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,31 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Tokens made once per session; tests name their keys uniquely, so they never collide.
 TOKEN_LABELS = ("ca", "admin", "officer1", "officer2", "auditor", "node", "person", "other")
+
+
+_PYCACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the processes the tests start keep their bytecode, in a directory of the run's own.
+    The tests start `python -m exchanged` thousands of times (every command, every daemon);
+    with PYTHONDONTWRITEBYTECODE set (as in many CI images and sandboxes) each of them
+    compiled the package's sources again, a fifth of a second of CPU each. Bytecode now goes
+    to PYTHONPYCACHEPREFIX, never beside the sources (what the variable was set to avoid), and
+    is removed with the run; Python checks it against each source's mtime and size, so the
+    children run exactly the code they would compile."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        return  # bytecode is kept already, or the caller chose where (or an xdist worker)
+    prefix = tempfile.mkdtemp(prefix="exchanged-pycache-")
+    config.stash[_PYCACHE] = prefix
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    prefix = config.stash.get(_PYCACHE, None)
+    if prefix is not None:
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 @dataclass
@@ -164,8 +191,7 @@ class CaSetup:
             conn.close()
 
 
-@pytest.fixture
-def ca(cli: Cli) -> CaSetup:
+def _ceremony(cli: Cli) -> CaSetup:
     """A CA from the ceremony (administrator Zhang Wei, officer Wang Fang, auditor Chen Jing),
     and a second officer, Li Wei, appointed by the administrator and approved by the auditor."""
     tag = uid()
@@ -194,3 +220,19 @@ def ca(cli: Cli) -> CaSetup:
                            "security-officer", *s.admin, "--json").out)["id"]
     cli("role", "review", "--dir", "ca", str(grant), "--approve", *s.auditor)
     return s
+
+
+@pytest.fixture(scope="session")
+def ca_made(tokens: Tokens, tmp_path_factory: pytest.TempPathFactory) -> CaSetup:
+    """The ceremony, once: its keys stay on the session's tokens (labelled with its tag, which
+    no test uses for a key of its own), its CA directory is copied for each test."""
+    return _ceremony(Cli(tokens, tmp_path_factory.mktemp("ca-made")))
+
+
+@pytest.fixture
+def ca(cli: Cli, ca_made: CaSetup) -> CaSetup:
+    """A CA of the test's own, as `_ceremony` leaves it: a copy of the CA directory (its
+    database, audit log and checkpoint copies, CRLs) and of the files beside it. The officials'
+    keys and certificates on the tokens are only read, never changed, by the tests."""
+    shutil.copytree(ca_made.cli.cwd, cli.cwd, dirs_exist_ok=True)
+    return CaSetup(cli, ca_made.dir, ca_made.tag)

@@ -172,11 +172,18 @@ class Demo:
             self.daemons[unit] = subprocess.Popen(EXCHANGED + ["serve", "--config", cfg],
                                                   cwd=self.work, env=self.env, stdout=log,
                                                   stderr=subprocess.STDOUT)
+        sock = _control_socket(cfg)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.daemons[unit].poll() is not None:
                 raise SystemExit(f"demo: the {unit} daemon exited; see {unit}/daemon.log:\n"
                                  + (self.work / unit / "daemon.log").read_text()[-2000:])
+            # Up is when a command gets its answer; asked only once the control socket takes
+            # connections (each command is a Python start, which the starting daemon would
+            # otherwise have to share the CPU with).
+            if sock is not None and not _answering(sock):
+                time.sleep(0.05)
+                continue
             r = subprocess.run(EXCHANGED + ["outbox", "--config", cfg, "--json"], env=self.env,
                                capture_output=True, cwd=self.work)
             if r.returncode == 0:
@@ -218,6 +225,20 @@ class Demo:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _control_socket(cfg: str) -> Path | None:
+    """Where the daemon of configuration `cfg` will take local commands (None: unknown)."""
+    try:
+        from exchanged.node.config import Config
+        return Config.load(cfg).socket_path
+    except Exception:  # the daemon will say what is wrong with it; the command will too
+        return None
+
+
+def _answering(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        return s.connect_ex(str(path)) == 0
 
 
 def main() -> int:
