@@ -32,7 +32,8 @@ from exchanged.store.nodedb import NodeStore
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from demo_network import Demo, setup  # noqa: E402
+from demo_network import Demo  # noqa: E402
+from demo_pki import setup  # noqa: E402  (demo_network.setup, its PKI made once per run)
 
 quiet = contextlib.redirect_stdout
 

@@ -26,7 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from demo_network import Demo, free_port, setup  # noqa: E402
+from demo_network import Demo, free_port  # noqa: E402
+from demo_pki import setup  # noqa: E402  (demo_network.setup, its PKI made once per run)
 
 MAKE_CERTS = r'''
 import datetime as dt, sys

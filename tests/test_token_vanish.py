@@ -23,7 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from demo_network import Demo, setup  # noqa: E402
+from demo_network import Demo  # noqa: E402
+from demo_pki import setup  # noqa: E402  (demo_network.setup, its PKI made once per run)
 
 CLIENT = next(iter(sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so"))), "")
 SOFTHSM = next(iter(sorted(glob.glob("/usr/lib/softhsm/libsofthsm2.so") +

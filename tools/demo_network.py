@@ -263,6 +263,11 @@ def setup(d: Demo, *, box: bool = False) -> dict[str, str]:
     daemons are not started). Finance and office; with `box`, also the district office (which
     office manages, A15) and the receivers of office's divisions. Returns the office node's
     serial and the configuration paths."""
+    return configure(d, make_pki(d, box=box), box=box)
+
+
+def make_pki(d: Demo, *, box: bool = False) -> str:
+    """setup's first part: the tokens, the CA, the certificates; the office node's serial."""
     labels = ["ca", "admin", "officer", "auditor", "finance-node", "office-node", "receiver"]
     if box:
         labels += ["district-node", "district-registrar", *(t for t, _, _ in BOX_PEOPLE)]
@@ -285,7 +290,11 @@ def setup(d: Demo, *, box: bool = False) -> dict[str, str]:
                 "Secretariat")
         for token, name, division in BOX_PEOPLE:
             d.issue(token, "person", name, "General Office Archives", "--division", division)
+    return office_serial
 
+
+def configure(d: Demo, office_serial: str, *, box: bool = False) -> dict[str, str]:
+    """setup's second part: the nodes' configurations, on ports free now."""
     d.say("The nodes on loopback, each configured with its peers only (A13)")
     pa, pb, pc = free_port(), free_port(), free_port()
     office_peers = {"finance": (pa, "node-finance", "Finance Bureau")}

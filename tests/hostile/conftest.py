@@ -23,7 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
-from demo_network import Demo, setup  # noqa: E402
+from demo_network import Demo  # noqa: E402
+from demo_pki import setup  # noqa: E402  (demo_network.setup, its PKI made once per run)
 
 # Certificates like finance's and office's node certificates (same names), issued by the demo
 # CA's key on its token, with software keys: what an attacker holding a valid certificate of
