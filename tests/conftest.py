@@ -25,14 +25,15 @@ _PYCACHE = pytest.StashKey[str]()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Let the processes the tests start keep their bytecode, in a directory of the run's own.
-    The tests start `python -m exchanged` thousands of times (every command, every daemon);
-    with PYTHONDONTWRITEBYTECODE set (as in many CI images and sandboxes) each of them
-    compiled the package's sources again, a fifth of a second of CPU each. Bytecode now goes
-    to PYTHONPYCACHEPREFIX, never beside the sources (what the variable was set to avoid), and
-    is removed with the run; Python checks it against each source's mtime and size, so the
-    children run exactly the code they would compile."""
+    The tests start `python -m exchanged` over and over (every command, every daemon, every
+    poll of a daemon's state); with PYTHONDONTWRITEBYTECODE set (as it is in this project's
+    machines' environment) each of them compiled the package's sources again, about a fifth
+    of a second of CPU each. Bytecode now goes to PYTHONPYCACHEPREFIX, never beside the
+    sources (what the variable is set to avoid), and is removed with the run; Python checks
+    it against each source's mtime and size, so the children run exactly the code they would
+    have compiled."""
     if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
-        return  # bytecode is kept already, or the caller chose where (or an xdist worker)
+        return  # bytecode is kept already, or the caller chose where
     prefix = tempfile.mkdtemp(prefix="exchanged-pycache-")
     config.stash[_PYCACHE] = prefix
     os.environ["PYTHONPYCACHEPREFIX"] = prefix
