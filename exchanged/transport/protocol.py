@@ -146,6 +146,8 @@ REASON_CODES: Final[Mapping[str, int]] = MappingProxyType({
     "bad-package": 422,
     "bad-signature": 422,
     "wrong-sender": 403,
+    # A relay (A12) will not carry this document: not a relay for these units, or the hop limit.
+    "not-relayed": 403,
     "wrong-recipient": 422,
     "headers-too-large": 431,
     "internal-error": 500,

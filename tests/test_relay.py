@@ -1,0 +1,250 @@
+"""Relay (A12) through real daemons on SoftHSM tokens: finance's direct path to office is cut
+(a TCP proxy on each direction of the link, closed), so finance's documents for office go
+through district, which relays for both; the original package arrives intact, verified against
+finance's certificate; office's delivery receipt comes back through district. Then the direct
+path comes back while district still holds a copy: office stores the document once.
+
+The tests run in file order on one network."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from demo_network import Demo, setup  # noqa: E402
+
+UNITS = ("finance", "office", "district")
+AFTER = 2  # relay.after, seconds
+
+
+class Link:
+    """A TCP proxy on 127.0.0.1 standing for one direction of a link: `cut()` closes what it
+    carries and refuses new connections until `restore()`."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            for s in self.open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.open = []
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+class RelayNet:
+    def __init__(self, d: Demo) -> None:
+        self.d = d
+        self.links: dict[tuple[str, str], Link] = {}
+
+    def cfg(self, unit: str) -> Path:
+        return self.d.work / unit / "exchanged.toml"
+
+    def port(self, unit: str) -> int:
+        text = self.cfg(unit).read_text()
+        return int(re.search(r'listen = "127.0.0.1:(\d+)"', text).group(1))  # type: ignore[union-attr]
+
+    def through_link(self, unit: str, peer: str) -> None:
+        """`unit` reaches `peer` through a Link of its own."""
+        link = Link(self.port(peer))
+        self.links[(unit, peer)] = link
+        cfg = self.cfg(unit)
+        cfg.write_text(re.sub(rf'(\[peers\.{peer}\]\naddress = "127\.0\.0\.1:)\d+',
+                              rf"\g<1>{link.port}", cfg.read_text()))
+
+    def send(self, unit: str, to: str, title: str) -> str:
+        pdf = self.d.work / "r.pdf"
+        pdf.write_bytes(b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n"
+                        b"%%EOF\n")
+        txt = self.d.work / "r.txt"
+        txt.write_text(f"{title}\n")
+        out = self.d.x("send", "--config", str(self.cfg(unit)), "--to", to, "--title", title,
+                       "--pdf", str(pdf), "--editable", str(txt), "--json", quiet=True)
+        return str(json.loads(out)["doc_id"])
+
+    def rows(self, unit: str, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.d.work / unit / "data" / "node.db")
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(query, params)]
+        finally:
+            conn.close()
+
+    def outbox(self, unit: str, doc: str) -> dict[str, Any]:
+        [row] = self.rows(unit, "SELECT * FROM outbox WHERE doc_id = ?", (doc,))
+        return row
+
+    def wait(self, what: str, check: Any, timeout: float = 60) -> Any:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self.d.wait_for(what, check, timeout=timeout)
+
+    def audit(self, unit: str, action: str, doc: str) -> list[dict[str, Any]]:
+        return [{**r, "details": json.loads(r["details"])} for r in self.rows(
+            unit, "SELECT * FROM audit WHERE action = ? AND object = ?", (action, doc))]
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayNet]:
+    d = Demo(tmp_path_factory.mktemp("relay"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        setup(d, box=True)
+    n = RelayNet(d)
+    n.through_link("finance", "office")
+    n.through_link("office", "finance")
+    n.through_link("district", "office")
+    relay = {"finance": f'[relay]\nthrough = ["district"]\nafter = {AFTER}\n',
+             "office": f'[relay]\nthrough = ["district"]\nafter = {AFTER}\n',
+             "district": '[relay]\nfor = ["finance", "office"]\n'}
+    for unit in UNITS:
+        cfg = n.cfg(unit)
+        cfg.write_text(cfg.read_text().replace("[limits]\n", "[limits]\nkeepalive = 1\n")
+                       + "\n" + relay[unit])
+    with contextlib.redirect_stdout(io.StringIO()):
+        for unit in UNITS:
+            d.start(unit)
+    yield n
+    with contextlib.redirect_stdout(io.StringIO()):
+        d.stop()
+    for link in n.links.values():
+        link.close()
+
+
+def openssl_verify(d: Demo, cms: bytes, *extra: str) -> bytes:
+    p = subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-CAfile",
+                        str(d.work / "ca" / "ca.pem"), "-purpose", "any", *extra],
+                       input=cms, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout
+
+
+def test_cut_off_documents_go_through_the_relay_and_the_receipt_comes_back(
+        net: RelayNet) -> None:
+    net.links[("finance", "office")].cut()
+    net.links[("office", "finance")].cut()
+    doc = net.send("finance", "office", "through the neighbouring box")
+    row = net.wait("delivered through district", lambda: (
+        r := net.outbox("finance", doc))["state"] == "delivered" and r, timeout=90)
+    assert row["relay"] == "district"
+    # The relay's hop record: district's node says it took this document from finance.
+    hop = json.loads(openssl_verify(net.d, row["relay_receipt"]))
+    assert (hop["type"], hop["doc_id"], hop["from"], hop["node"], hop["recipient"]) == (
+        "relay", doc, "finance", "district", "office")
+    assert hop["sha256"] == row["package_sha256"]
+    # Office's delivery receipt, signed by office's node, carried back by district.
+    receipt = json.loads(openssl_verify(net.d, row["delivery_receipt"]))
+    assert (receipt["type"], receipt["sender"], receipt["recipient"], receipt["sha256"]) == (
+        "delivery", "finance", "office", row["package_sha256"])
+    [got] = net.rows("office", "SELECT * FROM inbox WHERE doc_id = ?", (doc,))
+    assert got["sender"] == "finance" and got["package_sha256"] == row["package_sha256"]
+    [path] = json.loads(got["relay_path"])
+    assert json.loads(openssl_verify(net.d, base64.b64decode(path))) == hop
+    # End to end: the package office holds is finance's, signed on finance's token, as sent.
+    blob = net.d.work / "office" / "data" / "blobs" / got["package_sha256"][:2] / \
+        got["package_sha256"]
+    with tarfile.open(blob) as tar:
+        manifest = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
+        signature = tar.extractfile("manifest.cms").read()  # type: ignore[union-attr]
+    signed = net.d.work / "manifest.json"
+    signed.write_bytes(manifest)
+    openssl_verify(net.d, signature, "-binary", "-content", str(signed))
+    assert json.loads(manifest)["metadata"]["sender"] == "finance"
+    # Each part is in each node's audit log.
+    assert net.audit("finance", "document-relayed", doc)[0]["details"]["relay"] == "district"
+    assert net.audit("district", "document-relay-taken", doc)
+    assert net.audit("district", "document-relay-delivered", doc)
+    [received] = net.audit("office", "document-received", doc)
+    assert received["details"]["relayed_by"] == "district"
+    [relayed] = net.rows("district", "SELECT * FROM relay WHERE doc_id = ?", (doc,))
+    assert relayed["state"] == "delivered" and relayed["sender"] == "finance"
+
+
+def test_the_direct_path_coming_back_while_the_relay_holds_a_copy_stores_it_once(
+        net: RelayNet) -> None:
+    net.links[("district", "office")].cut()  # district holds what it takes
+    doc = net.send("finance", "office", "both ways")
+    net.wait("district holding it", lambda: net.rows(
+        "district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,)), timeout=60)
+    assert net.outbox("finance", doc)["relay"] == "district"
+    net.links[("finance", "office")].restore()  # the direct path first
+    net.links[("office", "finance")].restore()
+    net.wait("delivered directly", lambda: net.outbox("finance", doc)["state"] == "delivered",
+             timeout=60)
+    net.links[("district", "office")].restore()  # then district's copy arrives: a duplicate
+    net.wait("district passed it on", lambda: net.rows(
+        "district", "SELECT 1 FROM relay WHERE doc_id = ? AND state = 'delivered'", (doc,)),
+        timeout=60)
+    assert len(net.rows("office", "SELECT * FROM inbox WHERE doc_id = ?", (doc,))) == 1
+    assert net.audit("office", "document-duplicate", doc)
+    assert len(net.audit("finance", "document-delivered", doc)) == 1
+    net.wait("district's receipt taken by finance", lambda: all(r["returned_at"] for r in net.rows(
+        "district", "SELECT * FROM receipts_out WHERE doc_id = ?", (doc,))), timeout=30)
+    assert net.outbox("finance", doc)["state"] == "delivered"
+
+
+def test_with_the_direct_path_up_nothing_goes_through_the_relay(net: RelayNet) -> None:
+    doc = net.send("finance", "office", "direct")
+    net.wait("delivered", lambda: net.outbox("finance", doc)["state"] == "delivered")
+    assert net.outbox("finance", doc)["relay"] == ""
+    assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))
