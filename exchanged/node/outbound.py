@@ -487,13 +487,11 @@ class Outbound:
 
     def _direct_failed(self, unit: str) -> None:
         """Our connection to `unit` failed: from relay.after on, its documents may go
-        through a relay; the relays' senders look again then."""
-        if unit in self.relays.down_since or not self.node.config.relay.through:
-            self.relays.direct_failed(unit)
-            return
+        through a relay. The relays' senders look again (now, and when that time comes)."""
         self.relays.direct_failed(unit)
         for relay_unit in self.node.config.relay.through:
-            self.poke(relay_unit)
+            if relay_unit != unit:
+                self.poke(relay_unit)
 
     async def _relay_jobs(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                           jobs: Jobs, peer: Peer) -> None:

@@ -329,7 +329,8 @@ def _urgency(metadata: dict[str, Any]) -> int:
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    row["metadata"] = json.loads(row["metadata"])
+    if "metadata" in row:
+        row["metadata"] = json.loads(row["metadata"])
     row["urgency"] = next(k for k, v in URGENCY.items() if v == row["urgency"])
     for key in ("custody", "relay_path", "path"):
         if key in row:
