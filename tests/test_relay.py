@@ -220,6 +220,26 @@ def test_cut_off_documents_go_through_the_relay_and_the_receipt_comes_back(
     assert relayed["state"] == "delivered" and relayed["sender"] == "finance"
 
 
+def test_a_signed_for_receipt_comes_back_through_the_relay(net: RelayNet) -> None:
+    """Office cannot reach finance either: the receipt its registrar signs goes through
+    district, which carries it without being able to make or alter one."""
+    d, office = net.d, str(net.cfg("office"))
+    [doc] = [r["doc_id"] for r in net.rows("office", "SELECT doc_id FROM inbox")]
+    grant = json.loads(d.x("role", "grant", "--config", office, "receiver.pem", "--role",
+                           "registrar", *d.op("admin"), "--json", quiet=True))["id"]
+    d.x("role", "review", "--config", office, str(grant), "--approve", *d.op("auditor"),
+        quiet=True)
+    d.x("inbox", "sign-for", doc, "--config", office, *d.op("receiver"), quiet=True)
+    row = net.wait("signed for, through district", lambda: (
+        r := net.outbox("finance", doc))["state"] == "signed-for" and r, timeout=60)
+    signed = json.loads(openssl_verify(d, row["signed_for_receipt"]))
+    assert (signed["type"], signed["sender"], signed["recipient"]) == ("signed-for", "finance",
+                                                                       "office")
+    [carried] = net.audit("district", "receipt-relay-taken", doc)
+    assert carried["details"] == {"from": "office", "to": "finance", "kind": "signed-for"}
+    assert net.audit("finance", "document-signed-for", doc)
+
+
 def test_the_direct_path_coming_back_while_the_relay_holds_a_copy_stores_it_once(
         net: RelayNet) -> None:
     net.links[("district", "office")].cut()  # district holds what it takes
