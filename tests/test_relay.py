@@ -28,6 +28,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from demo_network import Demo, setup  # noqa: E402
+from hostile.conftest import TEST_PEERS, submit_raw  # noqa: E402
+
+from exchanged import receipts  # noqa: E402
+from exchanged.transport import protocol as proto  # noqa: E402
 
 UNITS = ("finance", "office", "district")
 AFTER = 2  # relay.after, seconds
@@ -98,6 +102,7 @@ class RelayNet:
     def __init__(self, d: Demo) -> None:
         self.d = d
         self.links: dict[tuple[str, str], Link] = {}
+        self.peers = d.work / "peers"  # software-key certificates like the nodes' (attacks)
 
     def cfg(self, unit: str) -> Path:
         return self.d.work / unit / "exchanged.toml"
@@ -161,6 +166,10 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayNet]:
         cfg = n.cfg(unit)
         cfg.write_text(cfg.read_text().replace("[limits]\n", "[limits]\nkeepalive = 1\n")
                        + "\n" + relay[unit])
+    subprocess.run([sys.executable, "-c", TEST_PEERS, str(n.peers), json.dumps([
+        ("finance", "node-finance", "Finance Bureau"), ("district", "district",
+                                                        "District Office")])],
+        cwd=d.work, env=d.env, check=True)
     with contextlib.redirect_stdout(io.StringIO()):
         for unit in UNITS:
             d.start(unit)
@@ -268,3 +277,86 @@ def test_with_the_direct_path_up_nothing_goes_through_the_relay(net: RelayNet) -
     net.wait("delivered", lambda: net.outbox("finance", doc)["state"] == "delivered")
     assert net.outbox("finance", doc)["relay"] == ""
     assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))
+
+
+# -- what a hostile peer may try (a certificate of our CA with the name of a node, and its key) --
+
+class SoftSigner:
+    """Signs hop records with a test peer's software key (as `Operator.sign` does on a token)."""
+
+    def __init__(self, net: RelayNet, who: str) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        self.cert = x509.load_pem_x509_certificate((net.peers / f"{who}.pem").read_bytes())
+        self.key = serialization.load_pem_private_key((net.peers / f"{who}.key").read_bytes(),
+                                                      None)
+
+    def sign(self, payload: dict[str, Any], *, detached: bool = True) -> tuple[bytes, bytes]:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.serialization import pkcs7
+
+        from exchanged.common import canonical
+        data = canonical(payload)
+        cms = (pkcs7.PKCS7SignatureBuilder().set_data(data)
+               .add_signer(self.cert, self.key, hashes.SHA256())  # type: ignore[arg-type]
+               .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]))
+        return data, cms
+
+
+def genuine(net: RelayNet, to: str) -> tuple[str, bytes]:
+    """A package finance's node signed (on its token) for `to`, delivered: (doc id, bytes)."""
+    doc = net.send("finance", to, f"genuine, for {to}")
+    net.wait("delivered", lambda: net.outbox("finance", doc)["state"] == "delivered")
+    sha = net.outbox("finance", doc)["package_sha256"]
+    return doc, (net.d.work / "finance" / "data" / "blobs" / sha[:2] / sha).read_bytes()
+
+
+def hop(net: RelayNet, doc: str, body: bytes, *, relay: str = "district", **changes: str) -> str:
+    import hashlib
+    fields = {"doc_id": doc, "sha256": hashlib.sha256(body).hexdigest(), "sender": "finance",
+              "recipient": "office", "from_unit": "finance", "relay_unit": relay, **changes}
+    return base64.b64encode(receipts.relay_hop(SoftSigner(net, relay),  # type: ignore[arg-type]
+                                               **fields)).decode()
+
+
+def test_a_relay_refuses_what_it_does_not_carry(net: RelayNet) -> None:
+    doc, body = genuine(net, "office")
+    for relay, code in (({"to": "nowhere", "path": []}, "not-relayed"),  # not a unit it serves
+                        ({"to": "office", "path": [hop(net, doc, body)]}, "not-relayed"),  # hops
+                        ({"to": "office"}, "bad-request")):
+        answer = submit_raw(net, "district", body, as_="finance", doc_id=doc,
+                            metadata={"relay": relay})
+        assert isinstance(answer, proto.Reject) and answer.code == code, (relay, answer)
+    assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))
+
+
+def test_the_recipient_takes_a_relayed_document_only_as_its_sender_signed_it(
+        net: RelayNet) -> None:
+    doc, body = genuine(net, "office")
+    other, for_district = genuine(net, "district")  # finance's, but addressed to district
+    tampered = bytearray(body)
+    tampered[-2000] ^= 1  # a byte of the files, after the signed manifest
+    cases = [
+        ("finance", body, doc, [hop(net, doc, body)], "unknown-sender"),  # not office's relay
+        ("district", body, doc, [], "bad-form"),  # no hop records
+        ("district", body, doc, [hop(net, doc, body, doc_id=other)], "bad-form"),
+        ("district", body, doc, [hop(net, doc, body, from_unit="office")], "bad-form"),
+        ("district", body, doc, [hop(net, doc, body, relay_unit="finance")], "bad-form"),
+        ("district", for_district, other, [hop(net, other, for_district)], "wrong-recipient"),
+        ("district", bytes(tampered), doc, [hop(net, doc, bytes(tampered))], None),
+    ]
+    for who, package, doc_id, path, code in cases:
+        answer = submit_raw(net, "office", package, as_=who, doc_id=doc_id,
+                            metadata={"relay": {"to": "office", "path": path}})
+        assert isinstance(answer, proto.Reject), (who, doc_id, code, answer)
+        if code is not None:
+            assert answer.code == code, (code, answer)
+        else:
+            assert answer.code in ("digest-mismatch", "bad-signature", "bad-package"), answer
+    assert not net.rows("office", "SELECT 1 FROM inbox WHERE doc_id = ?", (other,))
+    # The control: the same package with a good hop record is taken (a repeat of the one
+    # finance delivered directly: acknowledged, stored once).
+    answer = submit_raw(net, "office", body, as_="district", doc_id=doc,
+                        metadata={"relay": {"to": "office", "path": [hop(net, doc, body)]}})
+    assert isinstance(answer, proto.Acknowledge) and answer.status == "duplicate", answer
+    assert len(net.rows("office", "SELECT 1 FROM inbox WHERE doc_id = ?", (doc,))) == 1
