@@ -227,6 +227,10 @@ def test_cut_off_documents_go_through_the_relay_and_the_receipt_comes_back(
     assert received["details"]["relayed_by"] == "district"
     [relayed] = net.rows("district", "SELECT * FROM relay WHERE doc_id = ?", (doc,))
     assert relayed["state"] == "delivered" and relayed["sender"] == "finance"
+    # What office exports for the record carries the relay's part, for openssl to check.
+    out = net.d.work / f"export-{doc}"
+    net.d.x("inbox", "export", doc, str(out), "--config", str(net.cfg("office")), quiet=True)
+    assert json.loads(openssl_verify(net.d, (out / "relay-1.cms").read_bytes())) == hop
 
 
 def test_a_signed_for_receipt_comes_back_through_the_relay(net: RelayNet) -> None:
