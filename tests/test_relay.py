@@ -364,3 +364,34 @@ def test_the_recipient_takes_a_relayed_document_only_as_its_sender_signed_it(
                         metadata={"relay": {"to": "office", "path": [hop(net, doc, body)]}})
     assert isinstance(answer, proto.Acknowledge) and answer.status == "duplicate", answer
     assert len(net.rows("office", "SELECT 1 FROM inbox WHERE doc_id = ?", (doc,))) == 1
+
+
+# -- the configuration: both sides approve, each unit named is a peer -------------------------
+
+BASE = {"node": {"unit": "finance", "listen": "127.0.0.1:0", "data_dir": "d"},
+        "pkcs11": {"key": "pkcs11:token=t;object=k", "cert": "c.pem"},
+        "trust": {"ca": ["ca.pem"]},
+        "peers": {u: {"address": "127.0.0.1:1", "name": u, "org": u}
+                  for u in ("office", "district")}}
+
+
+@pytest.mark.parametrize("relay,words", [
+    ({"through": ["elsewhere"]}, "'elsewhere', which is not a configured peer"),
+    ({"for": ["finance"]}, "names this unit (finance) itself"),
+    ({"through": "district"}, "must be a list of unit ids"),
+    ({"after": 0}, "relay.after must be positive"),
+    ({"via": ["district"]}, "[relay] has no setting via"),
+])
+def test_a_relay_setting_that_cannot_hold_is_refused(relay: dict[str, Any], words: str) -> None:
+    from exchanged.node.config import Config, ConfigError
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({**BASE, "relay": relay}, base=Path("/etc/exchanged"))
+    assert words in str(e.value), str(e.value)
+
+
+def test_relay_settings_are_read() -> None:
+    from exchanged.node.config import Config
+    c = Config.from_dict({**BASE, "relay": {"through": ["district"], "for": ["office"],
+                                            "after": 30}}, base=Path("/etc/exchanged"))
+    assert (c.relay.through, c.relay.serves, c.relay.after) == (("district",), ("office",), 30)
+    assert Config.from_dict(BASE, base=Path("/etc/exchanged")).relay.serves == ()
