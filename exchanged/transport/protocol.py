@@ -40,6 +40,10 @@ A document submission looks like this on the wire (curl can send it with ``--dat
 
     <exactly Content-Length bytes of the document package>
 
+The metadata header also carries what a document travels with besides its package: a forwarded
+document's custody records (``{"custody": [...]}``), or, for a relayed one (A12,
+``exchanged.node.relay``), ``{"relay": {"to": UNIT, "path": [hop records]}}``.
+
 ``Content-Length`` is required and chunked uploads are refused (411): the receiver checks the
 size against its limit before it reads a byte of body. The body is never buffered here: the
 server yields it as ``BodyChunk`` events in the pieces it arrives in, then ``BodyEnd``. The
