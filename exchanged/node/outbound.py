@@ -664,6 +664,9 @@ class Outbound:
                                                                "error": unproven})
             return
         with store.transaction():
+            if isinstance(answer, proto.Acknowledge) and store.out_item(item.doc_id)["state"] \
+                    != "sending":  # its receipt came back through a relay meanwhile
+                return
             if isinstance(answer, proto.Acknowledge):
                 self.node.metrics.sent.labels(peer=item.recipient).inc()
                 store.mark_delivered(item.doc_id, answer.receipt)
