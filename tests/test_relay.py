@@ -168,7 +168,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayNet]:
                        + "\n" + relay[unit])
     subprocess.run([sys.executable, "-c", TEST_PEERS, str(n.peers), json.dumps([
         ("finance", "node-finance", "Finance Bureau"), ("district", "district",
-                                                        "District Office")])],
+                                                        "District Office"),
+        ("office", "node-office", "General Office Archives")])],
         cwd=d.work, env=d.env, check=True)
     with contextlib.redirect_stdout(io.StringIO()):
         for unit in UNITS:
@@ -364,6 +365,52 @@ def test_the_recipient_takes_a_relayed_document_only_as_its_sender_signed_it(
                         metadata={"relay": {"to": "office", "path": [hop(net, doc, body)]}})
     assert isinstance(answer, proto.Acknowledge) and answer.status == "duplicate", answer
     assert len(net.rows("office", "SELECT 1 FROM inbox WHERE doc_id = ?", (doc,))) == 1
+
+
+
+def receipt_raw(net: RelayNet, unit: str, doc: str, cms: bytes, *, as_: str) -> Any:
+    """Give `unit`'s daemon a receipt as the test peer `as_`; its answer."""
+    import trio
+    from hostile.conftest import tls_context
+
+    async def go() -> Any:
+        stream = await trio.open_tcp_stream("127.0.0.1", net.port(unit))
+        tls = trio.SSLStream(stream, tls_context(net, as_, server=False),
+                             server_hostname="peer")
+        conn = proto.ClientConnection("peer")
+        await tls.send_all(conn.send(proto.DeliverReceipt(doc, cms)))
+        while (event := conn.next_event()) is proto.NEED_DATA:
+            conn.receive_data(await tls.receive_some(65536))
+        await trio.aclose_forcefully(tls)
+        return event
+
+    return trio.run(go)
+
+
+def test_a_relay_carries_receipts_but_drops_one_the_sender_refuses(net: RelayNet) -> None:
+    """Office's name and a key of its own can sign any number of receipts: the relay carries
+    them, the sender refuses one for a document it never sent, and the relay lets it go
+    instead of trying it again for ever."""
+    import uuid
+
+    from exchanged.common import stamp
+    doc = str(uuid.uuid4())
+    cms = receipts.delivery(SoftSigner(net, "office"), doc_id=doc,  # type: ignore[arg-type]
+                            sha256="0" * 64, sender="finance", recipient="office",
+                            received_at=stamp())
+    answer = receipt_raw(net, "district", doc, cms, as_="office")
+    assert isinstance(answer, proto.ReceiptAccepted), answer
+    [refused] = net.wait("finance refusing it", lambda: net.audit(
+        "district", "receipt-relay-refused", doc))
+    assert refused["details"]["code"] == "unknown-document"
+    [row] = net.rows("district", "SELECT * FROM receipts_out WHERE doc_id = ?", (doc,))
+    assert row["returned_at"] and row["error"].startswith("unknown-document")
+    # A receipt not for the units district relays for, or not the peer's own, is not carried.
+    other = receipts.delivery(SoftSigner(net, "office"), doc_id=doc,  # type: ignore[arg-type]
+                              sha256="0" * 64, sender="finance", recipient="district",
+                              received_at=stamp())
+    answer = receipt_raw(net, "district", doc, other, as_="office")
+    assert isinstance(answer, proto.Reject) and answer.code == "bad-receipt", answer
 
 
 # -- the configuration: both sides approve, each unit named is a peer -------------------------

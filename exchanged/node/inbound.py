@@ -320,11 +320,14 @@ class Inbound:
     async def _not_relayed(self, peer: Peer, submit: proto.SubmitDocument
                            ) -> proto.Reject | None:
         """Before a byte of body: a document handed to us to relay that we will not carry
-        (not a relay for these units, the hop limit)."""
+        (not a relay for these units, the hop limit), or relayed to us by a neighbour we do
+        not take relayed documents from."""
         try:
             wanted = relay.request(submit.metadata)
             if wanted is not None and wanted[0] != self.node.config.unit:
                 self.relays.may_take(peer, *wanted)
+            elif wanted is not None:
+                self.relays.may_bring(peer)
         except RelayError as e:
             return await self._refuse(peer, submit.doc_id, e.code, str(e))
         return None
@@ -672,6 +675,8 @@ class Inbound:
                                 f"{event.doc_id}")
         try:
             new = await node.commit(self._store_carried, peer, sender, event, str(kind))
+        except StoreError as e:
+            return proto.Reject("busy" if e.code == "busy" else "bad-receipt", str(e))
         except (ExchangedError, OSError, sqlite3.Error) as e:
             return proto.Reject("busy", f"the relay could not keep the receipt ({e})")
         if new:
@@ -684,11 +689,16 @@ class Inbound:
                        kind: str) -> bool:
         store = self.node.store
         with store.transaction():
-            if any(r["kind"] == kind and r["receipt"] == event.receipt
+            carried = relay.CARRIED_PREFIX + kind
+            if any(r["kind"] == carried and r["receipt"] == event.receipt
                    for r in store.receipts_for(event.doc_id, with_receipts=True)
                    if r["sender"] == sender):
                 return False  # carried before: the recipient repeated it
-            store.queue_receipt(sender, event.doc_id, kind, event.receipt)
+            waiting = store.carried_waiting(sender)
+            if waiting >= relay.MAX_CARRIED:
+                raise StoreError(f"{self.node.config.unit} holds {waiting} receipts for "
+                                 f"{sender} already; give this one again later", code="busy")
+            store.queue_receipt(sender, event.doc_id, carried, event.receipt)
             store.audit.append(action="receipt-relay-taken", obj=event.doc_id,
                                details={"from": peer.unit, "to": sender, "kind": kind})
         return True

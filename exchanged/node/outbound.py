@@ -29,7 +29,7 @@ from exchanged import receipts
 from exchanged.common import stamp_precise
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Admission, Node, describe
-from exchanged.node.relay import Relays
+from exchanged.node.relay import CARRIED_PREFIX, Relays
 from exchanged.pki import verify
 from exchanged.store.audit import mirror_line
 from exchanged.store.db import StoreError
@@ -620,8 +620,8 @@ class Outbound:
             if isinstance(answer, proto.Acknowledge):
                 assert answer.receipt is not None
                 store.relay_delivered(row["id"], answer.receipt)
-                store.queue_receipt(row["sender"], row["doc_id"], receipts.DELIVERY,
-                                    answer.receipt)
+                store.queue_receipt(row["sender"], row["doc_id"],
+                                    CARRIED_PREFIX + receipts.DELIVERY, answer.receipt)
                 store.audit.append(action="document-relay-delivered", obj=row["doc_id"],
                                    details={"sender": row["sender"], "recipient": unit,
                                             "status": answer.status})
@@ -686,6 +686,15 @@ class Outbound:
         node = self.node
         await node.send(tls, conn.send(proto.DeliverReceipt(r["doc_id"], r["receipt"])))
         answer = await self._response(tls, conn)
+        if str(r["kind"]).startswith(CARRIED_PREFIX) and isinstance(answer, proto.Reject) \
+                and answer.code not in TRANSIENT:  # carried, not ours: refused for good
+            log.warning("%s refused the receipt for %s we carried: %s", r["sender"],
+                        r["doc_id"], answer.message)
+            await node.db(node.store.drop_receipt, r["id"], f"{answer.code}: {answer.message}")
+            await node.audit("receipt-relay-refused", r["doc_id"], outcome="refused",
+                             details={"to": r["sender"], "code": answer.code,
+                                      "error": answer.message})
+            return
         await node.db(node.store.mark_receipt_returned, r["id"],
                       isinstance(answer, proto.ReceiptAccepted),
                       error=getattr(answer, "message", None) or "refused")
