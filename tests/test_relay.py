@@ -284,6 +284,37 @@ def test_with_the_direct_path_up_nothing_goes_through_the_relay(net: RelayNet) -
     assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))
 
 
+
+def test_a_relay_that_will_not_carry_is_asked_again_only_after_a_while(net: RelayNet) -> None:
+    """District stops relaying for office (reload): finance's document for office, cut off,
+    is refused by district before its body; finance keeps it queued for the direct path and
+    does not knock again at once (no tight loop of connections)."""
+    import signal
+    import time
+    cfg = net.cfg("district")
+    original = cfg.read_text()
+    cfg.write_text(original.replace('for = ["finance", "office"]', 'for = ["finance"]'))
+    net.d.daemons["district"].send_signal(signal.SIGHUP)
+    net.links[("finance", "office")].cut()
+    try:
+        time.sleep(1)
+        doc = net.send("finance", "office", "not carried")
+        net.wait("district refusing it", lambda: net.audit("district", "document-rejected", doc),
+                 timeout=30)
+        time.sleep(3 * AFTER)
+        refusals = net.audit("district", "document-rejected", doc)
+        assert len(refusals) == 1 and refusals[0]["details"]["code"] == "not-relayed", refusals
+        row = net.outbox("finance", doc)
+        assert (row["state"], row["relay"]) == ("queued", "")
+        assert net.audit("finance", "document-relay-refused", doc)
+    finally:
+        cfg.write_text(original)
+        net.d.daemons["district"].send_signal(signal.SIGHUP)
+        net.links[("finance", "office")].restore()
+    net.wait("delivered directly", lambda: net.outbox("finance", doc)["state"] == "delivered",
+             timeout=60)
+
+
 # -- what a hostile peer may try (a certificate of our CA with the name of a node, and its key) --
 
 class SoftSigner:

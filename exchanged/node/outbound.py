@@ -349,6 +349,7 @@ class Outbound:
         tls, conn = link.tls, link.conn
         self.relays.direct_worked(unit)
         untried = list(items)
+        relay_untried: Jobs | None = None  # marked sending, not yet in _relay_jobs' hands
         keep = False
         try:
             if link.adm.limited is not None:  # our CRL is stale: did the peer mend it?
@@ -366,6 +367,7 @@ class Outbound:
             if jobs.documents():  # all of this link's share at once: one commit, not one each
                 taken = await node.commit(self._mark_sending, jobs)
                 jobs.handed = [i for i in jobs.handed if i.doc_id not in taken]
+                relay_untried = jobs
             for item in items:
                 untried.remove(item)  # from here on _send_one records what happens to it
                 await self._send_one(tls, conn, item, peer)
@@ -375,6 +377,7 @@ class Outbound:
                 await node.db(node.store.schedule_retry, item.doc_id, f"{unit} closed the "
                               "connection before this document's turn", time.time())
             untried = []
+            relay_untried = None
             await self._relay_jobs(tls, conn, jobs, peer)
             if checkpoints and conn.state is proto.State.IDLE:  # after the documents
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
@@ -392,6 +395,9 @@ class Outbound:
             for item in untried:  # the session broke before their turn (e.g. at the ping)
                 await node.db(node.store.schedule_retry, item.doc_id,
                               f"delivery to {unit} interrupted: {describe(e)}", time.time())
+            if relay_untried is not None:
+                await self._put_back(relay_untried.handed, relay_untried.relayed, peer,
+                                     f"delivery to {unit} interrupted: {describe(e)}")
             await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
         finally:
             if keep and unit in node.config.peers:
@@ -498,7 +504,6 @@ class Outbound:
         """After our own documents: ours for units cut off, handed to `peer` as our relay,
         and documents we relay, passed on to `peer` as their recipient. Each marked sending
         and not tried (the link broke) goes back to its queue."""
-        node = self.node
         handed, relayed = list(jobs.handed), list(jobs.relayed)
         try:
             while handed and conn.state is proto.State.IDLE:
@@ -506,13 +511,20 @@ class Outbound:
             while relayed and conn.state is proto.State.IDLE:
                 await self._pass_on(tls, conn, relayed.pop(0), peer)
         finally:
-            with trio.CancelScope(shield=True):
-                for item in handed:
-                    await node.db(node.store.release, item.doc_id,
-                                  f"relay {peer.unit} closed the connection before its turn")
-                for row in relayed:
-                    await node.db(node.store.relay_retry, row["id"], f"{peer.unit} closed the "
-                                  "connection before this document's turn", time.time())
+            await self._put_back(handed, relayed, peer,
+                                 f"{peer.unit} closed the connection before its turn")
+
+    async def _put_back(self, handed: list[OutItem], relayed: list[dict[str, Any]],
+                        peer: Peer, why: str) -> None:
+        """Documents marked sending for a relay job that were not tried: back to their
+        queues (ours offered to this relay again only after a while: no tight loop)."""
+        node = self.node
+        with trio.CancelScope(shield=True):
+            for item in handed:
+                self.relays.note_refused(peer.unit, item.doc_id)
+                await node.db(node.store.release, item.doc_id, why)
+            for row in relayed:
+                await node.db(node.store.relay_retry, row["id"], why, time.time())
 
     async def _hand_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                         item: OutItem, peer: Peer) -> None:
