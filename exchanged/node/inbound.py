@@ -399,16 +399,9 @@ class Inbound:
                 return await self._refuse(peer, doc, "bad-form", f"the custody records do not "
                                           f"hold: {e}")
         recipient = records[0]["node"] if records else node.config.unit
-        try:  # every check of unpacking, on the stored package itself: nothing copied
-            received = await trio.to_thread.run_sync(
-                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
-                                  max_file_size=node.config.limits.max_document_bytes,
-                                  expected_recipient=recipient))
-        except ExchangedError as e:
-            return await self._refuse(peer, doc, _reason(e.code), str(e))
-        except OSError as e:
-            return await self._refuse(peer, doc, "busy", f"the receiving node could not read "
-                                      f"the document ({e.strerror}); send it again later")
+        received = await self._check_package(peer, doc, sha, recipient)
+        if isinstance(received, proto.Reject):
+            return received
         meta = received.metadata
         sender = peer.unit
         if path is not None:  # relayed: each hop checked, the package S's own, S our peer
@@ -466,6 +459,22 @@ class Inbound:
                        sender=meta.sender, urgency=meta.urgency)
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
 
+    async def _check_package(self, peer: Peer, doc: str, sha: str, recipient: str
+                             ) -> pkg.Checked | proto.Reject:
+        """Every check of unpacking, on the stored package itself (nothing copied): what it
+        is, or the refusal sent back."""
+        node = self.node
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
+                                  max_file_size=node.config.limits.max_document_bytes,
+                                  expected_recipient=recipient))
+        except ExchangedError as e:
+            return await self._refuse(peer, doc, _reason(e.code), str(e))
+        except OSError as e:
+            return await self._refuse(peer, doc, "busy", f"{node.config.unit} could not read "
+                                      f"the document ({e.strerror}); send it again later")
+
     def _store_received(self, doc: str, peer: Peer, sender: str, meta: pkg.Metadata,
                         sha: str, receipt: bytes, box: str, custody: list[str], signer: str,
                         path: list[str]) -> bool:
@@ -489,17 +498,13 @@ class Inbound:
         """A document `peer` hands us to pass on to `to` (A12): checked as its recipient
         would check it, kept, acknowledged with our signed hop record."""
         node = self.node
+        received = await self._check_package(peer, doc, sha, to)
+        if isinstance(received, proto.Reject):
+            return received
         try:
-            received = await trio.to_thread.run_sync(
-                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
-                                  max_file_size=node.config.limits.max_document_bytes,
-                                  expected_recipient=to))
             self.relays.check_taken(peer, leaf, doc, to, received)
-        except ExchangedError as e:
-            return await self._refuse(peer, doc, _reason(e.code), str(e))
-        except OSError as e:
-            return await self._refuse(peer, doc, "busy", f"the relay could not read the "
-                                      f"document ({e.strerror}); send it again later")
+        except RelayError as e:
+            return await self._refuse(peer, doc, e.code, str(e))
         meta = received.metadata
         try:
             old = await node.db(node.store.relay_row, peer.unit, doc)
