@@ -335,7 +335,10 @@ class Outbound:
                 await node.audit("peer-refused", unit, outcome="refused",
                                  details={"code": e.code, "error": str(e)})
             self._note(unit, err)
-            self._direct_failed(unit)
+            if isinstance(e, PeerRefused):  # not a path that failed: nothing to relay around
+                self.relays.direct_worked(unit)
+            else:
+                self._direct_failed(unit)
             for item in items:
                 await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
             for row in jobs.relayed:

@@ -32,7 +32,8 @@ T's people: a relay can only carry them, or fail to.
 
 The direct path "has failed" from the first failed connection after a success, as this node
 last saw it (`Relays.direct_failed`); a restart forgets it, so relaying resumes ``after``
-seconds after the first failure seen after the restart.
+seconds after the first failure seen after the restart. A peer *refused* (revoked, not the
+configured node) is not a failed path: its documents are not relayed around the refusal.
 """
 
 from __future__ import annotations
