@@ -103,6 +103,7 @@ class RelayNet:
         self.d = d
         self.links: dict[tuple[str, str], Link] = {}
         self.peers = d.work / "peers"  # software-key certificates like the nodes' (attacks)
+        self.office_serial = ""
 
     def cfg(self, unit: str) -> Path:
         return self.d.work / unit / "exchanged.toml"
@@ -154,8 +155,9 @@ class RelayNet:
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayNet]:
     d = Demo(tmp_path_factory.mktemp("relay"))
     with contextlib.redirect_stdout(io.StringIO()):
-        setup(d, box=True)
+        office_serial = setup(d, box=True)["office_serial"]
     n = RelayNet(d)
+    n.office_serial = office_serial
     n.through_link("finance", "office")
     n.through_link("office", "finance")
     n.through_link("district", "office")
@@ -473,3 +475,24 @@ def test_relay_settings_are_read() -> None:
                                             "after": 30}}, base=Path("/etc/exchanged"))
     assert (c.relay.through, c.relay.serves, c.relay.after) == (("district",), ("office",), 30)
     assert Config.from_dict(BASE, base=Path("/etc/exchanged")).relay.serves == ()
+
+
+
+def test_a_refused_peer_is_not_relayed_around(net: RelayNet) -> None:
+    """Last (it revokes office): a peer refused is not a path that failed. Finance refuses the
+    revoked office and keeps its document; it never hands it to district."""
+    import time
+    d = net.d
+    d.x("ca", "revoke", "--dir", "ca", net.office_serial, "--reason", "keyCompromise",
+        *d.op("officer"), quiet=True)
+    d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", d.pin("ca"), quiet=True)
+    d.publish_crl("finance", "district")
+    doc = net.send("finance", "office", "to a revoked unit")
+    net.wait("finance refusing office", lambda: [
+        r for r in net.rows("finance", "SELECT * FROM audit WHERE action = 'peer-refused' AND "
+                                       "object = 'office'") if "revoked" in r["details"]],
+             timeout=60)
+    time.sleep(3 * AFTER)
+    row = net.outbox("finance", doc)
+    assert row["state"] == "queued" and row["relay"] == "", row
+    assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))
