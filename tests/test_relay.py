@@ -27,7 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from demo_network import Demo, setup  # noqa: E402
+from demo_network import Demo  # noqa: E402
+from demo_pki import setup  # noqa: E402  (demo_network.setup, its PKI made once per run)
 from hostile.conftest import TEST_PEERS, submit_raw  # noqa: E402
 
 from exchanged import receipts  # noqa: E402
