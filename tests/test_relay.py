@@ -486,8 +486,18 @@ def test_a_refused_peer_is_not_relayed_around(net: RelayNet) -> None:
     d = net.d
     d.x("ca", "revoke", "--dir", "ca", net.office_serial, "--reason", "keyCompromise",
         *d.op("officer"), quiet=True)
-    d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", d.pin("ca"), quiet=True)
+    out = d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", d.pin("ca"), quiet=True)
+    number = int(re.search(r"CRL number (\d+)", out).group(1))  # type: ignore[union-attr]
     d.publish_crl("finance", "district")
+
+    def holds(unit: str) -> bool:
+        st = subprocess.run([sys.executable, "-m", "exchanged", "status", "--config",
+                             str(net.cfg(unit)), "--json"], env=d.env, capture_output=True,
+                            text=True).stdout
+        return bool(st) and json.loads(st)["crls"][0]["number"] == number
+
+    net.wait("finance and district holding the new CRL", lambda: holds("finance")
+             and holds("district"), timeout=60)
     doc = net.send("finance", "office", "to a revoked unit")
     net.wait("finance refusing office", lambda: [
         r for r in net.rows("finance", "SELECT * FROM audit WHERE action = 'peer-refused' AND "
