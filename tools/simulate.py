@@ -137,6 +137,7 @@ class Sent:
     doc_id: str = ""
     error: str = ""
     relay: bool = False  # meant to go through a relay (its direct link was cut)
+    division: str = ""  # addressed to this division of the recipient
 
 
 def _rst(stream: trio.SocketStream) -> None:
@@ -522,6 +523,8 @@ async def send_one(sim: Province, s: Sent, files: tuple[Path, Path, int]) -> Non
     argv = sim.exchanged + ["send", "--config", sim.cfg(s.sender), "--to", s.to, "--title",
                             f"Notice {len(sim.sent)} from {s.sender}", "--pdf", str(pdf),
                             "--editable", str(txt), "--urgency", s.urgency, "--json"]
+    if s.division:
+        argv += ["--division", s.division]
     p = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
                                env=sim.env, cwd=sim.work)
     if p.returncode == 0:
@@ -549,6 +552,8 @@ async def traffic(sim: Province, files: list[tuple[Path, Path, int]]) -> None:
             else:
                 f = files[rng.randrange(5)]
             s = Sent(round(t, 2), sender, to, urgency, f[2])
+            if rng.random() < a.misaddressed:  # to a division the recipient does not have
+                s.division = "Division of Lost Letters"
             sim.sent.append(s)
 
             async def go(s: Sent = s, f: tuple[Path, Path, int] = f) -> None:
@@ -806,7 +811,8 @@ def judge(sim: Province) -> dict[str, Any]:
             if stored:
                 queued["stored at the recipient, its receipt not back yet"] += 1
             else:
-                queued[_reason(row["last_error"] or "not tried yet")] += 1
+                who = "from the revoked node: " if s.sender == sim.revoked else ""
+                queued[who + _reason(row["last_error"] or "not tried yet")] += 1
     for k in ("delivered_once", "refused", "queued", "lost", "duplicated", "bad_evidence"):
         res[k] = counts[k]
     res["refused_reasons"] = dict(refused.most_common())
@@ -904,6 +910,7 @@ def _reason(text: str) -> str:
     text = re.sub(r"\b[0-9a-f]{16,}\b", "…", text)
     text = re.sub(r"\b(doc|D)-[\w-]+", "…", text)
     text = re.sub(r"\d+(\.\d+)? ?(s|bytes|seconds)\b", "N \\2", text)
+    text = re.sub(r" at 127\.0\.0\.1:\d+", "", text)
     return text[:140]
 
 
@@ -1017,6 +1024,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"all, none, or a comma-separated list of {','.join(FAULTS)}")
     ap.add_argument("--relay-after", type=float, default=15,
                     help="[relay] after: seconds a direct path must have failed")
+    ap.add_argument("--misaddressed", type=float, default=0.02,
+                    help="share of documents addressed to a division the recipient has not "
+                         "(it refuses them with the reason)")
     ap.add_argument("--no-large", action="store_true", help="no documents of several MB")
     ap.add_argument("--sample", type=float, default=3, help="seconds between queue samples")
     ap.add_argument("--revocation-bound", type=float, default=90,
