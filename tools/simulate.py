@@ -63,10 +63,16 @@ from demo_network import EXCHANGED, Demo, free_port  # noqa: E402
 P11_CLIENT = next(iter(sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so"))), "")
 SOFTHSM = next(iter(sorted(glob.glob("/usr/lib/softhsm/libsofthsm2.so") +
                            glob.glob("/usr/lib/*/softhsm/libsofthsm2.so"))), "")
-FAULTS = ("partition", "flap", "reset", "kill", "revoke", "token", "disk")
+FAULTS = ("partition", "flap", "reset", "kill", "revoke", "token", "disk", "relay")
 URGENCIES = ("normal", "urgent", "extra-urgent")
 RANK = {"extra-urgent": 0, "urgent": 1, "normal": 2}
 MIB = 1 << 20
+HOP_ONLY = "hop-only"  # a relayed document's sender holds the relay's hop record only
+
+
+def relay_supported() -> bool:
+    from exchanged.node import config
+    return hasattr(config, "RelaySettings")
 
 
 def log(msg: str) -> None:
@@ -93,7 +99,7 @@ class Unit:
 
     @property
     def cn(self) -> str:
-        return f"node-{self.id}"
+        return self.id  # a node certificate's CN is the unit id it speaks for
 
     @property
     def org(self) -> str:
@@ -169,6 +175,8 @@ class Province(Demo):
         self.revoked_crl: int | None = None
         self.notes: list[str] = []  # what could not be done, said in the output
         self.traffic_done = False
+        self.relay_units: list[str] = []  # A, B (the relay), C
+        self.files: list[tuple[Path, Path, int]] = []
         self.faults = set(FAULTS) if args.faults == "all" else \
             set() if args.faults == "none" else set(args.faults.split(","))
         if args.break_ == "ack-without-store":
@@ -219,6 +227,20 @@ class Province(Demo):
             if frozenset((a, b)) not in pairs:
                 pairs.add(frozenset((a, b)))
                 chords -= 1
+        self.relay_units = []
+        if n >= 5 and "relay" in self.faults:
+            if relay_supported():
+                # A relay B between A and C, its ring neighbours, which also have a direct
+                # link (cut during the run): A and C relay through B, B relays for both.
+                i = self.rng.randrange(n)
+                a_, b_, c_ = ids[i - 1], ids[i], ids[(i + 1) % n]
+                pairs.add(frozenset((a_, c_)))
+                self.relay_units = [a_, b_, c_]
+                self.units[a_].relay_through = [b_]
+                self.units[c_].relay_through = [b_]
+                self.units[b_].relay_for = [a_, c_]
+            else:
+                self.notes.append("relay left out: this exchanged has no [relay] yet")
         for pair in sorted(pairs, key=sorted):
             a, b = sorted(pair)
             self.links[pair] = Link(a, b)
@@ -231,7 +253,7 @@ class Province(Demo):
         """Which unit suffers which single-node fault (distinct units where there are
         enough)."""
         ids = sorted(self.units)
-        pool = ids[:]
+        pool = [u for u in ids if u not in self.relay_units]
         self.rng.shuffle(pool)
         roles: dict[str, str] = {}
         for fault in ("revoke", "token", "disk"):
@@ -618,8 +640,8 @@ async def faults(sim: Province) -> None:
         at(0.35, partial(disk, sim, sim.units[sim.roles["disk"]], min(40.0, 0.2 * S)))
     if "revoke" in sim.roles:
         at(0.55, partial(revoke, sim, sim.units[sim.roles["revoke"]]))
-    for when, fn in sim.relay_plan:
-        plan.append((when, fn))
+    if sim.relay_units:
+        at(0.04, partial(relay_cut, sim, min(S * 0.7, max(S * 0.5, 3 * a.relay_after))))
     plan.sort(key=lambda x: x[0])
     async with trio.open_nursery() as n:
         for when, fn in plan:
@@ -631,9 +653,40 @@ async def partition(sim: Province, lk: Link, mode: str, dur: float) -> None:
     lk.mode = mode
     lk.cut()
     sim.note("partition", lk.name, f"{mode} for {dur:.0f} s")
+    await extra_send(sim, lk.a, lk.b)
     await trio.sleep(dur)
     lk.mode = "up"
     sim.note("heal", lk.name)
+
+
+async def relay_cut(sim: Province, dur: float) -> None:
+    """The direct link between the relay's two units is cut; documents between them wait
+    `after` seconds, then go through the relay; the link comes back while some may still be
+    at the relay."""
+    a, b, c = sim.relay_units
+    lk = sim.links[frozenset((a, c))]
+    lk.mode = "refuse"
+    lk.cut()
+    sim.note("relay-cut", lk.name, f"for {dur:.0f} s; relay {b}")
+    end = time.time() + dur
+    async with trio.open_nursery() as n:
+        k = 0
+        while time.time() < end:
+            src, dst = (a, c) if k % 2 == 0 else (c, a)
+            n.start_soon(extra_send, sim, src, dst, True)
+            k += 1
+            await trio.sleep(max(2.0, dur / 8))
+        lk.mode = "up"
+        sim.note("relay-heal", lk.name)
+
+
+async def extra_send(sim: Province, sender: str, to: str, relay: bool = False,
+                     large: bool = False) -> None:
+    """A document sent because of a fault: so that the fault meets traffic."""
+    f = sim.files[6 if large else 1]
+    s = Sent(round(time.time() - sim.t0, 2), sender, to, "normal", f[2], relay=relay)
+    sim.sent.append(s)
+    await send_one(sim, s, f)
 
 
 async def flap(sim: Province, lk: Link, dur: float) -> None:
@@ -667,6 +720,8 @@ async def kill(sim: Province, u: Unit, down: float) -> None:
 async def token(sim: Province, u: Unit, dur: float) -> None:
     sim.card_pull(u)
     sim.note("token-out", u.id)
+    await extra_send(sim, u.peers[0], u.id)
+    await extra_send(sim, u.id, u.peers[0])  # refused at once: no key to sign with
     await trio.sleep(dur)
     await trio.to_thread.run_sync(sim.card_insert, u)
     sim.note("token-in", u.id)
@@ -684,6 +739,8 @@ async def disk(sim: Province, u: Unit, dur: float) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
     await trio.to_thread.run_sync(fill)
     sim.note("disk-full", u.id, f"{size // MIB} MiB filled, 4 MiB left (reserve 16 MiB)")
+    await extra_send(sim, u.peers[0], u.id, large=True)
+    await extra_send(sim, u.peers[-1], u.id)
     await trio.sleep(dur)
     filler.unlink(missing_ok=True)
     sim.note("disk-freed", u.id)
@@ -702,7 +759,7 @@ async def revoke(sim: Province, u: Unit) -> None:
 
 async def run(sim: Province) -> None:
     a = sim.args
-    files = make_files(sim)
+    files = sim.files = make_files(sim)
     async with trio.open_nursery() as n:
         for (src, dst), port in sorted(sim.proxy_port.items()):
             await n.start(proxy, sim, sim.links[frozenset((src, dst))], port,
@@ -792,15 +849,26 @@ def judge(sim: Province) -> dict[str, Any]:
                 continue
             why = _check_delivered(sim, s, row, stored[0], ca_cert, certs, receipts, pkg,
                                    hashes)
+            if why == HOP_ONLY:  # the relay took it; the recipient's receipt is not back
+                counts["queued"] += 1
+                queued["relayed and stored at the recipient; the sender holds the relay's hop "
+                       "record, the recipient's receipt is not back yet"] += 1
+                continue
             if why:
                 counts["bad_evidence"] += 1
                 problems.append(f"{s.doc_id} {s.sender}->{s.to}: {why}")
                 continue
             if len(copies) == 1:
                 counts["delivered_once"] += 1
-            if row.get("relay") or stored[0].get("relay_path") not in (None, "", "[]"):
+            if row.get("relay"):
+                counts["handed_to_relay"] += 1
+            if stored[0].get("relay_path") not in (None, "", "[]"):  # it came the relay's way
                 relayed += 1
-                relayed_ok += 1
+                why = _check_relayed(s, row, stored[0], ca_cert, certs, receipts)
+                if why:
+                    problems.append(f"{s.doc_id} {s.sender}->{s.to} relayed: {why}")
+                else:
+                    relayed_ok += 1
             latency[s.urgency].append(row["delivered_at"] - row["queued_at"])
         elif row["state"] in ("rejected", "failed"):
             counts["refused"] += 1
@@ -813,7 +881,9 @@ def judge(sim: Province) -> dict[str, Any]:
             else:
                 who = "from the revoked node: " if s.sender == sim.revoked else ""
                 queued[who + _reason(row["last_error"] or "not tried yet")] += 1
-    for k in ("delivered_once", "refused", "queued", "lost", "duplicated", "bad_evidence"):
+    res["relay_intended"] = sum(1 for s in sent if s.relay)
+    for k in ("delivered_once", "refused", "queued", "lost", "duplicated", "bad_evidence",
+              "handed_to_relay"):
         res[k] = counts[k]
     res["refused_reasons"] = dict(refused.most_common())
     res["queued_reasons"] = dict(queued.most_common())
@@ -842,6 +912,11 @@ def _check_delivered(sim: Province, s: Sent, row: dict[str, Any], stored: dict[s
         return "delivered without a delivery receipt"
     try:
         signer, _, payload = receipts.open_signed(row["delivery_receipt"], ca_cert)
+        if payload.get("type") == "relay" and row.get("relay"):
+            receipts.check_relay_hop(payload, doc_id=s.doc_id, sha256=row["package_sha256"],
+                                     sender=s.sender, recipient=s.to, from_unit=s.sender,
+                                     relay_unit=row["relay"])
+            return HOP_ONLY if signer == certs[row["relay"]] else "a hop record by another"
         receipts.check_delivery(payload, doc_id=s.doc_id, sha256=row["package_sha256"],
                                 sender=s.sender, recipient=s.to)
     except Exception as e:
@@ -860,6 +935,36 @@ def _check_delivered(sim: Province, s: Sent, row: dict[str, Any], stored: dict[s
     if checked.metadata.doc_id != s.doc_id or checked.metadata.sender != s.sender:
         return "the stored package is another document"
     del hashes
+    return ""
+
+
+def _check_relayed(s: Sent, row: dict[str, Any], stored: dict[str, Any], ca_cert: Any,
+                   certs: dict[str, Any], receipts: Any) -> str:
+    """A relayed document's path at the recipient: each hop record signed by the node of the
+    relay it names (a certificate of our CA), for this document, this content, from the
+    sender to the recipient, one hop after the other; the sender handed it to the first."""
+    try:
+        path = json.loads(stored.get("relay_path") or "[]")
+    except ValueError:
+        return "its relay_path is not JSON"
+    if not path:
+        return "no hop records at the recipient"
+    before = s.sender
+    for n, record in enumerate(path):
+        try:
+            signer, _, payload = receipts.open_signed(base64.b64decode(record), ca_cert,
+                                                      "hop record")
+            hop = str(payload.get("node"))
+            receipts.check_relay_hop(payload, doc_id=s.doc_id, sha256=row["package_sha256"],
+                                     sender=s.sender, recipient=s.to, from_unit=before,
+                                     relay_unit=hop)
+        except Exception as e:
+            return f"hop record {n + 1} does not hold: {e}"
+        if hop not in certs or signer != certs[hop]:
+            return f"hop record {n + 1} names {hop} but is signed by another"
+        before = hop
+    if row.get("relay") and before != row["relay"]:
+        return f"the sender handed it to {row['relay']}, the path ends at {before}"
     return ""
 
 
@@ -932,8 +1037,10 @@ def table(res: dict[str, Any]) -> str:
         ("LOST (must be 0)", res["lost"]),
         ("DUPLICATED (must be 0)", res["duplicated"]),
         ("evidence that does not hold (must be 0)", res["bad_evidence"]),
-        ("relayed, end-to-end signature verified", f"{res['relayed_signatures_ok']} of "
-                                                    f"{res['relayed']}"),
+        ("sent while the relay's direct link was cut", res["relay_intended"]),
+        ("  handed to the relay by the sender", res["handed_to_relay"]),
+        ("  arrived through the relay, hop records and end-to-end signature verified",
+         f"{res['relayed_signatures_ok']} of {res['relayed']}"),
         ("audit chains verified", f"{res['audit_chains_verified']} of {res['units']}"),
         ("revoked node", res["revoked"] or "-"),
         ("  refused by every other node after",
@@ -978,7 +1085,7 @@ def draw(sim: Province, res: dict[str, Any], png: Path) -> None:
             ax1.plot(times, ys, lw=0.5, color="0.7")
     colours = {"partition": "red", "flap": "orange", "reset": "purple", "sigkill": "black",
                "revoked": "blue", "token-out": "green", "disk-full": "brown", "drain": "grey",
-               "relay-cut": "teal"}
+               "relay-cut": "teal", "relay-heal": "teal"}
     top = max([max(d.values(), default=0) for _, d in sim.samples] or [1]) or 1
     for e in sim.events:
         if e.kind in colours:
@@ -1045,8 +1152,6 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
     sim = Province(work, a)
-    sim.relay_units: list[str] = []
-    sim.relay_plan: list[tuple[float, Any]] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
     try:
@@ -1087,7 +1192,10 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"the revoked node {res['revoked']} was not refused by every node "
                             f"within {a.revocation_bound} s")
     if res["relayed"] != res["relayed_signatures_ok"]:
-        failures.append("relayed documents whose end-to-end signature fails")
+        failures.append("relayed documents whose hop records or end-to-end signature fail")
+    if sim.relay_units and res["relay_intended"] and not res["relayed"]:
+        failures.append(f"no document went through the relay {sim.relay_units[1]} while the "
+                        f"direct link {sim.relay_units[0]}-{sim.relay_units[2]} was cut")
     if res["sent"] == 0:
         failures.append("no document was sent")
     res["failures"] = failures
