@@ -449,8 +449,15 @@ class Province(Demo):
 
 
 def _killpg(p: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(p.pid, sig)
+    """Signal `p`'s process group (it leads one: started with start_new_session), else `p`."""
+    try:
+        if os.getpgid(p.pid) == p.pid:
+            os.killpg(p.pid, sig)
+            return
+    except (ProcessLookupError, PermissionError):
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        p.send_signal(sig)
 
 
 # -- the proxies ---------------------------------------------------------------------------------
