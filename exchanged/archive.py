@@ -15,7 +15,8 @@ An archive is a directory:
                         happened to it here), and every signature about it, each an attached
                         CMS: delivery.cms, signed-for.cms, copy-N.cms (the divisions'),
                         return.cms, custody-N.cms (forwards), receipt-N.cms (what came back
-                        for a document we sent)
+                        for a document we sent), relay-N.cms (the hop records of the relays a
+                        document came through, or the relay's that took ours, A12)
     evidence/           an evidence bundle (store/evidence.py) of the documents' audit entries
                         up to a signed checkpoint
     VERIFY.txt          the openssl commands
@@ -160,16 +161,20 @@ def _document(out: Path, d: dict[str, Any], *, store: NodeStore, rows: BoxStore,
             signatures[f"copy-{n}.cms"] = c["receipt"]
         for n, c in enumerate(d.get("custody") or [], 1):
             signatures[f"custody-{n}.cms"] = base64.b64decode(c)
+        for n, h in enumerate(d.get("relay_path") or [], 1):  # the relays it came through
+            signatures[f"relay-{n}.cms"] = base64.b64decode(h)
         for r in store.receipts_for(doc, with_receipts=True):
             if r["kind"] == "return":
                 signatures["return.cms"] = r["receipt"]
     else:
         for n, r in enumerate(rows.receipts(doc), 1):
             signatures[f"receipt-{n}.cms"] = r["receipt"]
+        if d.get("relay_receipt"):  # the relay's hop record: it took the document from us
+            signatures["relay-1.cms"] = d["relay_receipt"]
     for name, cms in signatures.items():
         (where / name).write_bytes(cms)
     kept = {k: v for k, v in d.items() if not isinstance(v, bytes | bytearray)
-            and k not in ("copies", "custody")}
+            and k not in ("copies", "custody", "relay_path")}
     kept["copies"] = [{k: v for k, v in c.items() if k != "receipt"} for c in d.get("copies", ())]
     (where / "metadata.json").write_text(json.dumps(kept, indent=2, ensure_ascii=False,
                                                     default=str) + "\n")

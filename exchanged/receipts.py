@@ -11,6 +11,9 @@ Each is canonical JSON inside an attached CMS SignedData, so it travels alone an
 - the **return notice**: the recipient unit's registrar or receiver sends a document back with
   the reason (N4: the wrong form is the sender's fault) (`return_notice`, `check_return`); it
   travels back like a signed-for receipt;
+- the **relay hop record**: a relay's node, on its token, says it took a document from the
+  unit before it on the way (A12) (`relay_hop`, `check_relay_hop`); the sender keeps the first
+  relay's as its receipt, the recipient the whole path;
 - the **signed request**: an operator, on their own token, asks a node's daemon for an act (a
   role change, an act on the exchange box) (`signed_request`, `open_request`); the daemon
   applies it under `exchanged.roles`. A forward's signed request is also its **custody
@@ -37,6 +40,7 @@ from exchanged.pki.cms import CmsError, verify_attached
 from exchanged.pki.operator import Operator, SignedOperator
 
 DELIVERY, SIGNED_FOR, RETURN = "delivery", "signed-for", "return"
+RELAY = "relay"
 FORWARD = "document-forward"
 
 
@@ -83,6 +87,29 @@ def _check(kind: str, payload: dict[str, Any], **want: str) -> None:
         raise ReceiptError(f"the receipt is not a {kind} receipt of document {want['doc_id']} "
                            f"from {want['sender']} to {want['recipient']} ({', '.join(wrong)} "
                            "differ)")
+
+
+# -- relayed ----------------------------------------------------------------------------------
+
+def relay_hop(node: Operator, *, doc_id: str, sha256: str, sender: str, recipient: str,
+              from_unit: str, relay_unit: str) -> bytes:
+    """A relay's node took document `doc_id` (this content, from `sender` to `recipient`)
+    from `from_unit` to pass it on; signed on its token."""
+    _, cms = node.sign({"type": RELAY, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+                        "recipient": recipient, "from": from_unit, "node": relay_unit,
+                        "at": stamp()}, detached=False)
+    return cms
+
+
+def check_relay_hop(payload: dict[str, Any], *, doc_id: str, sha256: str, sender: str,
+                    recipient: str, from_unit: str, relay_unit: str) -> None:
+    """The hop record is for exactly this document, and this step of its way."""
+    want = {"type": RELAY, "doc_id": doc_id, "sha256": sha256, "sender": sender,
+            "recipient": recipient, "from": from_unit, "node": relay_unit}
+    wrong = [k for k, v in want.items() if payload.get(k) != v]
+    if wrong or not isinstance(payload.get("at"), str):
+        raise ReceiptError(f"the hop record is not {relay_unit}'s of {doc_id} from "
+                           f"{from_unit} ({', '.join(wrong) or 'at'} differ)")
 
 
 # -- signed for -------------------------------------------------------------------------------

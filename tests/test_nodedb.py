@@ -733,3 +733,92 @@ def test_a_corrupted_database_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as e:
         NodeStore.open(tmp_path)
     assert e.value.code == "corrupt-db" and "restore it from a backup" in str(e.value)
+
+
+def test_a_schema_2_database_is_migrated_to_3_keeping_every_row(tmp_path: Path) -> None:
+    """Relay (A12) added columns and a table: a node.db of schema 2 is brought up to date in
+    place when opened, its rows kept; a new column takes its default."""
+    store = NodeStore.open(tmp_path)
+    enq(store, "d", recipient="office")
+    sha = put(store, b"package")
+    store.receive(doc_id="e", sender="office", metadata={"title": "u"}, package_sha256=sha,
+                  size=7)
+    store.db.conn.executescript(
+        "ALTER TABLE outbox DROP COLUMN relay; ALTER TABLE outbox DROP COLUMN relay_receipt; "
+        "ALTER TABLE inbox DROP COLUMN relay_path; DROP TABLE relay; "
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    store.close()
+    store = NodeStore.open(tmp_path, create=False)
+    assert store.db.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                            ).fetchone()[0] == "3"
+    assert store.out_item("d")["relay"] == "" and store.out_item("d")["state"] == "queued"
+    assert store.in_item("e")["relay_path"] == []
+    assert store.relay_rows() == []
+    store.close()
+
+
+# -- relaying (A12) -----------------------------------------------------------------------------
+
+
+def take(s: NodeStore, doc_id: str, data: bytes = b"relayed", sender: str = "unit-a") -> bool:
+    sha = put(s, data)
+    return s.relay_take(doc_id=doc_id, sender=sender, recipient="unit-c", handed_by=sender,
+                        metadata={"urgency": "urgent"}, package_sha256=sha, size=len(data),
+                        path=["hop"])
+
+
+def test_a_relayed_document_is_kept_once_and_goes_on_with_backoff(store: NodeStore) -> None:
+    assert take(store, "r") and not take(store, "r")
+    with pytest.raises(StoreError) as e:
+        take(store, "r", b"other content")
+    assert code_of(e) == "id-conflict"
+    assert take(store, "r", b"other content", sender="unit-b")  # ids are the senders'
+    [row, _] = store.relay_due(time.time(), "unit-c")
+    assert (row["urgency"], row["path"], row["state"]) == ("urgent", ["hop"], "queued")
+    assert store.relay_due(time.time(), "unit-a") == []
+    store.relay_sending(row["id"])
+    assert store.recover() == 1  # a crash while passing it on: queued again
+    store.relay_sending(row["id"])
+    at = store.relay_retry(row["id"], "unreachable", time.time())
+    assert at is not None and store.relay_row("unit-a", "r")["attempts"] == 1
+    assert store.next_due_time(recipient="unit-c") is not None
+    store.max_age = 0.0
+    assert store.relay_retry(row["id"], "still unreachable", time.time()) is None
+    assert store.relay_row("unit-a", "r")["state"] == "failed"
+
+
+def test_a_relayed_blob_is_named_until_passed_on(store: NodeStore) -> None:
+    take(store, "r")
+    row = store.relay_row("unit-a", "r")
+    assert store.pending_bytes("unit-a") == len(b"relayed")  # the hander's quota
+    assert (row["package_sha256"], 7) in store.blob_refs()
+    assert store.sweep_orphans() == 0
+    store.relay_sending(row["id"])
+    store.relay_delivered(row["id"], b"receipt")
+    assert store.pending_bytes("unit-a") == 0
+    assert store.blob_refs() == [] and store.sweep_orphans() == 1  # removed at the next start
+    with pytest.raises(StoreError) as e:
+        store.relay_delivered(row["id"], b"again")
+    assert code_of(e) == "bad-state"
+
+
+def test_our_document_handed_to_a_relay_stays_queued_for_the_direct_path(
+        store: NodeStore) -> None:
+    enq(store, "d")
+    enq(store, "f", b"forwarded")
+    store.db.execute("UPDATE outbox SET custody = '[\"record\"]' WHERE doc_id = 'f'")
+    assert [i.doc_id for i in store.relay_candidates("unit-b")] == ["d"]  # not forwarded ones
+    store.mark_sending("d")
+    store.mark_relayed("d", "unit-r", b"hop record", time.time() + 60)
+    item = store.out_item("d")
+    assert (item["state"], item["relay"], item["relay_receipt"]) == ("queued", "unit-r",
+                                                                    b"hop record")
+    assert store.relay_candidates("unit-b") == [] and "d" not in {
+        i.doc_id for i in store.due(time.time())}
+    assert store.mark_delivered_via("d", b"delivery receipt")
+    assert not store.mark_delivered_via("d", b"delivery receipt")  # both ways got through
+    assert store.out_item("d")["delivery_receipt"] == b"delivery receipt"
+    enq(store, "g", b"g")
+    store.mark_sending("g")
+    store.release("g", "the relay would not take it")
+    assert store.out_item("g")["state"] == "queued" and store.out_item("g")["attempts"] == 0

@@ -53,6 +53,21 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """A12: when the direct path to a unit has failed for `after` seconds, its documents go
+    through a neighbouring node that relays for both ends (A13: both sides approve).
+
+    `through`: the configured peers this unit may relay through -- it hands them documents for
+    a unit it cannot reach, and takes documents (and receipts) they relay to it. `serves`
+    (``for`` in the file): the units this node relays for, as senders and as recipients;
+    empty, it is not a relay."""
+
+    through: tuple[str, ...] = ()
+    serves: tuple[str, ...] = ()
+    after: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     unit: str
     name: str
@@ -87,6 +102,7 @@ class Config:
     # Prometheus metrics (GET /metrics) on this address, off when None; log lines as JSON.
     metrics_listen: tuple[str, int] | None = None
     log_format: str = "text"
+    relay: RelaySettings = RelaySettings()
 
     @property
     def socket_path(self) -> Path:
@@ -152,8 +168,9 @@ class Config:
         for m in box.manages:
             if m not in peers:
                 raise ConfigError(f"managed unit {m!r} is not a configured peer: add [peers.{m}]")
+        relay = _relay(data.get("relay", {}), unit, peers)
         return cls(
-            box=box,
+            box=box, relay=relay,
             unit=unit, name=str(node.get("name", unit)), data_dir=path(node["data_dir"]),
             listen_host=host, listen_port=port, module=p11.get("module"), key=str(p11["key"]),
             cert=path(p11["cert"]), pin_file=str(path(p11["pin_file"])) if p11.get("pin_file")
@@ -167,6 +184,31 @@ class Config:
             metrics_listen=parse_address(str(data["metrics"]["listen"]))
             if data.get("metrics", {}).get("listen") else None,
             log_format=log_format)
+
+
+def _relay(spec: dict[str, Any], unit: str, peers: dict[str, Peer]) -> RelaySettings:
+    """[relay] (see conf/exchanged.toml): every unit named is a configured peer (the node
+    must know who it is and reach it), never this unit itself."""
+    unknown = set(spec) - {"through", "for", "after"}
+    if unknown:
+        raise ConfigError(f"[relay] has no setting {', '.join(sorted(unknown))} (through, "
+                          "for, after)")
+    lists = {}
+    for key in ("through", "for"):
+        names = spec.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"relay.{key} must be a list of unit ids")
+        for n in names:
+            if n == unit:
+                raise ConfigError(f"relay.{key} names this unit ({unit}) itself")
+            if n not in peers:
+                raise ConfigError(f"relay.{key} names {n!r}, which is not a configured peer: "
+                                  f"add [peers.{n}]")
+        lists[key] = tuple(dict.fromkeys(names))
+    after = float(spec.get("after", RelaySettings.after))
+    if after <= 0:
+        raise ConfigError(f"relay.after must be positive (seconds), not {after}")
+    return RelaySettings(through=lists["through"], serves=lists["for"], after=after)
 
 
 def _box(box: dict[str, Any], hours: dict[str, Any], reminders: dict[str, Any]) -> BoxSettings:

@@ -23,6 +23,7 @@ import logging
 import sqlite3
 import ssl
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -34,7 +35,9 @@ from exchanged import receipts
 from exchanged.box import MAX_HOPS
 from exchanged.common import stamp
 from exchanged.errors import ExchangedError
+from exchanged.node import relay
 from exchanged.node.base import CHUNK, DISK_SLICE, Admission, Node, describe
+from exchanged.node.relay import RelayError, Relays
 from exchanged.pki import verify
 from exchanged.receipts import ReceiptError
 from exchanged.roles import check_remote_receiver
@@ -123,8 +126,9 @@ class RefusalLog:
 class Inbound:
     """Serves the connections peers open to this node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, relays: Relays) -> None:
         self.node = node
+        self.relays = relays
         limits = node.config.limits
         self.gate = Gate(limits.max_unauthenticated, limits.max_unauthenticated_per_source)
         self.refusals = RefusalLog(node)
@@ -262,7 +266,8 @@ class Inbound:
                     if isinstance(event, proto.SubmitDocument):
                         return  # the body was not read: the connection cannot go on
                 elif isinstance(event, proto.SubmitDocument):
-                    full = await self._no_room(peer, event)
+                    full = await self._not_relayed(peer, event) or \
+                        await self._no_room(peer, event)
                     if full is not None:
                         await node.send(tls, conn.send(full))
                         return
@@ -312,6 +317,18 @@ class Inbound:
                                 "offer it again later")
         return proto.CrlAccepted()
 
+    async def _not_relayed(self, peer: Peer, submit: proto.SubmitDocument
+                           ) -> proto.Reject | None:
+        """Before a byte of body: a document handed to us to relay that we will not carry
+        (not a relay for these units, the hop limit)."""
+        try:
+            wanted = relay.request(submit.metadata)
+            if wanted is not None and wanted[0] != self.node.config.unit:
+                self.relays.may_take(peer, *wanted)
+        except RelayError as e:
+            return await self._refuse(peer, submit.doc_id, e.code, str(e))
+        return None
+
     async def _no_room(self, peer: Peer, submit: proto.SubmitDocument) -> proto.Reject | None:
         """Before a byte of body is read: is there room for it? A full disk or a peer over its
         quota is told "busy" (it sends again later); the disk-full alert is raised."""
@@ -350,8 +367,7 @@ class Inbound:
                                       f"the document ({e}); send it again later")
         self.in_flight[sha] += 1
         try:
-            answer = await self._check_and_store(peer, leaf, doc, sha,
-                                                 submit.metadata.get("custody"))
+            answer = await self._check_and_store(peer, leaf, doc, sha, submit.metadata)
         finally:
             self.in_flight[sha] -= 1
             if not self.in_flight[sha]:
@@ -361,8 +377,17 @@ class Inbound:
         return answer
 
     async def _check_and_store(self, peer: Peer, leaf: x509.Certificate, doc: str, sha: str,
-                               custody: Any) -> proto.Acknowledge | proto.Reject:
+                               metadata: Mapping[str, Any]) -> proto.Acknowledge | proto.Reject:
         node = self.node
+        custody = metadata.get("custody")
+        relayed = relay.request(metadata)  # well-formed: checked before the body was read
+        if relayed is not None and relayed[0] != node.config.unit:
+            return await self._take_for_relay(peer, leaf, doc, sha, relayed[0])
+        path = relayed[1] if relayed is not None else None
+        if path is not None and custody is not None:
+            return await self._refuse(peer, doc, "bad-form", "a forwarded document is not "
+                                      "relayed: it takes the direct path its custody records "
+                                      "name")
         records: list[dict[str, Any]] = []
         if custody is not None:  # forwarded: the records say from whom, through whom
             try:
@@ -382,7 +407,20 @@ class Inbound:
             return await self._refuse(peer, doc, "busy", f"the receiving node could not read "
                                       f"the document ({e.strerror}); send it again later")
         meta = received.metadata
-        if records:  # signed by the node of the unit that first sent it, good per our CRLs
+        sender = peer.unit
+        if path is not None:  # relayed: each hop checked, the package S's own, S our peer
+            try:
+                await trio.to_thread.run_sync(self.relays.check_path, peer, doc, sha, path,
+                                              meta)
+                await trio.to_thread.run_sync(
+                    lambda: node.peers.check([received.signer], expect=meta.sender))
+            except RelayError as e:
+                return await self._refuse(peer, doc, e.code, str(e))
+            except PeerRefused as e:
+                return await self._refuse(peer, doc, "wrong-sender", f"the relayed package's "
+                                          f"signer is not {meta.sender}'s good node: {e}")
+            sender = meta.sender
+        elif records:  # signed by the node of the unit that first sent it, good per our CRLs
             problem = await trio.to_thread.run_sync(self._origin_problem, received.signer, meta,
                                                     records)
             if problem:
@@ -391,7 +429,7 @@ class Inbound:
             return await self._refuse(peer, doc, "wrong-sender", "the package is signed by "
                                       f"{received.signer.subject.rfc4514_string()}, not by the "
                                       "node that sent it")
-        if meta.doc_id != doc or (not records and (meta.sender != peer.unit
+        if meta.doc_id != doc or (not records and (meta.sender != sender
                                                    or meta.recipient != node.config.unit)):
             return await self._refuse(peer, doc, "bad-form",
                                       f"the package is {meta.doc_id} from {meta.sender} to "
@@ -404,12 +442,13 @@ class Inbound:
                                       "name")
         received_at = stamp()
         receipt = await node.tok(receipts.delivery, node.signer, doc_id=doc, sha256=sha,
-                                 sender=peer.unit, recipient=node.config.unit,
+                                 sender=sender, recipient=node.config.unit,
                                  received_at=received_at)
         try:
-            new = await node.commit(self._store_received, doc, peer, meta, sha, receipt, box,
-                                [str(c) for c in custody or ()],
-                                received.signer.fingerprint(hashes.SHA256()).hex())
+            new = await node.commit(self._store_received, doc, peer, sender, meta, sha,
+                                    receipt, box, [str(c) for c in custody or ()],
+                                    received.signer.fingerprint(hashes.SHA256()).hex(),
+                                    path or [])
         except StoreError as e:  # id-conflict is final; the store failing is not their fault
             return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
                                       else "busy", str(e))
@@ -417,26 +456,85 @@ class Inbound:
             return await self._refuse(peer, doc, "busy", f"the receiving node could not record "
                                       f"the document ({e}); send it again later")
         if new:
-            log.info("received %s from %s: %r (%s)", doc, peer.unit, meta.title, meta.urgency)
-            node.metrics.received.labels(peer=peer.unit).inc()
+            log.info("received %s from %s%s: %r (%s)", doc, sender,
+                     f" through relay {peer.unit}" if path else "", meta.title, meta.urgency)
+            node.metrics.received.labels(peer=sender).inc()
             node.alert("document", every_time=True, doc_id=meta.doc_id, title=meta.title,
                        sender=meta.sender, urgency=meta.urgency)
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
 
-    def _store_received(self, doc: str, peer: Peer, meta: pkg.Metadata, sha: str,
-                        receipt: bytes, box: str, custody: list[str], signer: str) -> bool:
+    def _store_received(self, doc: str, peer: Peer, sender: str, meta: pkg.Metadata,
+                        sha: str, receipt: bytes, box: str, custody: list[str], signer: str,
+                        path: list[str]) -> bool:
         store = self.node.store
         with store.transaction():
-            new = store.receive(doc_id=doc, sender=peer.unit, metadata=meta.to_dict(),
+            new = store.receive(doc_id=doc, sender=sender, metadata=meta.to_dict(),
                                 package_sha256=sha, size=store.blob_path(sha).stat().st_size,
                                 delivery_receipt=receipt, box=box, origin=meta.sender,
-                                custody=custody, signer_sha256=signer)
+                                custody=custody, signer_sha256=signer, relay_path=path)
+            details = {"sender": sender, "sha256": sha, "title": meta.title,
+                       "urgency": meta.urgency, "box": box, "origin": meta.sender,
+                       "forwards": len(custody)}
             store.audit.append(action="document-received" if new else "document-duplicate",
                                obj=doc, actor_subject=f"{peer.name},{peer.org}",
-                               details={"sender": peer.unit, "sha256": sha,
-                                        "title": meta.title, "urgency": meta.urgency,
-                                        "box": box, "origin": meta.sender,
-                                        "forwards": len(custody)})
+                               details={**details, "relayed_by": peer.unit} if path
+                               else details)
+        return new
+
+    async def _take_for_relay(self, peer: Peer, leaf: x509.Certificate, doc: str, sha: str,
+                              to: str) -> proto.Acknowledge | proto.Reject:
+        """A document `peer` hands us to pass on to `to` (A12): checked as its recipient
+        would check it, kept, acknowledged with our signed hop record."""
+        node = self.node
+        try:
+            received = await trio.to_thread.run_sync(
+                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
+                                  max_file_size=node.config.limits.max_document_bytes,
+                                  expected_recipient=to))
+            self.relays.check_taken(peer, leaf, doc, to, received)
+        except ExchangedError as e:
+            return await self._refuse(peer, doc, _reason(e.code), str(e))
+        except OSError as e:
+            return await self._refuse(peer, doc, "busy", f"the relay could not read the "
+                                      f"document ({e.strerror}); send it again later")
+        meta = received.metadata
+        try:
+            old = await node.db(node.store.relay_row, peer.unit, doc)
+        except StoreError:
+            old = None
+        if old is not None and old["package_sha256"] == sha:
+            hop = base64.b64decode(old["path"][-1])  # taken before: the same record again
+        else:
+            hop = await node.tok(receipts.relay_hop, node.signer, doc_id=doc, sha256=sha,
+                                 sender=peer.unit, recipient=to, from_unit=peer.unit,
+                                 relay_unit=node.config.unit)
+        try:
+            new = await node.commit(self._store_relayed, doc, peer, to, meta, sha, hop)
+        except StoreError as e:
+            return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
+                                      else "busy", str(e))
+        except (OSError, sqlite3.Error) as e:
+            return await self._refuse(peer, doc, "busy", f"the relay could not record the "
+                                      f"document ({e}); send it again later")
+        if new:
+            log.info("relaying %s from %s to %s: %r (%s)", doc, peer.unit, to, meta.title,
+                     meta.urgency)
+            self.relays.poke(to)
+        return proto.Acknowledge(doc, "stored" if new else "duplicate", hop)
+
+    def _store_relayed(self, doc: str, peer: Peer, to: str, meta: pkg.Metadata, sha: str,
+                       hop: bytes) -> bool:
+        store = self.node.store
+        with store.transaction():
+            new = store.relay_take(doc_id=doc, sender=peer.unit, recipient=to,
+                                   handed_by=peer.unit, metadata=meta.to_dict(),
+                                   package_sha256=sha, size=store.blob_path(sha).stat().st_size,
+                                   path=[base64.b64encode(hop).decode()])
+            if new:
+                store.audit.append(action="document-relay-taken", obj=doc,
+                                   actor_subject=f"{peer.name},{peer.org}",
+                                   details={"sender": peer.unit, "recipient": to,
+                                            "sha256": sha, "urgency": meta.urgency})
         return new
 
     def _custody(self, peer: Peer, doc: str, sha: str, custody: Any) -> list[dict[str, Any]]:
@@ -503,12 +601,26 @@ class Inbound:
         node = self.node
         try:
             signer, _, payload = receipts.open_signed(event.receipt, node.ca_cert)
+            if payload.get("sender") != node.config.unit:  # not ours: one we relay back
+                return await self._carry_receipt(peer, event, payload)
             item = await node.db(node.store.out_item, event.doc_id)
-            if item["recipient"] != peer.unit:
-                raise receipts.ReceiptError(f"{event.doc_id} was not sent to {peer.unit}")
+            recipient = item["recipient"]
+            if recipient != peer.unit and peer.unit not in node.config.relay.through:
+                raise receipts.ReceiptError(f"{event.doc_id} was not sent to {peer.unit}, nor "
+                                            f"is {peer.unit} a relay of ours")
             kind, division = payload.get("type"), str(payload.get("division") or "")
             want = {"doc_id": event.doc_id, "sha256": item["package_sha256"],
-                    "sender": node.config.unit, "recipient": peer.unit}
+                    "sender": node.config.unit, "recipient": recipient}
+            if kind == receipts.DELIVERY:  # the recipient's node's, carried back by a relay
+                receipts.check_delivery(payload, **want)
+                try:
+                    node.peers.check([signer], expect=recipient)
+                except PeerRefused as e:
+                    raise receipts.ReceiptError(f"the delivery receipt is not signed by "
+                                                f"{recipient}'s good node: {e}") from None
+                await node.commit(self._store_delivered_via, event.doc_id, event.receipt,
+                                  recipient, peer.unit)
+                return proto.ReceiptAccepted(event.doc_id)
             if kind == receipts.SIGNED_FOR:
                 receipts.check_signed_for(payload, **want, division=division)
             elif kind == receipts.RETURN:
@@ -517,7 +629,10 @@ class Inbound:
                 raise receipts.ReceiptError(f"a receipt of an unknown kind {kind!r}")
             # A person of the recipient unit, with a certificate good now, signed it.
             node.person_status(signer)
-            check_remote_receiver(signer, peer.org)
+            org = node.config.peers[recipient].org if recipient in node.config.peers else None
+            if org is None:
+                raise receipts.ReceiptError(f"{recipient} is no longer a configured peer")
+            check_remote_receiver(signer, org)
             await node.db(self._store_signed_for, event.doc_id, event.receipt, signer, payload)
         except ExchangedError as e:
             return proto.Reject("unknown-document" if e.code == "not-found" else "bad-receipt",
@@ -528,6 +643,55 @@ class Inbound:
                  f"signed for{' (' + division + ')' if division else ''}",
                  signer.subject.rfc4514_string())
         return proto.ReceiptAccepted(event.doc_id)
+
+    def _store_delivered_via(self, doc: str, receipt: bytes, recipient: str,
+                             relay_unit: str) -> None:
+        store = self.node.store
+        with store.transaction():
+            if store.mark_delivered_via(doc, receipt):
+                self.node.metrics.sent.labels(peer=recipient).inc()
+                store.audit.append(action="document-delivered", obj=doc,
+                                   details={"recipient": recipient, "status": "relayed",
+                                            "relay": relay_unit})
+
+    async def _carry_receipt(self, peer: Peer, event: proto.DeliverReceipt,
+                             payload: dict[str, Any]) -> proto.ReceiptAccepted | proto.Reject:
+        """As a relay: a receipt `peer` (the recipient) gives us for the sender of one of its
+        documents, which it cannot reach itself. Carried, not judged: the sender checks who
+        signed it and for what."""
+        node = self.node
+        sender, kind = str(payload.get("sender")), payload.get("type")
+        serves = node.config.relay.serves
+        if peer.unit not in serves or sender not in serves or sender not in node.config.peers:
+            return proto.Reject("not-relayed", f"{node.config.unit} relays for "
+                                f"{', '.join(serves) or 'no one'}, not from {peer.unit} to "
+                                f"{sender}")
+        if kind not in relay.CARRIED_KINDS or payload.get("recipient") != peer.unit or \
+                payload.get("doc_id") != event.doc_id:
+            return proto.Reject("bad-receipt", f"not a receipt of {peer.unit}'s for "
+                                f"{event.doc_id}")
+        try:
+            new = await node.commit(self._store_carried, peer, sender, event, str(kind))
+        except (ExchangedError, OSError, sqlite3.Error) as e:
+            return proto.Reject("busy", f"the relay could not keep the receipt ({e})")
+        if new:
+            log.info("relaying %s's %s receipt for %s back to %s", peer.unit, kind,
+                     event.doc_id, sender)
+            self.relays.poke(sender)
+        return proto.ReceiptAccepted(event.doc_id)
+
+    def _store_carried(self, peer: Peer, sender: str, event: proto.DeliverReceipt,
+                       kind: str) -> bool:
+        store = self.node.store
+        with store.transaction():
+            if any(r["kind"] == kind and r["receipt"] == event.receipt
+                   for r in store.receipts_for(event.doc_id, with_receipts=True)
+                   if r["sender"] == sender):
+                return False  # carried before: the recipient repeated it
+            store.queue_receipt(sender, event.doc_id, kind, event.receipt)
+            store.audit.append(action="receipt-relay-taken", obj=event.doc_id,
+                               details={"from": peer.unit, "to": sender, "kind": kind})
+        return True
 
     async def _witness(self, peer: Peer, leaf: x509.Certificate, event: proto.DeliverCheckpoint
                        ) -> proto.CheckpointAccepted | proto.Reject:

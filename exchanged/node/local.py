@@ -300,10 +300,13 @@ class LocalCommands:
             (dest / "metadata.json").write_text(json.dumps(
                 received.metadata.to_dict(), indent=2, ensure_ascii=False) + "\n")
             files.append("metadata.json")
-            for name in ("delivery_receipt", "signed_for_receipt"):
+            for name in ("delivery_receipt", "signed_for_receipt", "relay_receipt"):
                 if item.get(name):
                     (dest / f"{name}.cms").write_bytes(item[name])
                     files.append(f"{name}.cms")
+            for n, hop in enumerate(item.get("relay_path") or (), 1):  # relays it came through
+                (dest / f"relay-{n}.cms").write_bytes(base64.b64decode(hop))
+                files.append(f"relay-{n}.cms")
             return sorted(files)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -29,8 +29,10 @@ from exchanged import receipts
 from exchanged.common import stamp_precise
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Admission, Node, describe
+from exchanged.node.relay import Relays
 from exchanged.pki import verify
 from exchanged.store.audit import mirror_line
+from exchanged.store.db import StoreError
 from exchanged.store.nodedb import OutItem
 from exchanged.transport import protocol as proto
 from exchanged.transport.peers import Peer, PeerRefused
@@ -50,6 +52,28 @@ FRESH_SECONDS = 1.0
 
 
 @dataclass
+class Jobs:
+    """What one round carries to a peer: our documents for it, the receipts and checkpoints
+    owed to it, our documents for units cut off that it relays (`handed`), and documents we
+    relay that are for it (`relayed`)."""
+
+    items: list[OutItem]
+    owed: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
+    handed: list[OutItem]
+    relayed: list[dict[str, Any]]
+
+    def documents(self) -> int:
+        return len(self.items) + len(self.handed) + len(self.relayed)
+
+    def share(self, i: int, k: int) -> Jobs:
+        """Link i's share of k: every k-th document; the first link also takes the receipts
+        and checkpoints."""
+        return Jobs(self.items[i::k], self.owed if i == 0 else [],
+                    self.checkpoints if i == 0 else [], self.handed[i::k], self.relayed[i::k])
+
+
+@dataclass
 class Link:
     """One TLS connection to a peer, kept open between rounds."""
 
@@ -64,8 +88,9 @@ class Link:
 class Outbound:
     """The sender tasks, one per configured peer, in the nursery given to `start`."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, relays: Relays) -> None:
         self.node = node
+        self.relays = relays
         self.wake: dict[str, trio.Event] = {}
         self.senders: set[str] = set()  # units that have a sender task now
         self.nursery: trio.Nursery | None = None
@@ -150,15 +175,24 @@ class Outbound:
                 with trio.move_on_after(5):
                     await self.wake[unit].wait()
                 continue
-            items = await node.db(node.store.due, time.time(), recipient=unit)
+            now = time.time()
+            items = await node.db(node.store.due, now, recipient=unit)
             owed = await node.db(node.store.receipts_to_return, unit)
+            relayed = await node.db(node.store.relay_due, now, unit)  # as a relay, to `unit`
+            handed: list[OutItem] = []  # to `unit` as our relay: their direct path failed
+            for cut_off in self.relays.via(unit):
+                handed += [i for i in await node.db(node.store.relay_candidates, cut_off)
+                           if self.relays.offer(unit, i.doc_id)]
+                owed += await node.db(node.store.receipts_to_return, cut_off)
             checkpoints = []
             if unit == node.config.witness:
                 checkpoints = await node.db(node.store.unwitnessed)
             later = trio.current_time() < self.witness_retry
             crl_wait = self._crl_wait(unit)
-            if items or owed or (checkpoints and not later) or crl_wait == 0:
-                await self._round(unit, items, owed, [] if later else checkpoints)
+            if items or owed or relayed or handed or (checkpoints and not later) \
+                    or crl_wait == 0:
+                await self._round(unit, Jobs(items, owed, [] if later else checkpoints,
+                                             handed, relayed))
                 continue
             keep = await self._close_links(unit)
             if keep == 0:
@@ -171,6 +205,11 @@ class Outbound:
                 wait = min(wait, keep)
             if checkpoints:
                 wait = min(wait, max(0.05, self.witness_retry - trio.current_time()))
+            if unit in node.config.relay.through:  # a direct path failing may come to need us
+                for other in list(self.relays.down_since):
+                    until = self.relays.cut_off_in(other)
+                    if until:
+                        wait = min(wait, max(0.05, until))
             with trio.move_on_after(wait):
                 await self.wake[unit].wait()
         await self._close_links(unit, all_links=True)
@@ -267,22 +306,20 @@ class Outbound:
 
     # -- rounds -----------------------------------------------------------------------------
 
-    async def _round(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]],
-                     checkpoints: list[dict[str, Any]]) -> None:
+    async def _round(self, unit: str, jobs: Jobs) -> None:
         """Deliver what is due, the documents shared among up to connections_per_peer links
         (the first also carries the receipts and checkpoints)."""
-        k = max(1, min(self.node.config.limits.connections_per_peer, len(items)))
+        k = max(1, min(self.node.config.limits.connections_per_peer, jobs.documents()))
         if k == 1:
-            await self._deliver(unit, items, owed, checkpoints)
+            await self._deliver(unit, jobs)
             return
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._deliver, unit, items[0::k], owed, checkpoints)
-            for i in range(1, k):
-                nursery.start_soon(self._deliver, unit, items[i::k], [], [])
+            for i in range(k):
+                nursery.start_soon(self._deliver, unit, jobs.share(i, k))
 
-    async def _deliver(self, unit: str, items: list[OutItem], owed: list[dict[str, Any]],
-                       checkpoints: list[dict[str, Any]]) -> None:
+    async def _deliver(self, unit: str, jobs: Jobs) -> None:
         node = self.node
+        items, owed, checkpoints = jobs.items, jobs.owed, jobs.checkpoints
         peer = node.config.peers.get(unit)
         if peer is None:  # removed from the configuration meanwhile
             return
@@ -298,13 +335,19 @@ class Outbound:
                 await node.audit("peer-refused", unit, outcome="refused",
                                  details={"code": e.code, "error": str(e)})
             self._note(unit, err)
+            self._direct_failed(unit)
             for item in items:
                 await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
+            for row in jobs.relayed:
+                await node.db(node.store.relay_retry, row["id"], err, time.time())
+            for item in jobs.handed:  # offered to another relay, if there is one, meanwhile
+                self.relays.note_refused(unit, item.doc_id)
             if checkpoints:
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
             await trio.sleep(1)  # receipts retry on the next round
             return
         tls, conn = link.tls, link.conn
+        self.relays.direct_worked(unit)
         untried = list(items)
         keep = False
         try:
@@ -320,8 +363,9 @@ class Outbound:
                 return
             for r in owed:
                 await self._send_receipt(tls, conn, r)
-            if items:  # all of this link's share at once: one commit, not one per document
-                await node.commit(self._mark_sending, items)
+            if jobs.documents():  # all of this link's share at once: one commit, not one each
+                taken = await node.commit(self._mark_sending, jobs)
+                jobs.handed = [i for i in jobs.handed if i.doc_id not in taken]
             for item in items:
                 untried.remove(item)  # from here on _send_one records what happens to it
                 await self._send_one(tls, conn, item, peer)
@@ -331,6 +375,7 @@ class Outbound:
                 await node.db(node.store.schedule_retry, item.doc_id, f"{unit} closed the "
                               "connection before this document's turn", time.time())
             untried = []
+            await self._relay_jobs(tls, conn, jobs, peer)
             if checkpoints and conn.state is proto.State.IDLE:  # after the documents
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
                 for cp in checkpoints:
@@ -389,29 +434,45 @@ class Outbound:
                                 answer.message)
         self.crl_compared[unit] = (trio.current_time(), node.crls.number())
 
-    def _mark_sending(self, items: list[OutItem]) -> None:
+    def _mark_sending(self, jobs: Jobs) -> set[str]:
+        """Mark this link's share sending; returns the ids of documents for a relay that the
+        direct path took meanwhile (left alone)."""
         store = self.node.store
+        taken = set()
         with store.transaction():
-            for item in items:
+            for item in jobs.items:
                 store.mark_sending(item.doc_id)
+            for item in jobs.handed:
+                try:
+                    store.mark_sending(item.doc_id)
+                except StoreError:
+                    taken.add(item.doc_id)
+            for row in jobs.relayed:
+                store.relay_sending(row["id"])
+        return taken
+
+    async def _submit(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                      doc_id: str, size: int, sha: str, metadata: dict[str, Any]) -> Any:
+        """One document's package from our blob store, and the peer's answer."""
+        node = self.node
+        path = node.store.blob_path(sha)
+        await node.send(tls, conn.send(proto.SubmitDocument(doc_id, size, sha, metadata)))
+        with open(path, "rb") as f:  # noqa: ASYNC230 — local disk, read in slices
+            while conn.body_remaining:
+                data = await trio.to_thread.run_sync(f.read, DISK_SLICE)
+                if not data:
+                    raise ExchangedError(f"blob {path} is shorter than recorded",
+                                         code="corrupt-blob")
+                for i in range(0, len(data), CHUNK):
+                    await node.send(tls, conn.send_body(data[i:i + CHUNK]))
+        return await self._response(tls, conn, extra=size * ACK_SECONDS_PER_BYTE)
 
     async def _send_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                         item: OutItem, peer: Peer) -> None:
         node = self.node
-        path = node.store.blob_path(item.package_sha256)
         try:
-            await node.send(tls, conn.send(proto.SubmitDocument(
-                item.doc_id, item.size, item.package_sha256,
-                {"custody": item.custody} if item.custody else {})))
-            with open(path, "rb") as f:  # noqa: ASYNC230 — local disk, read in slices
-                while conn.body_remaining:
-                    data = await trio.to_thread.run_sync(f.read, DISK_SLICE)
-                    if not data:
-                        raise ExchangedError(f"blob {path} is shorter than recorded",
-                                             code="corrupt-blob")
-                    for i in range(0, len(data), CHUNK):
-                        await node.send(tls, conn.send_body(data[i:i + CHUNK]))
-            answer = await self._response(tls, conn, extra=item.size * ACK_SECONDS_PER_BYTE)
+            answer = await self._submit(tls, conn, item.doc_id, item.size, item.package_sha256,
+                                        {"custody": item.custody} if item.custody else {})
         except BaseException as e:
             err = str(e) or type(e).__name__
             with trio.CancelScope(shield=True):
@@ -421,6 +482,155 @@ class Outbound:
         if isinstance(answer, proto.Acknowledge):
             unproven = await trio.to_thread.run_sync(self._check_receipt, item, answer, peer)
         await node.commit(self._record_answer, item, answer, unproven)
+
+    # -- relaying (A12) ---------------------------------------------------------------------
+
+    def _direct_failed(self, unit: str) -> None:
+        """Our connection to `unit` failed: from relay.after on, its documents may go
+        through a relay. The relays' senders look again (now, and when that time comes)."""
+        self.relays.direct_failed(unit)
+        for relay_unit in self.node.config.relay.through:
+            if relay_unit != unit:
+                self.poke(relay_unit)
+
+    async def _relay_jobs(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                          jobs: Jobs, peer: Peer) -> None:
+        """After our own documents: ours for units cut off, handed to `peer` as our relay,
+        and documents we relay, passed on to `peer` as their recipient. Each marked sending
+        and not tried (the link broke) goes back to its queue."""
+        node = self.node
+        handed, relayed = list(jobs.handed), list(jobs.relayed)
+        try:
+            while handed and conn.state is proto.State.IDLE:
+                await self._hand_one(tls, conn, handed.pop(0), peer)
+            while relayed and conn.state is proto.State.IDLE:
+                await self._pass_on(tls, conn, relayed.pop(0), peer)
+        finally:
+            with trio.CancelScope(shield=True):
+                for item in handed:
+                    await node.db(node.store.release, item.doc_id,
+                                  f"relay {peer.unit} closed the connection before its turn")
+                for row in relayed:
+                    await node.db(node.store.relay_retry, row["id"], f"{peer.unit} closed the "
+                                  "connection before this document's turn", time.time())
+
+    async def _hand_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                        item: OutItem, peer: Peer) -> None:
+        """One of our documents for a unit cut off, to `peer` as our relay: kept queued for
+        the direct path, with the relay's signed hop record, once the relay has it."""
+        node = self.node
+        try:
+            answer = await self._submit(tls, conn, item.doc_id, item.size, item.package_sha256,
+                                        {"relay": {"to": item.recipient, "path": []}})
+        except BaseException as e:
+            self.relays.note_refused(peer.unit, item.doc_id)
+            with trio.CancelScope(shield=True):
+                await node.db(node.store.release, item.doc_id,
+                              f"relay {peer.unit}: {str(e) or type(e).__name__}")
+            raise
+        problem = None
+        if isinstance(answer, proto.Acknowledge):
+            problem = await trio.to_thread.run_sync(self._check_hop, item, answer, peer)
+        else:
+            problem = f"relay {peer.unit} refused it: {answer.code}: {answer.message}"
+        if problem is not None:
+            log.warning("%s not relayed: %s", item.doc_id, problem)
+            self.relays.note_refused(peer.unit, item.doc_id)
+            await node.commit(self._record_not_relayed, item, peer.unit, problem)
+            return
+        assert isinstance(answer, proto.Acknowledge) and answer.receipt is not None
+        log.info("%s handed to relay %s for %s", item.doc_id, peer.unit, item.recipient)
+        await node.commit(self._record_relayed, item, peer.unit, answer.receipt)
+
+    def _check_hop(self, item: OutItem, answer: proto.Acknowledge, peer: Peer) -> str | None:
+        """The relay's hop record: signed by its node, for this document and this step."""
+        try:
+            if answer.receipt is None:
+                raise receipts.ReceiptError("no hop record came with the acknowledgement")
+            signer, _, payload = receipts.open_signed(answer.receipt, self.node.ca_cert,
+                                                      "hop record")
+            self.node.peers.check([signer], expect=peer.unit)
+            receipts.check_relay_hop(payload, doc_id=item.doc_id, sha256=item.package_sha256,
+                                     sender=self.node.config.unit, recipient=item.recipient,
+                                     from_unit=self.node.config.unit, relay_unit=peer.unit)
+        except ExchangedError as e:
+            return f"relay {peer.unit} took it without a valid hop record: {e}"
+        return None
+
+    def _record_relayed(self, item: OutItem, relay_unit: str, hop: bytes) -> None:
+        store = self.node.store
+        with store.transaction():
+            store.mark_relayed(item.doc_id, relay_unit, hop,
+                               time.time() + self.node.config.relay.after)
+            store.audit.append(action="document-relayed", obj=item.doc_id,
+                               details={"recipient": item.recipient, "relay": relay_unit})
+
+    def _record_not_relayed(self, item: OutItem, relay_unit: str, problem: str) -> None:
+        store = self.node.store
+        with store.transaction():
+            store.release(item.doc_id, problem)
+            store.audit.append(action="document-relay-refused", obj=item.doc_id,
+                               outcome="refused", details={"recipient": item.recipient,
+                                                           "relay": relay_unit,
+                                                           "error": problem})
+
+    async def _pass_on(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
+                       row: dict[str, Any], peer: Peer) -> None:
+        """A document we relay, to `peer`, its recipient: its delivery receipt goes back to
+        the sender."""
+        node = self.node
+        try:
+            answer = await self._submit(tls, conn, row["doc_id"], row["size"],
+                                        row["package_sha256"],
+                                        {"relay": {"to": peer.unit, "path": row["path"]}})
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                await node.db(node.store.relay_retry, row["id"], str(e) or type(e).__name__,
+                              time.time())
+            raise
+        if isinstance(answer, proto.Acknowledge):
+            try:
+                await trio.to_thread.run_sync(self._check_passed, row, answer, peer)
+            except ExchangedError as e:
+                answer = proto.Reject("bad-receipt", f"{peer.unit} took {row['doc_id']} "
+                                      f"without a valid delivery receipt: {e}")
+                log.warning("%s", answer.message)
+                await node.db(node.store.relay_retry, row["id"], answer.message, time.time())
+                return
+        await node.commit(self._record_passed, row, answer, peer.unit)
+        if isinstance(answer, proto.Acknowledge):
+            self.poke(row["sender"])
+
+    def _check_passed(self, row: dict[str, Any], answer: proto.Acknowledge, peer: Peer
+                      ) -> None:
+        if answer.receipt is None:
+            raise receipts.ReceiptError("no delivery receipt came with the acknowledgement")
+        signer, _, payload = receipts.open_signed(answer.receipt, self.node.ca_cert,
+                                                  "delivery receipt")
+        self.node.peers.check([signer], expect=peer.unit)
+        receipts.check_delivery(payload, doc_id=row["doc_id"], sha256=row["package_sha256"],
+                                sender=row["sender"], recipient=peer.unit)
+
+    def _record_passed(self, row: dict[str, Any], answer: Any, unit: str) -> None:
+        store = self.node.store
+        if isinstance(answer, proto.Reject) and answer.code in TRANSIENT:
+            store.relay_retry(row["id"], f"{answer.code}: {answer.message}", time.time())
+            return
+        with store.transaction():
+            if isinstance(answer, proto.Acknowledge):
+                assert answer.receipt is not None
+                store.relay_delivered(row["id"], answer.receipt)
+                store.queue_receipt(row["sender"], row["doc_id"], receipts.DELIVERY,
+                                    answer.receipt)
+                store.audit.append(action="document-relay-delivered", obj=row["doc_id"],
+                                   details={"sender": row["sender"], "recipient": unit,
+                                            "status": answer.status})
+            else:
+                store.relay_refused(row["id"], answer.code, answer.message)
+                store.audit.append(action="document-relay-rejected", obj=row["doc_id"],
+                                   outcome="refused",
+                                   details={"sender": row["sender"], "recipient": unit,
+                                            "code": answer.code, "error": answer.message})
 
     def _check_receipt(self, item: OutItem, answer: proto.Acknowledge, peer: Peer
                        ) -> str | None:
@@ -454,6 +664,9 @@ class Outbound:
                                                                "error": unproven})
             return
         with store.transaction():
+            if isinstance(answer, proto.Acknowledge) and store.out_item(item.doc_id)["state"] \
+                    != "sending":  # its receipt came back through a relay meanwhile
+                return
             if isinstance(answer, proto.Acknowledge):
                 self.node.metrics.sent.labels(peer=item.recipient).inc()
                 store.mark_delivered(item.doc_id, answer.receipt)

@@ -30,6 +30,7 @@ from exchanged.node.config import Config
 from exchanged.node.inbound import Inbound
 from exchanged.node.local import LocalCommands
 from exchanged.node.outbound import Outbound
+from exchanged.node.relay import Relays
 from exchanged.node.sdnotify import Notifier
 from exchanged.transport import publish
 
@@ -58,8 +59,10 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         self.node = node = await trio.to_thread.run_sync(Node.open, self.config)
-        self.inbound = Inbound(node)
-        self.outbound = Outbound(node)
+        relays = Relays(node)
+        self.inbound = Inbound(node, relays)
+        self.outbound = Outbound(node, relays)
+        relays.poke = self.outbound.poke
         node.on_crl = self._crl_changed
         try:
             async with trio.open_nursery() as nursery:

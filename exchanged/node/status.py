@@ -39,6 +39,10 @@ def cert_expiry(cert: x509.Certificate, now: dt.datetime) -> dict[str, Any]:
             "warning_days": expiry_warning(cert.not_valid_after_utc, now)}
 
 
+def stamp_epoch(epoch: float | None) -> str | None:
+    return None if epoch is None else stamp(dt.datetime.fromtimestamp(epoch, dt.UTC))
+
+
 def _ago(epoch: float | None) -> int | None:
     return None if epoch is None else max(0, int(time.time() - epoch))
 
@@ -65,7 +69,8 @@ async def gather(node: Node, outbound: Outbound) -> dict[str, Any]:
                       "last_success": seen.get("last_success"),
                       "last_error": seen.get("last_error"),
                       "last_error_at": seen.get("last_error_at"),
-                      "connections": outbound.open_links[unit]})
+                      "connections": outbound.open_links[unit],
+                      "direct_failed_since": stamp_epoch(outbound.relays.down_since.get(unit))})
         if seen.get("last_error") and (seen.get("last_error_at") or "") > \
                 (seen.get("last_success") or ""):
             problems.append(f"peer {unit}: {seen['last_error']}")
@@ -115,6 +120,8 @@ async def gather(node: Node, outbound: Outbound) -> dict[str, Any]:
         "store": statistics, "active_transfers": node.active_transfers,
         "group_commit": dict(node.commit_stats),  # changes > commits: some shared a COMMIT
         "peer_check": node.peers.statistics(),
+        "relay": {"through": list(c.relay.through), "for": list(c.relay.serves),
+                  "after": c.relay.after},  # what we carry: store.relay
         "problems": problems,
     }
 

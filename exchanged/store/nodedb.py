@@ -32,6 +32,9 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
       delivered/signed-for -> returned (the recipient sent it back, N4: with its reason).
       `attempts` and `max_age` count from `queued_at` (the enqueue, or the last requeue).
       `custody` (JSON list) is the forward records a forwarded document travels with.
+      `relay` the neighbour it was handed to while the direct path had failed (A12; still
+      'queued': the direct path is tried again, and the recipient's delivery receipt may come
+      back either way), `relay_receipt` that relay's signed hop record.
 - inbox(id, sender, doc_id, metadata, urgency, package_sha256, size, state, box, origin,
       custody, signer_sha256, received_at, updated_at, delivery_receipt, signed_for_at,
       signed_for_receipt,
@@ -42,10 +45,18 @@ Tables of node.db (times are REAL UNIX seconds, as in the API; the audit log kee
       it (not the sender, for a forwarded document); `signer_sha256` the fingerprint of the
       node certificate that signed the package. The exchange box's states and acts are
       `exchanged.box`'s: received -> signed-for -> registered -> distributed; received or
-      signed-for -> returned; signed-for/registered -> forwarded.
+      signed-for -> returned; signed-for/registered -> forwarded. `relay_path` (JSON list)
+      a relayed document's signed hop records; its sender is the unit that signed it.
+- relay(id, sender, doc_id, recipient, handed_by, urgency, package_sha256, size, path, state,
+      received_at, updated_at, attempts, next_attempt_at, last_error, delivered_at,
+      delivery_receipt, reject_code)    documents this node relays for others (A12),
+      UNIQUE(sender, doc_id): queued -> sending -> delivered (the recipient's delivery receipt
+      is queued back to the sender in receipts_out) | refused | failed; `path` the signed hop
+      records, ours last. The blob is named while queued or sending only.
 - receipts_out(id, sender, doc_id, kind, receipt, created_at, next_at, attempts, error,
       returned_at)    what goes back to senders, store-and-forward: signed-for receipts (of
-      the unit, and of each division a copy went to) and return notices. `receipts_to_return()`
+      the unit, and of each division a copy went to) and return notices; at a relay, the
+      receipts it carries back (kind delivery, signed-for or return). `receipts_to_return()`
       lists those whose `next_at` has come; `mark_receipt_returned()` records the sender's
       answer (a refusal is retried with the documents' backoff, never given up).
 - witnessed(unit, seq, at, head, hash, signature, received_at)    the signed audit checkpoints
@@ -94,7 +105,8 @@ from exchanged.store.db import StoreError, Transaction, change, connect, one, ro
 from exchanged.store.files import fsync_dir
 from exchanged.store.roledb import RoleStore
 
-SCHEMA_VERSION = 2  # 2: the exchange box (inbox boxes and acts, receipts_out, copies, numbers)
+SCHEMA_VERSION = 3  # 2: the exchange box (inbox boxes and acts, receipts_out, copies, numbers)
+# 3: relay (A12): the relay table, outbox.relay and relay_receipt, inbox.relay_path
 DB_NAME = "node.db"
 BLOBS = "blobs"
 TEMP_PREFIX = ".tmp-"
@@ -115,6 +127,11 @@ MAX_AGE = 7 * 86400.0  # seconds since enqueue after which the node gives up
 MAX_WITNESSED_PER_HOUR = 120  # checkpoints kept for one peer (a node signs ~12 an hour)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# The blobs rows name (with their sizes): our documents, received ones, and relayed ones until
+# they have been passed on.
+_NAMED = ("SELECT package_sha256, size FROM outbox UNION SELECT package_sha256, size FROM inbox "
+          "UNION SELECT package_sha256, size FROM relay WHERE state IN ('queued', 'sending')")
+RELAY_STATES = ("queued", "sending", "delivered", "refused", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -128,7 +145,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, last_error TEXT,
     delivered_at REAL, delivery_receipt BLOB, signed_for_at REAL, signed_for_receipt BLOB,
     reject_code TEXT, reject_message TEXT, custody TEXT NOT NULL DEFAULT '[]',
-    returned_at REAL, returned_by TEXT, return_reason TEXT);
+    returned_at REAL, returned_by TEXT, return_reason TEXT,
+    relay TEXT NOT NULL DEFAULT '', relay_receipt BLOB);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, recipient, next_attempt_at);
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL,
@@ -143,6 +161,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     register_number TEXT UNIQUE, registered_at REAL, registered_by TEXT,
     paper_received_at REAL, paper_received_by TEXT,
     closed_at REAL, closed_by TEXT, close_note TEXT, reminded_at REAL,
+    relay_path TEXT NOT NULL DEFAULT '[]',
     UNIQUE (sender, doc_id));
 CREATE TABLE IF NOT EXISTS receipts_out (
     id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL, kind TEXT NOT NULL,
@@ -152,6 +171,17 @@ CREATE INDEX IF NOT EXISTS receipts_due ON receipts_out(sender, next_at)
     WHERE returned_at IS NULL;
 CREATE INDEX IF NOT EXISTS inbox_doc ON inbox(doc_id);
 CREATE INDEX IF NOT EXISTS inbox_state ON inbox(state);
+CREATE TABLE IF NOT EXISTS relay (
+    id INTEGER PRIMARY KEY, sender TEXT NOT NULL, doc_id TEXT NOT NULL,
+    recipient TEXT NOT NULL, handed_by TEXT NOT NULL,
+    urgency INTEGER NOT NULL CHECK (urgency IN (0, 1, 2)),
+    package_sha256 TEXT NOT NULL, size INTEGER NOT NULL, path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued','sending','delivered','refused','failed')),
+    received_at REAL NOT NULL, updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, last_error TEXT,
+    delivered_at REAL, delivery_receipt BLOB, reject_code TEXT,
+    UNIQUE (sender, doc_id));
+CREATE INDEX IF NOT EXISTS relay_due ON relay(state, recipient, next_attempt_at);
 CREATE TABLE IF NOT EXISTS witnessed (
     unit TEXT NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL, head TEXT NOT NULL,
     hash TEXT NOT NULL, signature BLOB NOT NULL, received_at REAL NOT NULL,
@@ -299,11 +329,33 @@ def _urgency(metadata: dict[str, Any]) -> int:
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    row["metadata"] = json.loads(row["metadata"])
+    if "metadata" in row:
+        row["metadata"] = json.loads(row["metadata"])
     row["urgency"] = next(k for k, v in URGENCY.items() if v == row["urgency"])
-    if "custody" in row:
-        row["custody"] = json.loads(row["custody"])
+    for key in ("custody", "relay_path", "path"):
+        if key in row:
+            row[key] = json.loads(row[key])
     return row
+
+
+def _migrate_2_to_3(conn: sqlite3.Connection) -> str:
+    """Schema 2 -> 3 (relay), in one transaction: new columns with their defaults, the new
+    table. Nothing existing changes."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE outbox ADD COLUMN relay TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE outbox ADD COLUMN relay_receipt BLOB")
+        conn.execute("ALTER TABLE inbox ADD COLUMN relay_path TEXT NOT NULL DEFAULT '[]'")
+        for statement in _SCHEMA.split(";"):
+            if "TABLE IF NOT EXISTS relay " in statement or "INDEX IF NOT EXISTS relay_due" \
+                    in statement:
+                conn.execute(statement)
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return "3"
 
 
 class NodeStore:
@@ -361,6 +413,8 @@ class NodeStore:
             raise StoreError(f"the node database {path} cannot be read ({e}); restore it from "
                              "a backup", code="corrupt-db") from None
         version = found[0] if found else None
+        if version == "2":
+            version = _migrate_2_to_3(conn)
         if version != str(SCHEMA_VERSION):
             conn.close()
             raise StoreError(f"the node database {path} has schema version {version}; this "
@@ -433,8 +487,7 @@ class NodeStore:
         """Remove complete blobs that no outbox or inbox row names (left by a crash between a
         blob's commit and its row's, or by a refusal interrupted); call at startup, before
         anything is received. Returns how many were removed."""
-        used = {r[0] for r in self.db.execute("SELECT package_sha256 FROM outbox UNION "
-                                              "SELECT package_sha256 FROM inbox")}
+        used = {r[0] for r in self.db.execute(f"SELECT package_sha256 FROM ({_NAMED})")}
         removed = 0
         for sub in self.blobs.iterdir():
             if not sub.is_dir() or len(sub.name) != 2:
@@ -447,17 +500,19 @@ class NodeStore:
 
     def drop_blob_if_unused(self, sha256: str) -> bool:
         """Delete a blob no row names (a refused package's): True if it was deleted."""
-        if self.db.execute("SELECT 1 FROM outbox WHERE package_sha256 = ? UNION ALL "
-                           "SELECT 1 FROM inbox WHERE package_sha256 = ? LIMIT 1",
-                           [sha256, sha256]).fetchone():
+        if self.db.execute(f"SELECT 1 FROM ({_NAMED}) WHERE package_sha256 = ? LIMIT 1",
+                           [sha256]).fetchone():
             return False
         self.blob_path(sha256).unlink(missing_ok=True)
         return True
 
     def pending_bytes(self, sender: str) -> int:
-        """The bytes of `sender`'s documents here that no one has signed for yet (its quota)."""
-        found = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM inbox WHERE sender = ? "
-                                "AND state = 'received'", [sender]).fetchone()
+        """The bytes of `sender`'s documents here that no one has signed for yet, and of those
+        it handed us to relay that are not passed on yet (its quota)."""
+        found = self.db.execute(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM inbox WHERE sender = ? AND state = "
+            "'received') + (SELECT COALESCE(SUM(size), 0) FROM relay WHERE handed_by = ? AND "
+            "state IN ('queued', 'sending'))", [sender, sender]).fetchone()
         return int(found[0])
 
     def _require_blob(self, sha256: str, size: int) -> None:
@@ -517,8 +572,8 @@ class NodeStore:
 
     def next_due_time(self, *, recipient: str | None = None) -> float | None:
         """When something next falls due to go to `recipient` (or anyone): a queued document,
-        or a signed-for receipt to return (see `receipts_to_return`). Possibly in the past;
-        None if nothing is waiting."""
+        a signed-for receipt to return (see `receipts_to_return`), or a document to relay.
+        Possibly in the past; None if nothing is waiting."""
         out_where, in_where, params = "", "", []
         if recipient is not None:
             out_where, in_where, params = "AND recipient = ?", "AND sender = ?", [recipient]
@@ -526,7 +581,8 @@ class NodeStore:
             "SELECT MIN(t) FROM ("
             f"SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'queued' {out_where} "
             "UNION ALL SELECT MIN(next_at) FROM receipts_out WHERE returned_at IS NULL "
-            f"{in_where})", [*params, *params]).fetchone()
+            f"{in_where} UNION ALL SELECT MIN(next_attempt_at) FROM relay WHERE state = "
+            f"'queued' {out_where})", [*params, *params, *params]).fetchone()
         return None if found[0] is None else float(found[0])
 
     def _move_out(self, doc_id: str, action: str, allowed: tuple[str, ...], new: str,
@@ -555,6 +611,45 @@ class NodeStore:
             self._move_out(doc_id, "mark delivered", ("sending",), "delivered",
                            delivered_at=time.time(), delivery_receipt=receipt,
                            next_attempt_at=None)
+
+    def relay_candidates(self, recipient: str, limit: int = 100) -> list[OutItem]:
+        """Queued documents for `recipient` not yet handed to a relay, due or not: what may go
+        through a relay while the direct path has failed. Forwarded documents stay on the
+        direct path (their custody records name it)."""
+        found = rows(self.db,
+                     "SELECT doc_id, recipient, metadata, package_sha256, size, urgency, "
+                     "attempts, created_at, next_attempt_at, custody FROM outbox "
+                     "WHERE state = 'queued' AND recipient = ? AND relay = '' AND custody = '[]' "
+                     "ORDER BY urgency, created_at, id LIMIT ?", [recipient, limit])
+        return [OutItem(**_decode(r)) for r in found]
+
+    def mark_relayed(self, doc_id: str, relay: str, receipt: bytes, retry_at: float) -> None:
+        """sending -> queued: `relay` took the document (`receipt`: its signed hop record) and
+        passes it on; the direct path is tried again at `retry_at` (the recipient takes the
+        document once, whichever way it comes first)."""
+        with self._change():
+            self._move_out(doc_id, "mark relayed", ("sending",), "queued", relay=relay,
+                           relay_receipt=receipt, next_attempt_at=retry_at,
+                           last_error=f"handed to relay {relay}; the direct path is tried "
+                                      "again meanwhile")
+
+    def release(self, doc_id: str, error: str) -> None:
+        """sending -> queued, keeping its schedule: not sent after all (a relay would not take
+        it); not counted as an attempt."""
+        with self._change():
+            self._move_out(doc_id, "release", ("sending",), "queued", last_error=error)
+
+    def mark_delivered_via(self, doc_id: str, receipt: bytes) -> bool:
+        """The recipient's delivery receipt came back through a relay: queued, sending or
+        failed -> delivered. False if it was delivered already (both paths got through)."""
+        with self._change():
+            row = self.out_item(doc_id)
+            if row["state"] in ("delivered", "signed-for", "returned"):
+                return False
+            self._move_out(doc_id, "mark delivered", ("queued", "sending", "failed"),
+                           "delivered", delivered_at=time.time(), delivery_receipt=receipt,
+                           next_attempt_at=None)
+        return True
 
     def mark_signed_for(self, doc_id: str, receipt: bytes) -> None:
         """delivered -> signed-for: a receiver signed for it (their signed receipt)."""
@@ -596,15 +691,18 @@ class NodeStore:
                            next_attempt_at=now, queued_at=now, last_error=None)
 
     def recover(self, now: float | None = None) -> int:
-        """At startup: documents left 'sending' by a crash go back to 'queued', due now (the
-        recipient recognises a repeat by its id). Not counted as a failed attempt. Returns
-        how many."""
+        """At startup: documents (ours and relayed ones) left 'sending' by a crash go back to
+        'queued', due now (the recipient recognises a repeat by its id). Not counted as a
+        failed attempt. Returns how many."""
         now = time.time() if now is None else now
         with self._change():
-            cur = self.db.execute("UPDATE outbox SET state = 'queued', next_attempt_at = ?, "
-                                  "updated_at = ?, last_error = 'interrupted by a restart' "
-                                  "WHERE state = 'sending'", [now, now])
-            return int(cur.rowcount)
+            n = 0
+            for table in ("outbox", "relay"):
+                cur = self.db.execute(f"UPDATE {table} SET state = 'queued', next_attempt_at = "
+                                      "?, updated_at = ?, last_error = 'interrupted by a "
+                                      "restart' WHERE state = 'sending'", [now, now])
+                n += int(cur.rowcount)
+            return n
 
     def outbox(self, state: str | None = None) -> list[dict[str, Any]]:
         """Every outbox row (optionally in one state), oldest first."""
@@ -626,10 +724,11 @@ class NodeStore:
     def receive(self, *, doc_id: str, sender: str, metadata: dict[str, Any],
                 package_sha256: str, size: int, delivery_receipt: bytes | None = None,
                 box: str = "", origin: str | None = None, custody: list[str] | None = None,
-                signer_sha256: str = "") -> bool:
+                signer_sha256: str = "", relay_path: list[str] | None = None) -> bool:
         """Record a received document whose package blob is already committed, in `box` (''
         for the unit's; a division's name if it is addressed to one). `origin` and `custody`
-        are a forwarded document's first sender and forward records.
+        are a forwarded document's first sender and forward records; `relay_path` a relayed
+        one's signed hop records (the sender is then still the unit that signed the package).
 
         True if new; False if this (sender, doc_id) was already received with the same
         package (acknowledge it again: `in_item()` has the stored delivery receipt); a
@@ -649,10 +748,11 @@ class NodeStore:
             self.db.execute(
                 "INSERT INTO inbox (sender, doc_id, metadata, urgency, package_sha256, size, "
                 "state, received_at, updated_at, delivery_receipt, box, origin, custody, "
-                "signer_sha256) VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?)",
+                "signer_sha256, relay_path) VALUES (?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, "
+                "?, ?, ?)",
                 [sender, doc_id, canonical(metadata).decode(), urgency, package_sha256, size,
                  now, now, delivery_receipt, box, origin or sender, json.dumps(custody or []),
-                 signer_sha256])
+                 signer_sha256, json.dumps(relay_path or [])])
         return True
 
     def _in_row(self, doc_id: str, sender: str | None) -> dict[str, Any]:
@@ -748,6 +848,101 @@ class NodeStore:
         return [_decode(r) for r in rows(self.db, f"SELECT * FROM inbox {where} ORDER BY id",
                                          params)]
 
+    # -- relaying (A12) --------------------------------------------------------------------------
+
+    def relay_take(self, *, doc_id: str, sender: str, recipient: str, handed_by: str,
+                   metadata: dict[str, Any], package_sha256: str, size: int,
+                   path: list[str]) -> bool:
+        """Keep a document this node relays (its blob committed, checked by the caller), due
+        at once to go on to `recipient`. `path`: the signed hop records it travels with, ours
+        last. True if new; False if the same one was taken before; another package under the
+        (sender, doc_id) is StoreError "id-conflict"."""
+        urgency = _urgency(metadata)
+        self._require_blob(package_sha256, size)
+        with self._change():
+            old = one(self.db, "SELECT package_sha256 FROM relay WHERE sender = ? AND "
+                      "doc_id = ?", [sender, doc_id])
+            if old is not None:
+                if old["package_sha256"] != package_sha256:
+                    raise StoreError(f"{sender} already had a different document relayed under "
+                                     f"the id {doc_id}", code="id-conflict")
+                return False
+            now = time.time()
+            self.db.execute(
+                "INSERT INTO relay (sender, doc_id, recipient, handed_by, urgency, "
+                "package_sha256, size, path, state, received_at, updated_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                [sender, doc_id, recipient, handed_by, urgency, package_sha256, size,
+                 json.dumps(path), now, now, now])
+        return True
+
+    def relay_due(self, now: float, recipient: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Relayed documents due to go on to `recipient`, most urgent first."""
+        return [_decode(r) for r in rows(
+            self.db, "SELECT * FROM relay WHERE state = 'queued' AND recipient = ? AND "
+            "next_attempt_at <= ? ORDER BY urgency, received_at, id LIMIT ?",
+            [recipient, now, limit])]
+
+    def relay_row(self, sender: str, doc_id: str) -> dict[str, Any]:
+        row = one(self.db, "SELECT * FROM relay WHERE sender = ? AND doc_id = ?",
+                  [sender, doc_id])
+        if row is None:
+            raise StoreError(f"no relayed document {doc_id} from {sender}", code="not-found")
+        return _decode(row)
+
+    def relay_rows(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every relayed document (optionally in one state), oldest first."""
+        if state is not None and state not in RELAY_STATES:
+            raise StoreError(f"unknown relay state {state!r} (one of "
+                             f"{', '.join(RELAY_STATES)})", code="bad-state")
+        where, params = ("WHERE state = ?", [state]) if state else ("", [])
+        return [_decode(r) for r in rows(self.db, f"SELECT * FROM relay {where} ORDER BY id",
+                                         params)]
+
+    def _move_relay(self, row_id: int, allowed: tuple[str, ...], new: str,
+                    **cols: Any) -> None:
+        row = one(self.db, "SELECT state FROM relay WHERE id = ?", [row_id])
+        if row is None or row["state"] not in allowed:
+            raise StoreError(f"relayed document {row_id} is "
+                             f"{row['state'] if row else 'not there'}, not "
+                             f"{' or '.join(allowed)}", code="bad-state")
+        sets = {"state": new, "updated_at": time.time(), **cols}
+        self.db.execute(f"UPDATE relay SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                        [*sets.values(), row_id])
+
+    def relay_sending(self, row_id: int) -> None:
+        with self._change():
+            self._move_relay(row_id, ("queued",), "sending")
+
+    def relay_delivered(self, row_id: int, receipt: bytes) -> None:
+        """sending -> delivered: the recipient's node took it (`receipt`: its delivery receipt,
+        which goes back to the sender)."""
+        with self._change():
+            self._move_relay(row_id, ("sending",), "delivered", delivered_at=time.time(),
+                             delivery_receipt=receipt, next_attempt_at=None)
+
+    def relay_refused(self, row_id: int, code: str, message: str) -> None:
+        """sending -> refused (final): the recipient refused it."""
+        with self._change():
+            self._move_relay(row_id, ("sending",), "refused", reject_code=code,
+                             last_error=message, next_attempt_at=None)
+
+    def relay_retry(self, row_id: int, error: str, now: float) -> float | None:
+        """An attempt to pass it on failed: again after the documents' backoff; after
+        `max_attempts` attempts or `max_age` seconds since it came, 'failed' (None)."""
+        with self._change():
+            row = one(self.db, "SELECT attempts, received_at FROM relay WHERE id = ?", [row_id])
+            attempts = (row["attempts"] if row else 0) + 1
+            if row is not None and (attempts >= self.max_attempts
+                                    or now - row["received_at"] >= self.max_age):
+                self._move_relay(row_id, ("queued", "sending"), "failed", attempts=attempts,
+                                 last_error=error, next_attempt_at=None)
+                return None
+            at = now + backoff_delay(attempts, self.rng)
+            self._move_relay(row_id, ("queued", "sending"), "queued", attempts=attempts,
+                             last_error=error, next_attempt_at=at)
+        return at
+
     # -- witnessing ------------------------------------------------------------------------------
 
     def witness(self, unit: str, record: dict[str, Any]) -> bool:
@@ -832,15 +1027,15 @@ class NodeStore:
         """{"outbox": {state: count}, "inbox": {state: count}, "blobs": n, "blob_bytes": b};
         every state is listed; blobs counts the distinct packages the rows name."""
         out: dict[str, Any] = {}
-        for table, states in (("outbox", OUT_STATES), ("inbox", IN_STATES)):
+        for table, states in (("outbox", OUT_STATES), ("inbox", IN_STATES),
+                              ("relay", RELAY_STATES)):
             counts = dict.fromkeys(states, 0)
             for state, n in self.db.execute(f"SELECT state, COUNT(*) FROM {table} "
                                             "GROUP BY state"):
                 counts[state] = n
             out[table] = counts
         n, total = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM (SELECT package_sha256, size FROM "
-            "outbox UNION SELECT package_sha256, size FROM inbox)").fetchone()
+            f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM ({_NAMED})").fetchone()
         out["blobs"], out["blob_bytes"] = int(n), int(total)
         return out
 
@@ -849,10 +1044,11 @@ class NodeStore:
     def blob_refs(self) -> list[tuple[str, int]]:
         """Every blob a document names, once, with its size: what a backup of this database
         must carry. Rows are never deleted, so a blob named here is never deleted while the
-        store runs (`drop_blob_if_unused` and `sweep_orphans` take only unnamed ones)."""
+        store runs (`drop_blob_if_unused` and `sweep_orphans` take only unnamed ones; a
+        relayed document's blob is named until it has been passed on, and removed at the next
+        start after that)."""
         return [(str(sha), int(size)) for sha, size in self.db.execute(
-            "SELECT package_sha256, size FROM outbox UNION SELECT package_sha256, size FROM "
-            "inbox ORDER BY 1")]
+            f"SELECT package_sha256, size FROM ({_NAMED}) ORDER BY 1")]
 
     def backup_to(self, dest: Path) -> None:
         """A consistent copy of the database in the new file `dest`, through SQLite's online

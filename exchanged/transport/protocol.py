@@ -40,6 +40,10 @@ A document submission looks like this on the wire (curl can send it with ``--dat
 
     <exactly Content-Length bytes of the document package>
 
+The metadata header also carries what a document travels with besides its package: a forwarded
+document's custody records (``{"custody": [...]}``), or, for a relayed one (A12,
+``exchanged.node.relay``), ``{"relay": {"to": UNIT, "path": [hop records]}}``.
+
 ``Content-Length`` is required and chunked uploads are refused (411): the receiver checks the
 size against its limit before it reads a byte of body. The body is never buffered here: the
 server yields it as ``BodyChunk`` events in the pieces it arrives in, then ``BodyEnd``. The
@@ -146,6 +150,8 @@ REASON_CODES: Final[Mapping[str, int]] = MappingProxyType({
     "bad-package": 422,
     "bad-signature": 422,
     "wrong-sender": 403,
+    # A relay (A12) will not carry this document: not a relay for these units, or the hop limit.
+    "not-relayed": 403,
     "wrong-recipient": 422,
     "headers-too-large": 431,
     "internal-error": 500,

@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 from demo_network import Demo, setup  # noqa: E402
 
-# Certificates like finance's and office's node certificates (same names), issued by the demo
-# CA's key on its token, with software keys: what an attacker holding a valid certificate of
+# Certificates like finance's and office's node certificates (same names; or those given as a
+# JSON list of [file name, CN, O] in argv[2]), issued by the demo CA's key on its token, with
+# software keys: what an attacker holding a valid certificate of
 # our CA (a stolen or unconfigured node, a person's card) can present.
 TEST_PEERS = r'''
-import datetime as dt, sys
+import datetime as dt, json, sys
 from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,8 +45,10 @@ out.mkdir(exist_ok=True)
 ca = x509.load_pem_x509_certificate(Path("ca/ca.pem").read_bytes())
 tok = Token.open(parse("pkcs11:token=ca"), PinSource("CA", "X", "tokens/ca.pin"))
 now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-for name, cn, org in (("finance", "node-finance", "Finance Bureau"),
-                      ("office", "node-office", "General Office Archives")):
+names = json.loads(sys.argv[2]) if len(sys.argv) > 2 else [
+    ("finance", "node-finance", "Finance Bureau"),
+    ("office", "node-office", "General Office Archives")]
+for name, cn, org in names:
     k = ec.generate_private_key(ec.SECP256R1())
     form = profiles.Form(name=cn, unit=org, division="Registry", ip=("127.0.0.1",))
     cert = profiles.end_entity("node", form=form, public_key=k.public_key(), ca_cert=ca,
@@ -187,7 +190,7 @@ def wait(seconds: float) -> None:
 
 # -- a peer written for the test: our own protocol over TLS with a test peer's software key ---
 
-def tls_context(net: Net, who: str, *, server: bool) -> Any:
+def tls_context(net: Any, who: str, *, server: bool) -> Any:
     import ssl
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -197,10 +200,11 @@ def tls_context(net: Net, who: str, *, server: bool) -> Any:
     return ctx
 
 
-def submit_raw(net: Net, unit: str, body: bytes, *, as_: str = "finance",
-               doc_id: str | None = None) -> Any:
+def submit_raw(net: Any, unit: str, body: bytes, *, as_: str = "finance",
+               doc_id: str | None = None, metadata: dict[str, Any] | None = None) -> Any:
     """Connect to `unit`'s daemon as the test peer `as_` and submit `body` as a document
-    (whatever it is); returns the daemon's answer event."""
+    (whatever it is, with `metadata` in its header); returns the daemon's answer event.
+    `net`: anything with `.d` (the Demo), `.peers` and `.port(unit)`."""
     import hashlib
     import uuid
 
@@ -214,7 +218,8 @@ def submit_raw(net: Net, unit: str, body: bytes, *, as_: str = "finance",
                              server_hostname="peer")
         conn = proto.ClientConnection("peer")
         await tls.send_all(conn.send(proto.SubmitDocument(
-            doc_id or str(uuid.uuid4()), len(body), hashlib.sha256(body).hexdigest())))
+            doc_id or str(uuid.uuid4()), len(body), hashlib.sha256(body).hexdigest(),
+            metadata or {})))
         for i in range(0, len(body), 65536):
             if conn.state is not proto.State.SEND_BODY:
                 break
