@@ -75,8 +75,11 @@ def relay_supported() -> bool:
     return hasattr(config, "RelaySettings")
 
 
+STARTED = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"simulate: {msg}", file=sys.stderr, flush=True)
+    print(f"simulate [{time.monotonic() - STARTED:5.0f} s]: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Province(Demo):
         self.traffic_done = False
         self.relay_units: list[str] = []  # A, B (the relay), C
         self.files: list[tuple[Path, Path, int]] = []
+        self.nursery: trio.Nursery | None = None
         self.faults = set(FAULTS) if args.faults == "all" else \
             set() if args.faults == "none" else set(args.faults.split(","))
         if args.break_ == "ack-without-store":
@@ -660,7 +664,7 @@ async def partition(sim: Province, lk: Link, mode: str, dur: float) -> None:
     lk.mode = mode
     lk.cut()
     sim.note("partition", lk.name, f"{mode} for {dur:.0f} s")
-    await extra_send(sim, lk.a, lk.b)
+    send_into(sim, lk.a, lk.b)
     await trio.sleep(dur)
     lk.mode = "up"
     sim.note("heal", lk.name)
@@ -685,6 +689,11 @@ async def relay_cut(sim: Province, dur: float) -> None:
             await trio.sleep(max(2.0, dur / 8))
         lk.mode = "up"
         sim.note("relay-heal", lk.name)
+
+
+def send_into(sim: Province, *args: Any) -> None:
+    assert sim.nursery is not None
+    sim.nursery.start_soon(extra_send, sim, *args)
 
 
 async def extra_send(sim: Province, sender: str, to: str, relay: bool = False,
@@ -727,8 +736,8 @@ async def kill(sim: Province, u: Unit, down: float) -> None:
 async def token(sim: Province, u: Unit, dur: float) -> None:
     sim.card_pull(u)
     sim.note("token-out", u.id)
-    await extra_send(sim, u.peers[0], u.id)
-    await extra_send(sim, u.id, u.peers[0])  # refused at once: no key to sign with
+    send_into(sim, u.peers[0], u.id)
+    send_into(sim, u.id, u.peers[0])  # refused at once: no key to sign
     await trio.sleep(dur)
     await trio.to_thread.run_sync(sim.card_insert, u)
     sim.note("token-in", u.id)
@@ -746,8 +755,8 @@ async def disk(sim: Province, u: Unit, dur: float) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
     await trio.to_thread.run_sync(fill)
     sim.note("disk-full", u.id, f"{size // MIB} MiB filled, 4 MiB left (reserve 16 MiB)")
-    await extra_send(sim, u.peers[0], u.id, large=True)
-    await extra_send(sim, u.peers[-1], u.id)
+    send_into(sim, u.peers[0], u.id, False, True)
+    send_into(sim, u.peers[-1], u.id)
     await trio.sleep(dur)
     filler.unlink(missing_ok=True)
     sim.note("disk-freed", u.id)
@@ -784,6 +793,7 @@ async def run(sim: Province) -> None:
         sim.t0 = time.time()
         log(f"{len(sim.units)} daemons up; traffic for {a.seconds} s")
         n.start_soon(sampler, sim)
+        sim.nursery = n  # documents sent into faults
         async with trio.open_nursery() as m:
             m.start_soon(traffic, sim, files)
             m.start_soon(faults, sim)
@@ -1023,6 +1033,7 @@ def _reason(text: str) -> str:
     text = re.sub(r"\b(doc|D)-[\w-]+", "…", text)
     text = re.sub(r"\d+(\.\d+)? ?(s|bytes|seconds)\b", "N \\2", text)
     text = re.sub(r" at 127\.0\.0\.1:\d+", "", text)
+    text = re.sub(r"\bu\d{2,}\b", "uNN", text)
     return text[:140]
 
 
