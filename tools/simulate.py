@@ -95,6 +95,7 @@ class Unit:
     tmpfs: Path | None = None  # its data directory, when it is a small tmpfs
     relay_through: list[str] = field(default_factory=list)
     relay_for: list[str] = field(default_factory=list)
+    start_retries: int = 0
 
     @property
     def token(self) -> str:
@@ -372,9 +373,19 @@ class Province(Demo):
 
     def ready(self, u: Unit) -> bool:
         if u.proc is None or u.proc.poll() is not None:
+            tail = (self.work / u.id / "daemon.log").read_text(errors="replace")[-2000:]
+            # SoftHSM, its token files read by many processes starting at once, sometimes
+            # answers C_GetSlotList with CKR_GENERAL_ERROR: the daemon says so and exits.
+            # Started again, it comes up; the run notes each time.
+            last = "\n".join(tail.splitlines()[-5:])
+            if "cannot list tokens: GeneralError" in last and u.start_retries < 3:
+                u.start_retries += 1
+                self.notes.append(f"{u.id}'s daemon exited at start-up with SoftHSM's "
+                                  "GeneralError listing tokens; started again")
+                self.start_daemon(u)
+                return False
             raise SystemExit(f"simulate: the {u.id} daemon exited; see {self.work / u.id}/"
-                             "daemon.log:\n" + (self.work / u.id / "daemon.log")
-                             .read_text()[-2000:])
+                             "daemon.log:\n" + tail)
         if not (self.work / u.id / "data" / "control.sock").exists():
             return False
         with socket.socket() as s:
@@ -786,6 +797,7 @@ async def run(sim: Province) -> None:
         sim.procs.append(sim.daemons["ca"])
         for u in sim.units.values():
             sim.start_daemon(u)
+            await trio.sleep(0.1)
         with trio.fail_after(60 + 3 * len(sim.units)):
             for u in sim.units.values():
                 while not sim.ready(u):  # noqa: ASYNC110 — a socket that appears, polled
