@@ -45,7 +45,7 @@ def left_running(where: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_short_province_holds_every_invariant(tmp_path: Path) -> None:
-    rc, res, err = simulate(tmp_path, "--units", "8", "--seconds", "25", "--drain", "45",
+    rc, res, err = simulate(tmp_path, "--units", "8", "--seconds", "20", "--drain", "30",
                             "--rate", "1.5", "--seed", "3", "--no-large", "--relay-after", "5")
     assert rc == 0, (res.get("failures"), res.get("problems"), err[-3000:])
     assert res["ok"] and not res["failures"]
