@@ -1112,7 +1112,8 @@ def draw(sim: Province, res: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), height_ratios=(3, 2))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), height_ratios=(3, 2),
+                                   layout="constrained")
     times = [t for t, _ in sim.samples]
     special = {v: k for k, v in sim.roles.items()}
     for unit in sorted(sim.units):
@@ -1147,7 +1148,6 @@ def draw(sim: Province, res: dict[str, Any], png: Path) -> None:
     ax2.set_ylabel("documents")
     ax2.set_title(f"latency: p50 {res['latency_p50_s']} s, p99 {res['latency_p99_s']} s")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
