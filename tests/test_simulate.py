@@ -82,8 +82,9 @@ def test_a_short_province_holds_every_invariant(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_broken_invariant_makes_it_fail(tmp_path: Path) -> None:
     """The daemons run through tools/sim_break.py: every other document arriving at a daemon
-    is acknowledged with a good receipt and never stored. The simulator must see them lost and exit non-zero."""
-    rc, res, err = simulate(tmp_path, "--units", "3", "--seconds", "12", "--drain", "15",
+    is acknowledged with a good receipt and never stored. The simulator must see them lost
+    and exit non-zero."""
+    rc, res, err = simulate(tmp_path, "--units", "3", "--seconds", "10", "--drain", "15",
                             "--rate", "2.5", "--faults", "none", "--no-large",
                             "--break", "ack-without-store", timeout=200)
     assert rc == 1, err[-3000:]
