@@ -670,7 +670,7 @@ async def faults(sim: Province) -> None:
     if "disk" in sim.roles:
         at(0.35, partial(disk, sim, sim.units[sim.roles["disk"]], min(40.0, 0.2 * S)))
     if "revoke" in sim.roles:
-        at(0.55, partial(revoke, sim, sim.units[sim.roles["revoke"]]))
+        at(0.45, partial(revoke, sim, sim.units[sim.roles["revoke"]]))
     if sim.relay_units:
         at(0.04, partial(relay_cut, sim, min(S * 0.7, max(S * 0.5, 3 * a.relay_after))))
     plan.sort(key=lambda x: x[0])
@@ -826,7 +826,11 @@ async def run(sim: Province) -> None:
         end = time.time() + a.drain
         while time.time() < end:
             left = await trio.to_thread.run_sync(sim.pending)
-            if not left:
+            # ... and the revocation must have reached every node (it may come late in a
+            # short run on a loaded machine): the judgement reads when each took it.
+            unaware = (await trio.to_thread.run_sync(judge_revocation, sim)
+                       )["revocation_not_refused_by"] if sim.revoked else []
+            if not left and not unaware:
                 break
             await trio.sleep(2)
         # The revocation must have reached everyone; wait for it within the drain too.
@@ -1011,7 +1015,7 @@ def judge_revocation(sim: Province) -> dict[str, Any]:
     crl-installed entry): from then on it refuses it."""
     if sim.revoked is None or sim.revoked_at is None or sim.revoked_crl is None:
         return {"revoked": None, "revocation_refused_by_all_after_s": None,
-                "revocation_refused_by": {}}
+                "revocation_refused_by": {}, "revocation_not_refused_by": []}
     took: dict[str, float | None] = {}
     for u in sorted(sim.units):
         if u == sim.revoked:
