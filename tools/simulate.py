@@ -1196,6 +1196,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
     sim = Province(work, a)
+    # Ctrl-C, and SIGTERM turned into it (trio delivers it where it is safe), even when
+    # started in the background with SIGINT ignored: everything started is stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
     try:
@@ -1208,6 +1211,12 @@ def main(argv: list[str] | None = None) -> int:
         res = judge(sim)  # before the small disk is unmounted
         res["drained_s"] = drained
         chains = audit_chains(sim)
+    except BaseException as e:  # trio's nurseries may wrap it in an exception group
+        if isinstance(e, KeyboardInterrupt) or (isinstance(e, BaseExceptionGroup)
+                                                and e.subgroup(KeyboardInterrupt)):
+            log("interrupted: stopping everything it started")
+            return 130
+        raise
     finally:
         sim.cleanup()
         signal.signal(signal.SIGTERM, previous)
@@ -1262,7 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
 
 
 if __name__ == "__main__":
