@@ -868,6 +868,7 @@ def judge(sim: Province) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     refused: Counter[str] = Counter()
     queued: Counter[str] = Counter()
+    retried: Counter[str] = Counter()  # delivered in the end: the last failure before
     problems: list[str] = []
     latency: dict[str, list[float]] = {u: [] for u in URGENCIES}
     relayed = relayed_ok = 0
@@ -902,6 +903,9 @@ def judge(sim: Province) -> dict[str, Any]:
                 continue
             if len(copies) == 1:
                 counts["delivered_once"] += 1
+                if row["attempts"]:
+                    counts["delivered_after_failures"] += 1
+                    retried[_reason(row["last_error"] or "?")] += 1
             if row.get("relay"):
                 counts["handed_to_relay"] += 1
             if stored[0].get("relay_path") not in (None, "", "[]"):  # it came the relay's way
@@ -924,8 +928,9 @@ def judge(sim: Province) -> dict[str, Any]:
                 who = "from the revoked node: " if s.sender == sim.revoked else ""
                 queued[who + _reason(row["last_error"] or "not tried yet")] += 1
     res["relay_intended"] = sum(1 for s in sent if s.relay)
+    res["delivered_after_failures_reasons"] = dict(retried.most_common())
     for k in ("delivered_once", "refused", "queued", "lost", "duplicated", "bad_evidence",
-              "handed_to_relay"):
+              "handed_to_relay", "delivered_after_failures"):
         res[k] = counts[k]
     res["refused_reasons"] = dict(refused.most_common())
     res["queued_reasons"] = dict(queued.most_common())
@@ -1073,6 +1078,8 @@ def table(res: dict[str, Any]) -> str:
         *_reasons(res["send_refused_reasons"]),
         ("documents sent", res["sent"]),
         ("delivered exactly once, receipt verified", res["delivered_once"]),
+        ("  of which after failed attempts (last failure)", res["delivered_after_failures"]),
+        *_reasons(res["delivered_after_failures_reasons"]),
         ("refused with a reason", res["refused"]),
         *_reasons(res["refused_reasons"]),
         ("still queued with a reason", res["queued"]),
@@ -1120,6 +1127,9 @@ def draw(sim: Province, res: dict[str, Any], png: Path) -> None:
                                    layout="constrained")
     times = [t for t, _ in sim.samples]
     special = {v: k for k, v in sim.roles.items()}
+    if sim.relay_units:
+        a_, b_, c_ = sim.relay_units
+        special.update({a_: f"via {b_}", b_: "relay", c_: f"via {b_}"})
     for unit in sorted(sim.units):
         ys = [max(0, d.get(unit, 0)) for _, d in sim.samples]
         if unit in special or max(ys, default=0) >= 3:
