@@ -844,7 +844,6 @@ async def run(sim: Province) -> None:
 
 def judge(sim: Province) -> dict[str, Any]:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
 
     from exchanged import package as pkg
     from exchanged import receipts
@@ -892,8 +891,7 @@ def judge(sim: Province) -> dict[str, Any]:
                 problems.append(f"{s.doc_id} {s.sender}->{s.to}: acknowledged, not in "
                                 f"{s.to}'s inbox")
                 continue
-            why = _check_delivered(sim, s, row, stored[0], ca_cert, certs, receipts, pkg,
-                                   hashes)
+            why = _check_delivered(sim, s, row, stored[0], ca_cert, certs, receipts, pkg)
             if why == HOP_ONLY:  # the relay took it; the recipient's receipt is not back
                 counts["queued"] += 1
                 queued["relayed and stored at the recipient; the sender holds the relay's hop "
@@ -952,8 +950,7 @@ def judge(sim: Province) -> dict[str, Any]:
 
 
 def _check_delivered(sim: Province, s: Sent, row: dict[str, Any], stored: dict[str, Any],
-                     ca_cert: Any, certs: dict[str, Any], receipts: Any, pkg: Any,
-                     hashes: Any) -> str:
+                     ca_cert: Any, certs: dict[str, Any], receipts: Any, pkg: Any) -> str:
     """Why the evidence of a delivered document does not hold ('' when it does): the delivery
     receipt verifies against the CA, is by the recipient's node, for this document; the stored
     package is the one sent, and verifies against the original sender's certificate."""
@@ -983,7 +980,6 @@ def _check_delivered(sim: Province, s: Sent, row: dict[str, Any], stored: dict[s
         return "the stored package is not signed by the sender's node"
     if checked.metadata.doc_id != s.doc_id or checked.metadata.sender != s.sender:
         return "the stored package is another document"
-    del hashes
     return ""
 
 
