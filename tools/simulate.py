@@ -1033,9 +1033,15 @@ def judge_revocation(sim: Province) -> dict[str, Any]:
         took[u] = None if when is None else round(max(0.0, when - sim.revoked_at), 1)
     missing = [u for u, v in took.items() if v is None]
     worst = None if missing or not took else max(v for v in took.values() if v is not None)
+    # Besides: the revoked node's neighbours that refused it in the act (their audit logs
+    # record a refused connection or document naming the revocation).
+    seen = [u for u in sim.units[sim.revoked].peers
+            if sim.read(u, "SELECT 1 FROM audit WHERE action != 'crl-installed' AND details "
+                        "LIKE '%revoked%' LIMIT 1")]
     return {"revoked": sim.revoked, "revocation_crl": sim.revoked_crl,
             "revocation_refused_by": took, "revocation_not_refused_by": missing,
-            "revocation_refused_by_all_after_s": worst}
+            "revocation_refused_by_all_after_s": worst,
+            "revocation_refusals_seen_at": seen}
 
 
 def audit_chains(sim: Province) -> dict[str, str]:
@@ -1096,6 +1102,8 @@ def table(res: dict[str, Any]) -> str:
          f"{res['revocation_refused_by_all_after_s']} s (bound {res['revocation_bound_s']} s)"
          if res["revocation_refused_by_all_after_s"] is not None else
          f"NOT by {', '.join(res['revocation_not_refused_by'])}"),
+        ("  neighbours seen refusing it (audit)",
+         f"{', '.join(res.get('revocation_refusals_seen_at') or []) or '-'}"),
         ("latency p50 / p99, all", f"{res['latency_p50_s']} / {res['latency_p99_s']} s"),
         *((f"  {u} (n={v['n']})", f"{v['p50_s']} / {v['p99_s']} s")
           for u, v in res["latency_by_urgency"].items()),
