@@ -103,6 +103,7 @@ class RelayNet:
         self.d = d
         self.links: dict[tuple[str, str], Link] = {}
         self.peers = d.work / "peers"  # software-key certificates like the nodes' (attacks)
+        self.office_serial = ""
 
     def cfg(self, unit: str) -> Path:
         return self.d.work / unit / "exchanged.toml"
@@ -154,8 +155,9 @@ class RelayNet:
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayNet]:
     d = Demo(tmp_path_factory.mktemp("relay"))
     with contextlib.redirect_stdout(io.StringIO()):
-        setup(d, box=True)
+        office_serial = setup(d, box=True)["office_serial"]
     n = RelayNet(d)
+    n.office_serial = office_serial
     n.through_link("finance", "office")
     n.through_link("office", "finance")
     n.through_link("district", "office")
@@ -168,7 +170,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayNet]:
                        + "\n" + relay[unit])
     subprocess.run([sys.executable, "-c", TEST_PEERS, str(n.peers), json.dumps([
         ("finance", "node-finance", "Finance Bureau"), ("district", "district",
-                                                        "District Office")])],
+                                                        "District Office"),
+        ("office", "node-office", "General Office Archives")])],
         cwd=d.work, env=d.env, check=True)
     with contextlib.redirect_stdout(io.StringIO()):
         for unit in UNITS:
@@ -283,6 +286,37 @@ def test_with_the_direct_path_up_nothing_goes_through_the_relay(net: RelayNet) -
     assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))
 
 
+
+def test_a_relay_that_will_not_carry_is_asked_again_only_after_a_while(net: RelayNet) -> None:
+    """District stops relaying for office (reload): finance's document for office, cut off,
+    is refused by district before its body; finance keeps it queued for the direct path and
+    does not knock again at once (no tight loop of connections)."""
+    import signal
+    import time
+    cfg = net.cfg("district")
+    original = cfg.read_text()
+    cfg.write_text(original.replace('for = ["finance", "office"]', 'for = ["finance"]'))
+    net.d.daemons["district"].send_signal(signal.SIGHUP)
+    net.links[("finance", "office")].cut()
+    try:
+        time.sleep(1)
+        doc = net.send("finance", "office", "not carried")
+        net.wait("district refusing it", lambda: net.audit("district", "document-rejected", doc),
+                 timeout=30)
+        time.sleep(3 * AFTER)
+        refusals = net.audit("district", "document-rejected", doc)
+        assert len(refusals) == 1 and refusals[0]["details"]["code"] == "not-relayed", refusals
+        row = net.outbox("finance", doc)
+        assert (row["state"], row["relay"]) == ("queued", "")
+        assert net.audit("finance", "document-relay-refused", doc)
+    finally:
+        cfg.write_text(original)
+        net.d.daemons["district"].send_signal(signal.SIGHUP)
+        net.links[("finance", "office")].restore()
+    net.wait("delivered directly", lambda: net.outbox("finance", doc)["state"] == "delivered",
+             timeout=60)
+
+
 # -- what a hostile peer may try (a certificate of our CA with the name of a node, and its key) --
 
 class SoftSigner:
@@ -366,6 +400,52 @@ def test_the_recipient_takes_a_relayed_document_only_as_its_sender_signed_it(
     assert len(net.rows("office", "SELECT 1 FROM inbox WHERE doc_id = ?", (doc,))) == 1
 
 
+
+def receipt_raw(net: RelayNet, unit: str, doc: str, cms: bytes, *, as_: str) -> Any:
+    """Give `unit`'s daemon a receipt as the test peer `as_`; its answer."""
+    import trio
+    from hostile.conftest import tls_context
+
+    async def go() -> Any:
+        stream = await trio.open_tcp_stream("127.0.0.1", net.port(unit))
+        tls = trio.SSLStream(stream, tls_context(net, as_, server=False),
+                             server_hostname="peer")
+        conn = proto.ClientConnection("peer")
+        await tls.send_all(conn.send(proto.DeliverReceipt(doc, cms)))
+        while (event := conn.next_event()) is proto.NEED_DATA:
+            conn.receive_data(await tls.receive_some(65536))
+        await trio.aclose_forcefully(tls)
+        return event
+
+    return trio.run(go)
+
+
+def test_a_relay_carries_receipts_but_drops_one_the_sender_refuses(net: RelayNet) -> None:
+    """Office's name and a key of its own can sign any number of receipts: the relay carries
+    them, the sender refuses one for a document it never sent, and the relay lets it go
+    instead of trying it again for ever."""
+    import uuid
+
+    from exchanged.common import stamp
+    doc = str(uuid.uuid4())
+    cms = receipts.delivery(SoftSigner(net, "office"), doc_id=doc,  # type: ignore[arg-type]
+                            sha256="0" * 64, sender="finance", recipient="office",
+                            received_at=stamp())
+    answer = receipt_raw(net, "district", doc, cms, as_="office")
+    assert isinstance(answer, proto.ReceiptAccepted), answer
+    [refused] = net.wait("finance refusing it", lambda: net.audit(
+        "district", "receipt-relay-refused", doc))
+    assert refused["details"]["code"] == "unknown-document"
+    [row] = net.rows("district", "SELECT * FROM receipts_out WHERE doc_id = ?", (doc,))
+    assert row["returned_at"] and row["error"].startswith("unknown-document")
+    # A receipt not for the units district relays for, or not the peer's own, is not carried.
+    other = receipts.delivery(SoftSigner(net, "office"), doc_id=doc,  # type: ignore[arg-type]
+                              sha256="0" * 64, sender="finance", recipient="district",
+                              received_at=stamp())
+    answer = receipt_raw(net, "district", doc, other, as_="office")
+    assert isinstance(answer, proto.Reject) and answer.code == "bad-receipt", answer
+
+
 # -- the configuration: both sides approve, each unit named is a peer -------------------------
 
 BASE = {"node": {"unit": "finance", "listen": "127.0.0.1:0", "data_dir": "d"},
@@ -395,3 +475,24 @@ def test_relay_settings_are_read() -> None:
                                             "after": 30}}, base=Path("/etc/exchanged"))
     assert (c.relay.through, c.relay.serves, c.relay.after) == (("district",), ("office",), 30)
     assert Config.from_dict(BASE, base=Path("/etc/exchanged")).relay.serves == ()
+
+
+
+def test_a_refused_peer_is_not_relayed_around(net: RelayNet) -> None:
+    """Last (it revokes office): a peer refused is not a path that failed. Finance refuses the
+    revoked office and keeps its document; it never hands it to district."""
+    import time
+    d = net.d
+    d.x("ca", "revoke", "--dir", "ca", net.office_serial, "--reason", "keyCompromise",
+        *d.op("officer"), quiet=True)
+    d.x("ca", "crl", "--dir", "ca", "--ca-pin-file", d.pin("ca"), quiet=True)
+    d.publish_crl("finance", "district")
+    doc = net.send("finance", "office", "to a revoked unit")
+    net.wait("finance refusing office", lambda: [
+        r for r in net.rows("finance", "SELECT * FROM audit WHERE action = 'peer-refused' AND "
+                                       "object = 'office'") if "revoked" in r["details"]],
+             timeout=60)
+    time.sleep(3 * AFTER)
+    row = net.outbox("finance", doc)
+    assert row["state"] == "queued" and row["relay"] == "", row
+    assert not net.rows("district", "SELECT 1 FROM relay WHERE doc_id = ?", (doc,))

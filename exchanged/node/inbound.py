@@ -320,11 +320,14 @@ class Inbound:
     async def _not_relayed(self, peer: Peer, submit: proto.SubmitDocument
                            ) -> proto.Reject | None:
         """Before a byte of body: a document handed to us to relay that we will not carry
-        (not a relay for these units, the hop limit)."""
+        (not a relay for these units, the hop limit), or relayed to us by a neighbour we do
+        not take relayed documents from."""
         try:
             wanted = relay.request(submit.metadata)
             if wanted is not None and wanted[0] != self.node.config.unit:
                 self.relays.may_take(peer, *wanted)
+            elif wanted is not None:
+                self.relays.may_bring(peer)
         except RelayError as e:
             return await self._refuse(peer, submit.doc_id, e.code, str(e))
         return None
@@ -396,16 +399,9 @@ class Inbound:
                 return await self._refuse(peer, doc, "bad-form", f"the custody records do not "
                                           f"hold: {e}")
         recipient = records[0]["node"] if records else node.config.unit
-        try:  # every check of unpacking, on the stored package itself: nothing copied
-            received = await trio.to_thread.run_sync(
-                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
-                                  max_file_size=node.config.limits.max_document_bytes,
-                                  expected_recipient=recipient))
-        except ExchangedError as e:
-            return await self._refuse(peer, doc, _reason(e.code), str(e))
-        except OSError as e:
-            return await self._refuse(peer, doc, "busy", f"the receiving node could not read "
-                                      f"the document ({e.strerror}); send it again later")
+        received = await self._check_package(peer, doc, sha, recipient)
+        if isinstance(received, proto.Reject):
+            return received
         meta = received.metadata
         sender = peer.unit
         if path is not None:  # relayed: each hop checked, the package S's own, S our peer
@@ -463,6 +459,22 @@ class Inbound:
                        sender=meta.sender, urgency=meta.urgency)
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
 
+    async def _check_package(self, peer: Peer, doc: str, sha: str, recipient: str
+                             ) -> pkg.Checked | proto.Reject:
+        """Every check of unpacking, on the stored package itself (nothing copied): what it
+        is, or the refusal sent back."""
+        node = self.node
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
+                                  max_file_size=node.config.limits.max_document_bytes,
+                                  expected_recipient=recipient))
+        except ExchangedError as e:
+            return await self._refuse(peer, doc, _reason(e.code), str(e))
+        except OSError as e:
+            return await self._refuse(peer, doc, "busy", f"{node.config.unit} could not read "
+                                      f"the document ({e.strerror}); send it again later")
+
     def _store_received(self, doc: str, peer: Peer, sender: str, meta: pkg.Metadata,
                         sha: str, receipt: bytes, box: str, custody: list[str], signer: str,
                         path: list[str]) -> bool:
@@ -486,17 +498,13 @@ class Inbound:
         """A document `peer` hands us to pass on to `to` (A12): checked as its recipient
         would check it, kept, acknowledged with our signed hop record."""
         node = self.node
+        received = await self._check_package(peer, doc, sha, to)
+        if isinstance(received, proto.Reject):
+            return received
         try:
-            received = await trio.to_thread.run_sync(
-                lambda: pkg.check(node.store.blob_path(sha), issuer=node.ca_cert,
-                                  max_file_size=node.config.limits.max_document_bytes,
-                                  expected_recipient=to))
             self.relays.check_taken(peer, leaf, doc, to, received)
-        except ExchangedError as e:
-            return await self._refuse(peer, doc, _reason(e.code), str(e))
-        except OSError as e:
-            return await self._refuse(peer, doc, "busy", f"the relay could not read the "
-                                      f"document ({e.strerror}); send it again later")
+        except RelayError as e:
+            return await self._refuse(peer, doc, e.code, str(e))
         meta = received.metadata
         try:
             old = await node.db(node.store.relay_row, peer.unit, doc)
@@ -672,6 +680,8 @@ class Inbound:
                                 f"{event.doc_id}")
         try:
             new = await node.commit(self._store_carried, peer, sender, event, str(kind))
+        except StoreError as e:
+            return proto.Reject("busy" if e.code == "busy" else "bad-receipt", str(e))
         except (ExchangedError, OSError, sqlite3.Error) as e:
             return proto.Reject("busy", f"the relay could not keep the receipt ({e})")
         if new:
@@ -684,11 +694,16 @@ class Inbound:
                        kind: str) -> bool:
         store = self.node.store
         with store.transaction():
-            if any(r["kind"] == kind and r["receipt"] == event.receipt
+            carried = relay.CARRIED_PREFIX + kind
+            if any(r["kind"] == carried and r["receipt"] == event.receipt
                    for r in store.receipts_for(event.doc_id, with_receipts=True)
                    if r["sender"] == sender):
                 return False  # carried before: the recipient repeated it
-            store.queue_receipt(sender, event.doc_id, kind, event.receipt)
+            waiting = store.carried_waiting(sender)
+            if waiting >= relay.MAX_CARRIED:
+                raise StoreError(f"{self.node.config.unit} holds {waiting} receipts for "
+                                 f"{sender} already; give this one again later", code="busy")
+            store.queue_receipt(sender, event.doc_id, carried, event.receipt)
             store.audit.append(action="receipt-relay-taken", obj=event.doc_id,
                                details={"from": peer.unit, "to": sender, "kind": kind})
         return True

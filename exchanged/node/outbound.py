@@ -29,7 +29,7 @@ from exchanged import receipts
 from exchanged.common import stamp_precise
 from exchanged.errors import ExchangedError
 from exchanged.node.base import CHUNK, DISK_SLICE, Admission, Node, describe
-from exchanged.node.relay import Relays
+from exchanged.node.relay import CARRIED_PREFIX, Relays
 from exchanged.pki import verify
 from exchanged.store.audit import mirror_line
 from exchanged.store.db import StoreError
@@ -335,7 +335,10 @@ class Outbound:
                 await node.audit("peer-refused", unit, outcome="refused",
                                  details={"code": e.code, "error": str(e)})
             self._note(unit, err)
-            self._direct_failed(unit)
+            if isinstance(e, PeerRefused):  # not a path that failed: nothing to relay around
+                self.relays.direct_worked(unit)
+            else:
+                self._direct_failed(unit)
             for item in items:
                 await node.db(node.store.schedule_retry, item.doc_id, err, time.time())
             for row in jobs.relayed:
@@ -349,6 +352,7 @@ class Outbound:
         tls, conn = link.tls, link.conn
         self.relays.direct_worked(unit)
         untried = list(items)
+        relay_untried: Jobs | None = None  # marked sending, not yet in _relay_jobs' hands
         keep = False
         try:
             if link.adm.limited is not None:  # our CRL is stale: did the peer mend it?
@@ -366,6 +370,7 @@ class Outbound:
             if jobs.documents():  # all of this link's share at once: one commit, not one each
                 taken = await node.commit(self._mark_sending, jobs)
                 jobs.handed = [i for i in jobs.handed if i.doc_id not in taken]
+                relay_untried = jobs
             for item in items:
                 untried.remove(item)  # from here on _send_one records what happens to it
                 await self._send_one(tls, conn, item, peer)
@@ -375,6 +380,7 @@ class Outbound:
                 await node.db(node.store.schedule_retry, item.doc_id, f"{unit} closed the "
                               "connection before this document's turn", time.time())
             untried = []
+            relay_untried = None
             await self._relay_jobs(tls, conn, jobs, peer)
             if checkpoints and conn.state is proto.State.IDLE:  # after the documents
                 self.witness_retry = trio.current_time() + WITNESS_RETRY_SECONDS
@@ -392,6 +398,9 @@ class Outbound:
             for item in untried:  # the session broke before their turn (e.g. at the ping)
                 await node.db(node.store.schedule_retry, item.doc_id,
                               f"delivery to {unit} interrupted: {describe(e)}", time.time())
+            if relay_untried is not None:
+                await self._put_back(relay_untried.handed, relay_untried.relayed, peer,
+                                     f"delivery to {unit} interrupted: {describe(e)}")
             await trio.sleep(1)  # never a tight reconnect loop; items have their own backoff
         finally:
             if keep and unit in node.config.peers:
@@ -498,7 +507,6 @@ class Outbound:
         """After our own documents: ours for units cut off, handed to `peer` as our relay,
         and documents we relay, passed on to `peer` as their recipient. Each marked sending
         and not tried (the link broke) goes back to its queue."""
-        node = self.node
         handed, relayed = list(jobs.handed), list(jobs.relayed)
         try:
             while handed and conn.state is proto.State.IDLE:
@@ -506,13 +514,20 @@ class Outbound:
             while relayed and conn.state is proto.State.IDLE:
                 await self._pass_on(tls, conn, relayed.pop(0), peer)
         finally:
-            with trio.CancelScope(shield=True):
-                for item in handed:
-                    await node.db(node.store.release, item.doc_id,
-                                  f"relay {peer.unit} closed the connection before its turn")
-                for row in relayed:
-                    await node.db(node.store.relay_retry, row["id"], f"{peer.unit} closed the "
-                                  "connection before this document's turn", time.time())
+            await self._put_back(handed, relayed, peer,
+                                 f"{peer.unit} closed the connection before its turn")
+
+    async def _put_back(self, handed: list[OutItem], relayed: list[dict[str, Any]],
+                        peer: Peer, why: str) -> None:
+        """Documents marked sending for a relay job that were not tried: back to their
+        queues (ours offered to this relay again only after a while: no tight loop)."""
+        node = self.node
+        with trio.CancelScope(shield=True):
+            for item in handed:
+                self.relays.note_refused(peer.unit, item.doc_id)
+                await node.db(node.store.release, item.doc_id, why)
+            for row in relayed:
+                await node.db(node.store.relay_retry, row["id"], why, time.time())
 
     async def _hand_one(self, tls: trio.SSLStream[Any], conn: proto.ClientConnection,
                         item: OutItem, peer: Peer) -> None:
@@ -620,8 +635,8 @@ class Outbound:
             if isinstance(answer, proto.Acknowledge):
                 assert answer.receipt is not None
                 store.relay_delivered(row["id"], answer.receipt)
-                store.queue_receipt(row["sender"], row["doc_id"], receipts.DELIVERY,
-                                    answer.receipt)
+                store.queue_receipt(row["sender"], row["doc_id"],
+                                    CARRIED_PREFIX + receipts.DELIVERY, answer.receipt)
                 store.audit.append(action="document-relay-delivered", obj=row["doc_id"],
                                    details={"sender": row["sender"], "recipient": unit,
                                             "status": answer.status})
@@ -686,6 +701,15 @@ class Outbound:
         node = self.node
         await node.send(tls, conn.send(proto.DeliverReceipt(r["doc_id"], r["receipt"])))
         answer = await self._response(tls, conn)
+        if str(r["kind"]).startswith(CARRIED_PREFIX) and isinstance(answer, proto.Reject) \
+                and answer.code not in TRANSIENT:  # carried, not ours: refused for good
+            log.warning("%s refused the receipt for %s we carried: %s", r["sender"],
+                        r["doc_id"], answer.message)
+            await node.db(node.store.drop_receipt, r["id"], f"{answer.code}: {answer.message}")
+            await node.audit("receipt-relay-refused", r["doc_id"], outcome="refused",
+                             details={"to": r["sender"], "code": answer.code,
+                                      "error": answer.message})
+            return
         await node.db(node.store.mark_receipt_returned, r["id"],
                       isinstance(answer, proto.ReceiptAccepted),
                       error=getattr(answer, "message", None) or "refused")

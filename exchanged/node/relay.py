@@ -32,7 +32,8 @@ T's people: a relay can only carry them, or fail to.
 
 The direct path "has failed" from the first failed connection after a success, as this node
 last saw it (`Relays.direct_failed`); a restart forgets it, so relaying resumes ``after``
-seconds after the first failure seen after the restart.
+seconds after the first failure seen after the restart. A peer *refused* (revoked, not the
+configured node) is not a failed path: its documents are not relayed around the refusal.
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ log = logging.getLogger("exchanged")
 
 MAX_RELAY_HOPS = 1  # relays one document passes through (the metadata header is 8 KiB)
 REFUSED_RETRY_SECONDS = 60.0  # a relay refused a document: not offered to it again for this long
-# Receipts a relay carries back: the recipient node's and the recipient unit's people's.
+# Receipts a relay carries back: the recipient node's and the recipient unit's people's. In
+# the relay's receipts_out their kind has CARRIED_PREFIX (they are not the relay's own); at
+# most MAX_CARRIED wait for one sender, and one the sender refuses for good is dropped.
 CARRIED_KINDS = (receipts.DELIVERY, receipts.SIGNED_FOR, receipts.RETURN)
+CARRIED_PREFIX = "relayed-"
+MAX_CARRIED = 10_000
 
 
 class RelayError(ExchangedError):
@@ -159,6 +164,14 @@ class Relays:
             raise RelayError(f"{config.unit} passes relayed documents on to their recipient "
                              "only, never to another relay (hop limit)")
 
+    def may_bring(self, peer: Peer) -> None:
+        """Before a byte of body: do we take relayed documents from `peer`?"""
+        through = self.node.config.relay.through
+        if peer.unit not in through:
+            raise RelayError(f"{self.node.config.unit} takes relayed documents from "
+                             f"{', '.join(through) or 'no one'}, not from {peer.unit} "
+                             "(relay.through)", code="unknown-sender")
+
     def check_taken(self, peer: Peer, leaf: x509.Certificate, doc: str, to: str,
                     received: pkg.Checked) -> None:
         """A package handed to us to relay: for `to`, from the node that hands it over."""
@@ -180,10 +193,7 @@ class Relays:
         """A relayed document's hop records, from its sender to `peer` (a neighbour we take
         relayed documents from), each signed by the node of the unit it names."""
         node = self.node
-        if peer.unit not in node.config.relay.through:
-            raise RelayError(f"{node.config.unit} takes relayed documents from "
-                             f"{', '.join(node.config.relay.through) or 'no one'}, not from "
-                             f"{peer.unit} (relay.through)", code="unknown-sender")
+        self.may_bring(peer)  # checked before the body too; the configuration may have changed
         if not path:
             raise RelayError("a relayed document comes with its hop records", code="bad-form")
         before = meta.sender

@@ -811,6 +811,19 @@ class NodeStore:
                     f"WHERE returned_at IS NULL {where}AND next_at <= ? "
                     "ORDER BY next_at, id LIMIT ?", [*params, now, limit])
 
+    def carried_waiting(self, sender: str) -> int:
+        """Receipts a relay carries that `sender` has not taken yet."""
+        return int(self.db.execute("SELECT COUNT(*) FROM receipts_out WHERE sender = ? AND "
+                                   "returned_at IS NULL AND kind LIKE 'relayed-%'",
+                                   [sender]).fetchone()[0])
+
+    def drop_receipt(self, receipt_id: int, error: str, now: float | None = None) -> None:
+        """A carried receipt its sender refused for good: not tried again (error kept)."""
+        with self._change():
+            self.db.execute("UPDATE receipts_out SET returned_at = ?, error = ? WHERE id = ? "
+                            "AND returned_at IS NULL",
+                            [time.time() if now is None else now, error, receipt_id])
+
     def receipts_for(self, doc_id: str, *, with_receipts: bool = False) -> list[dict[str, Any]]:
         """Everything queued back to the sender of `doc_id`, and whether it was taken (and,
         `with_receipts`, what)."""
