@@ -186,6 +186,7 @@ class Province(Demo):
         self.relay_units: list[str] = []  # A, B (the relay), C
         self.files: list[tuple[Path, Path, int]] = []
         self.nursery: trio.Nursery | None = None
+        self.rss_peak_mib = 0.0  # the daemons' resident memory in all, highest sample
         self.faults = set(FAULTS) if args.faults == "all" else \
             set() if args.faults == "none" else set(args.faults.split(","))
         if args.break_ == "ack-without-store":
@@ -447,6 +448,18 @@ class Province(Demo):
                 depths[unit] = -1
         return depths
 
+    def rss_mib(self) -> float:
+        """The daemons' resident memory now, in all (MiB)."""
+        total = 0
+        for u in self.units.values():
+            if u.proc is None:
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                status = Path(f"/proc/{u.proc.pid}/status").read_text()
+                total += int(next(ln for ln in status.splitlines()
+                                  if ln.startswith("VmRSS:")).split()[1])
+        return round(total / 1024, 1)
+
     def pending(self) -> int:
         """Documents still to go that can go: not from or to the revoked node."""
         n = 0
@@ -623,6 +636,7 @@ async def sampler(sim: Province) -> None:
     while True:
         depths = await trio.to_thread.run_sync(sim.queue_depths)
         sim.samples.append((round(time.time() - sim.t0, 1), depths))
+        sim.rss_peak_mib = max(sim.rss_peak_mib, await trio.to_thread.run_sync(sim.rss_mib))
         await trio.sleep(sim.args.sample)
 
 
@@ -1108,6 +1122,8 @@ def table(res: dict[str, Any]) -> str:
         *((f"  {u} (n={v['n']})", f"{v['p50_s']} / {v['p99_s']} s")
           for u, v in res["latency_by_urgency"].items()),
         ("faults injected", len(res["faults"])),
+        ("daemons' resident memory, in all, at most", f"{res['daemons_rss_peak_mib']} MiB"),
+        ("wall time", f"{res['wall_s']} s"),
     ]
     width = max(len(str(k)) for k, v in rows if v is not None) + 2
     lines = [f"{str(k):<{width}}{v}" if v is not None else k for k, v in rows]
@@ -1242,6 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
     res["revocation_bound_s"] = a.revocation_bound
     res["faults"] = [e.__dict__ for e in sim.events]
     res["notes"] = sim.notes
+    res["daemons_rss_peak_mib"] = sim.rss_peak_mib
     res["workdir"] = str(work)
     res["wall_s"] = round(time.time() - started, 1)
     res["broken_on_purpose"] = a.break_
