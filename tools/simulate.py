@@ -455,9 +455,9 @@ class Province(Demo):
             if u.proc is None:
                 continue
             with contextlib.suppress(OSError, ValueError, IndexError):
-                status = Path(f"/proc/{u.proc.pid}/status").read_text()
-                total += int(next(ln for ln in status.splitlines()
-                                  if ln.startswith("VmRSS:")).split()[1])
+                for line in Path(f"/proc/{u.proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):  # a zombie (killed, not reaped) has none
+                        total += int(line.split()[1])
         return round(total / 1024, 1)
 
     def pending(self) -> int:
