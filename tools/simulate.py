@@ -936,10 +936,10 @@ def judge(sim: Province) -> dict[str, Any]:
                             f"{row['reject_message'] or row['last_error'] or ''}")] += 1
         else:  # queued, sending
             counts["queued"] += 1
+            who = "from the revoked node: " if s.sender == sim.revoked else ""
             if stored:
-                queued["stored at the recipient, its receipt not back yet"] += 1
+                queued[who + "stored at the recipient, its receipt not back yet"] += 1
             else:
-                who = "from the revoked node: " if s.sender == sim.revoked else ""
                 queued[who + _reason(row["last_error"] or "not tried yet")] += 1
     res["relay_intended"] = sum(1 for s in sent if s.relay)
     res["delivered_after_failures_reasons"] = dict(retried.most_common())
