@@ -66,8 +66,8 @@ def test_a_short_province_holds_every_invariant(tmp_path: Path) -> None:
     assert {"partition", "heal", "flap", "reset", "sigkill", "restarted", "revoked",
             "token-out", "token-in"} <= kinds, kinds
     assert "disk-full" in kinds or any("disk fault left out" in n for n in res["notes"])
-    # the traffic met the faults: a sender refused while its token was out or its daemon down
-    assert res["send_refused"] >= 1 or res["queued"] >= 1, res
+    # the traffic met the faults, and came through: documents delivered after failed attempts
+    assert res["delivered_after_failures"] >= 1, res
     # the relay: documents between two units whose direct link was cut went through their
     # common neighbour, and arrived with hop records and the sender's signature that verify
     assert res["relay_intended"] >= 3 and res["handed_to_relay"] >= 1, res
