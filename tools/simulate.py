@@ -11,7 +11,9 @@ faults are injected and logged with their times: partitions (refused, or silentl
 flapping links, connections reset mid-transfer, daemons SIGKILLed and restarted, one node's
 certificate revoked (CA revoke, a new CRL on the CA's publication point, which nodes fetch and
 gossip), one node's token pulled out and put back (`p11-kit server` in front of SoftHSM), one
-node's disk nearly full (a small tmpfs as its data directory, filled).
+node's disk nearly full (a small tmpfs as its data directory, filled), and the direct link
+between two units cut, so that their documents go through the neighbour they both relay
+through (`[relay]`).
 
 Then the faults end, queues drain (bounded), everything is stopped, and the outcome is judged
 from the nodes' own stores, read after their daemons stopped: every document sent is delivered
@@ -1194,15 +1196,18 @@ def _latencies(sim: Province, res: dict[str, Any], urgency: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--units", type=int, default=30)
+    ap.add_argument("--units", type=int, default=30, help="units, each with its daemon "
+                    "(default 30)")
     ap.add_argument("--seconds", type=float, default=300, help="traffic period (default 300)")
     ap.add_argument("--drain", type=float, default=180,
                     help="at most this long for queues to empty after the traffic")
     ap.add_argument("--rate", type=float, default=1.0, help="documents per second (mean)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--workdir", type=Path)
-    ap.add_argument("--png", type=Path)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seed", type=int, default=1, help="topology, traffic and faults follow "
+                    "from it (default 1)")
+    ap.add_argument("--workdir", type=Path, help="an empty or new directory for everything "
+                    "(default: a new one under $TMPDIR); kept after the run")
+    ap.add_argument("--png", type=Path, help="where to draw (default WORKDIR/simulate.png)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object, no table")
     ap.add_argument("--faults", default="all",
                     help=f"all, none, or a comma-separated list of {','.join(FAULTS)}")
     ap.add_argument("--relay-after", type=float, default=15,
