@@ -342,18 +342,19 @@ class SoftSigner:
         return data, cms
 
 
-def genuine(net: RelayNet, to: str) -> tuple[str, bytes]:
-    """A package finance's node signed (on its token) for `to`, delivered: (doc id, bytes)."""
-    doc = net.send("finance", to, f"genuine, for {to}")
-    net.wait("delivered", lambda: net.outbox("finance", doc)["state"] == "delivered")
-    sha = net.outbox("finance", doc)["package_sha256"]
-    return doc, (net.d.work / "finance" / "data" / "blobs" / sha[:2] / sha).read_bytes()
+def genuine(net: RelayNet, to: str, sender: str = "finance") -> tuple[str, bytes]:
+    """A package `sender`'s node signed (on its token) for `to`, delivered: (doc id, bytes)."""
+    doc = net.send(sender, to, f"genuine, for {to}")
+    net.wait("delivered", lambda: net.outbox(sender, doc)["state"] == "delivered")
+    sha = net.outbox(sender, doc)["package_sha256"]
+    return doc, (net.d.work / sender / "data" / "blobs" / sha[:2] / sha).read_bytes()
 
 
-def hop(net: RelayNet, doc: str, body: bytes, *, relay: str = "district", **changes: str) -> str:
+def hop(net: RelayNet, doc: str, body: bytes, *, relay: str = "district",
+        sender: str = "finance", **changes: str) -> str:
     import hashlib
-    fields = {"doc_id": doc, "sha256": hashlib.sha256(body).hexdigest(), "sender": "finance",
-              "recipient": "office", "from_unit": "finance", "relay_unit": relay, **changes}
+    fields = {"doc_id": doc, "sha256": hashlib.sha256(body).hexdigest(), "sender": sender,
+              "recipient": "office", "from_unit": sender, "relay_unit": relay, **changes}
     return base64.b64encode(receipts.relay_hop(SoftSigner(net, relay),  # type: ignore[arg-type]
                                                **fields)).decode()
 
@@ -477,6 +478,31 @@ def test_relay_settings_are_read() -> None:
     assert (c.relay.through, c.relay.serves, c.relay.after) == (("district",), ("office",), 30)
     assert Config.from_dict(BASE, base=Path("/etc/exchanged")).relay.serves == ()
 
+
+
+def test_a_relay_is_known_by_the_peer_table_not_by_its_common_name(net: RelayNet) -> None:
+    """Regression: the recipient took a hop record's signer for the unit its CN names, so a
+    relay whose node certificate is not named after its unit (finance's is node-finance) was
+    refused. Office, told to take relayed documents from finance too, takes district's
+    document relayed by finance (here a repeat: acknowledged, stored once)."""
+    import signal
+    import time
+    cfg = net.cfg("office")
+    original = cfg.read_text()
+    doc, body = genuine(net, "office", sender="district")
+    cfg.write_text(original.replace('through = ["district"]', 'through = ["district", '
+                                                               '"finance"]'))
+    net.d.daemons["office"].send_signal(signal.SIGHUP)
+    try:
+        time.sleep(1)
+        answer = submit_raw(net, "office", body, as_="finance", doc_id=doc, metadata={
+            "relay": {"to": "office", "path": [hop(net, doc, body, relay="finance",
+                                                   sender="district")]}})
+        assert isinstance(answer, proto.Acknowledge) and answer.status == "duplicate", answer
+    finally:
+        cfg.write_text(original)
+        net.d.daemons["office"].send_signal(signal.SIGHUP)
+    assert len(net.rows("office", "SELECT 1 FROM inbox WHERE doc_id = ?", (doc,))) == 1
 
 
 def test_a_refused_peer_is_not_relayed_around(net: RelayNet) -> None:

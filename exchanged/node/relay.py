@@ -18,8 +18,9 @@ Three nodes take part; each side approves (A13), in ``[relay]`` of its configura
   receipt goes back to S as a receipt R carries (``POST /v1/receipts/{id}``), as do T's
   signed-for receipts and return notices when T cannot reach S itself.
 - the **recipient** T takes relayed documents only from neighbours in its ``through``. It checks
-  every hop record (signed by the node of the unit it names, a certificate of our CA good per
-  our CRLs; one hop following the other from S to the neighbour talking to us) and the package
+  every hop record (signed by the node of the unit it names, as the peer table knows that
+  neighbour -- its name and organisation, good per our CRLs; one hop following the other from
+  S to the neighbour talking to us) and the package
   against S's node certificate (S a configured peer, as for a direct delivery); it stores the
   document as S's (so a copy that comes directly as well is the same document: acknowledged
   again, stored once) with the path as evidence, and signs its delivery receipt to S.
@@ -50,8 +51,8 @@ from cryptography import x509
 from exchanged import package as pkg
 from exchanged import receipts
 from exchanged.errors import ExchangedError
-from exchanged.pki import verify
 from exchanged.receipts import ReceiptError
+from exchanged.transport.peers import PeerRefused
 
 if TYPE_CHECKING:
     from exchanged.node.base import Node
@@ -191,7 +192,9 @@ class Relays:
     def check_path(self, peer: Peer, doc: str, sha: str, path: list[str],
                    meta: pkg.Metadata) -> None:
         """A relayed document's hop records, from its sender to `peer` (a neighbour we take
-        relayed documents from), each signed by the node of the unit it names."""
+        relayed documents from), each signed by the node of the unit it names (known by the
+        peer table, not by its certificate's CN: a node certificate need not be named after
+        its unit)."""
         node = self.node
         self.may_bring(peer)  # checked before the body too; the configuration may have changed
         if not path:
@@ -211,13 +214,14 @@ class Relays:
                 receipts.check_relay_hop(payload, doc_id=doc, sha256=sha, sender=meta.sender,
                                          recipient=node.config.unit, from_unit=before,
                                          relay_unit=hop)
-                verify.validate(signer, trusted=node.trusted, crls=node.peers.crls,
-                                purpose="node")
-            except (ReceiptError, verify.ValidationError) as e:
+                # The relay is a neighbour of ours (the hop limit: one, the node talking to
+                # us), and the record is signed by its node, good now (A13's identity check).
+                node.peers.check([signer], expect=hop)
+            except ReceiptError as e:
                 raise RelayError(f"hop record {n + 1}: {e}", code="bad-form") from None
-            if pkg.signer_unit(signer) != hop:
-                raise RelayError(f"hop record {n + 1} names {hop} but is signed by "
-                                 f"{signer.subject.rfc4514_string()}", code="bad-form")
+            except PeerRefused as e:
+                raise RelayError(f"hop record {n + 1} names {hop} but is not signed by its "
+                                 f"good node: {e}", code="bad-form") from None
             before = hop
         if before != peer.unit:
             raise RelayError(f"the last hop record is {before}'s, not {peer.unit}'s",
