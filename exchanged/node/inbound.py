@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import ssl
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -440,17 +440,11 @@ class Inbound:
         receipt = await node.tok(receipts.delivery, node.signer, doc_id=doc, sha256=sha,
                                  sender=sender, recipient=node.config.unit,
                                  received_at=received_at)
-        try:
-            new = await node.commit(self._store_received, doc, peer, sender, meta, sha,
-                                    receipt, box, [str(c) for c in custody or ()],
-                                    received.signer.fingerprint(hashes.SHA256()).hex(),
-                                    path or [])
-        except StoreError as e:  # id-conflict is final; the store failing is not their fault
-            return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
-                                      else "busy", str(e))
-        except (OSError, sqlite3.Error) as e:
-            return await self._refuse(peer, doc, "busy", f"the receiving node could not record "
-                                      f"the document ({e}); send it again later")
+        new = await self._record(peer, doc, self._store_received, doc, peer, sender, meta, sha,
+                                 receipt, box, [str(c) for c in custody or ()],
+                                 received.signer.fingerprint(hashes.SHA256()).hex(), path or [])
+        if isinstance(new, proto.Reject):
+            return new
         if new:
             log.info("received %s from %s%s: %r (%s)", doc, sender,
                      f" through relay {peer.unit}" if path else "", meta.title, meta.urgency)
@@ -458,6 +452,19 @@ class Inbound:
             node.alert("document", every_time=True, doc_id=meta.doc_id, title=meta.title,
                        sender=meta.sender, urgency=meta.urgency)
         return proto.Acknowledge(doc, "stored" if new else "duplicate", receipt)
+
+    async def _record(self, peer: Peer, doc: str, fn: Callable[..., bool], *args: Any
+                      ) -> bool | proto.Reject:
+        """`fn(*args)` in a group commit (True: new); the refusal sent back if the store
+        cannot take it (an id-conflict is final; the store failing is not the peer's fault)."""
+        try:
+            return await self.node.commit(fn, *args)
+        except StoreError as e:
+            return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
+                                      else "busy", str(e))
+        except (OSError, sqlite3.Error) as e:
+            return await self._refuse(peer, doc, "busy", f"{self.node.config.unit} could not "
+                                      f"record the document ({e}); send it again later")
 
     async def _check_package(self, peer: Peer, doc: str, sha: str, recipient: str
                              ) -> pkg.Checked | proto.Reject:
@@ -516,14 +523,9 @@ class Inbound:
             hop = await node.tok(receipts.relay_hop, node.signer, doc_id=doc, sha256=sha,
                                  sender=peer.unit, recipient=to, from_unit=peer.unit,
                                  relay_unit=node.config.unit)
-        try:
-            new = await node.commit(self._store_relayed, doc, peer, to, meta, sha, hop)
-        except StoreError as e:
-            return await self._refuse(peer, doc, e.code if e.code in proto.REASON_CODES
-                                      else "busy", str(e))
-        except (OSError, sqlite3.Error) as e:
-            return await self._refuse(peer, doc, "busy", f"the relay could not record the "
-                                      f"document ({e}); send it again later")
+        new = await self._record(peer, doc, self._store_relayed, doc, peer, to, meta, sha, hop)
+        if isinstance(new, proto.Reject):
+            return new
         if new:
             log.info("relaying %s from %s to %s: %r (%s)", doc, peer.unit, to, meta.title,
                      meta.urgency)
