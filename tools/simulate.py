@@ -102,6 +102,9 @@ class Unit:
     relay_through: list[str] = field(default_factory=list)
     relay_for: list[str] = field(default_factory=list)
     start_retries: int = 0
+    # held from a SIGKILL until the daemon is up again: a second kill of the same unit waits,
+    # or it would kill the restarting daemon and the first restart would find it gone
+    restarting: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def token(self) -> str:
@@ -765,10 +768,11 @@ async def resets(sim: Province, lk: Link, after: int, dur: float) -> None:
 
 
 async def kill(sim: Province, u: Unit, down: float) -> None:
-    sim.kill(u)
-    sim.note("sigkill", u.id)
-    await trio.sleep(down)
-    await restart(sim, u)
+    async with u.restarting:
+        sim.kill(u)
+        sim.note("sigkill", u.id)
+        await trio.sleep(down)
+        await restart(sim, u)
 
 
 async def token(sim: Province, u: Unit, dur: float) -> None:
