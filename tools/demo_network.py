@@ -29,10 +29,32 @@ ROOT = Path(__file__).resolve().parent.parent
 EXCHANGED = [sys.executable, "-m", "exchanged"]
 
 
+# Ports for the daemons to come are taken below the kernel's ephemeral range (32768 and up
+# unless changed): a port the kernel hands out for "any free port" may be taken by an outgoing
+# connection between the moment it is picked and the daemon's bind. Each pytest-xdist worker
+# walks a slice of its own, so two workers (or two calls in one) never pick the same port.
+PORTS = range(20000, 32000)
+_walked = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on now, for a daemon about to be configured."""
+    global _walked
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    size = len(PORTS) // workers
+    first = PORTS.start + (worker % workers) * size
+    offset = os.getpid() * 7919  # runs side by side (two checkouts) start apart
+    for _ in range(size):
+        port = first + (offset + _walked) % size
+        _walked += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT without SO_REUSEADDR): the next one
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in {first}..{first + size - 1}")
 
 
 class Demo:
