@@ -435,6 +435,36 @@ def test_metrics_and_json_logs(ops: Ops) -> None:
     assert any("listening on" in line["message"] for line in lines)
 
 
+def test_a_new_connection_resumes_the_tls_session(ops: Ops) -> None:
+    """Connections to a peer are kept between rounds and closed after idle_timeout; the next
+    one resumes the TLS session of an earlier one (a TLS 1.3 ticket): no certificate is sent
+    and neither token signs. finance's status counts its handshakes to office."""
+    d = ops.d
+
+    def handshakes() -> dict[str, int]:
+        peer = next(p for p in ops.status("finance")[1]["peers"] if p["unit"] == "office")
+        return {"full": 0, "resumed": 0, **peer["tls_handshakes"]}
+
+    def closed() -> bool:
+        return next(p["connections"] for p in ops.status("finance")[1]["peers"]
+                    if p["unit"] == "office") == 0
+
+    ops.edit("finance", "read_timeout = 10", "read_timeout = 10\nidle_timeout = 1")
+    d.x("reload", "--config", ops.cfg("finance"), quiet=True)
+    try:
+        ops.delivered("finance", ops.send("finance", "office", "a session to resume"))
+        before = handshakes()
+        for i in range(3):
+            d.wait_for("finance to close its idle connection to office", closed, timeout=30)
+            ops.delivered("finance", ops.send("finance", "office", f"on a resumed session {i}"))
+        after = handshakes()
+        assert after["resumed"] - before["resumed"] >= 3, (before, after)
+        assert after["full"] == before["full"], (before, after)
+    finally:
+        ops.edit("finance", "read_timeout = 10\nidle_timeout = 1", "read_timeout = 10")
+        d.x("reload", "--config", ops.cfg("finance"), quiet=True)
+
+
 def test_a_revocation_reaches_every_node_with_the_ca_down(ops: Ops) -> None:
     """Last: district's node is revoked. The CA publishes; finance fetches it on its own
     schedule; the CA's host goes down; office has the CRL from finance in their next exchange;
@@ -480,3 +510,9 @@ def test_a_revocation_reaches_every_node_with_the_ca_down(ops: Ops) -> None:
     d.wait_for("district's document to be refused", lambda: ops.outbox(
         "district", late).get("last_error"), timeout=30)
     assert d.item("finance", "inbox", late) == {}
+    # The connections opened after the revocation resumed TLS sessions made before it: no
+    # certificate crossed the wire, and each side judged the other's from the session, against
+    # the CRL held now. finance refused district as a client and as a server all the same.
+    for a, b in (("finance", "district"), ("district", "finance")):
+        shakes = next(p["tls_handshakes"] for p in ops.status(a)[1]["peers"] if p["unit"] == b)
+        assert shakes.get("resumed", 0) >= 1, (a, b, shakes)

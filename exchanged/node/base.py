@@ -8,14 +8,17 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
 import shutil
 import sqlite3
+import ssl
 import stat
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,8 @@ class Node:
         self._alerted: dict[str, float] = {}
         self.started = dt.datetime.now(dt.UTC)
         self.metrics = Metrics()
+        # peer -> {"full": n, "resumed": m}: TLS handshakes we opened to it (exchanged status)
+        self.handshakes: dict[str, Counter[str]] = {}
         self._retired: list[Token] = []  # tokens of earlier identities (closed at the end)
         self.token_present = True  # the node's token answers (see the service's token watch)
         self.token_problem: str | None = None
@@ -218,16 +223,31 @@ class Node:
                                        stamp(cert.not_valid_after_utc))
 
     async def handshake(self, stream: trio.abc.Stream, *, server: bool,
-                        expect: str | None = None) -> tuple[trio.SSLStream[Any], Peer,
-                                                            x509.Certificate, Admission]:
+                        expect: str | None = None, session: ssl.SSLSession | None = None
+                        ) -> tuple[trio.SSLStream[Any], Peer, x509.Certificate, Admission]:
         """TLS on `stream`, then who the peer is (transport.peers): (the TLS stream, the
         configured peer, its leaf certificate, the admission — `limited` says why only CRLs
-        may pass: our CRL is stale). PeerRefused if it is no peer of ours."""
+        may pass: our CRL is stale). PeerRefused if it is no peer of ours.
+
+        `session` (client side): a TLS session of an earlier connection to the same peer, to
+        resume — no certificate is sent and no token signs, on either side. The server's
+        certificate is then the one the session was made with, and it is judged as every
+        peer's is, against the CRLs and peer table in force now: a resumed session never lets
+        a revoked peer through. A session this context cannot take (made before our
+        certificate was renewed) is left out: a full handshake."""
         ctx = self.server_ctx if server else self.client_ctx
         tls = trio.SSLStream(stream, ctx, server_side=server,
                              server_hostname=None if server else "exchanged-peer")
+        if session is not None and not server:
+            with contextlib.suppress(ValueError):  # "refers to a different SSLContext"
+                tls.session = session
         with trio.fail_after(self.config.limits.handshake_timeout):
             await tls.do_handshake()
+        self.metrics.handshakes.labels(side="server" if server else "client",
+                                       resumed="yes" if tls.session_reused else "no").inc()
+        if expect is not None:  # counted before the peer is judged: a refusal counts too
+            self.handshakes.setdefault(expect, Counter())[
+                "resumed" if tls.session_reused else "full"] += 1
         chain = peer_chain_der(tls)
         generation = self.peers.generation
         peer, limited = await self._admit(chain, expect)

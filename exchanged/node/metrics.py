@@ -38,6 +38,9 @@ class Metrics:
         self.handshake_failures = Counter("exchanged_handshake_failures", "Connections refused "
                                           "before any request, by reason", ["reason"],
                                           registry=r)
+        self.handshakes = Counter("exchanged_tls_handshakes", "TLS handshakes completed, by "
+                                  "side and whether a session was resumed (no token "
+                                  "signature)", ["side", "resumed"], registry=r)
         self.crls_taken = Counter("exchanged_crls_taken", "Newer CRLs held, by where they came "
                                   "from (peer, publication point, operator)", ["source"],
                                   registry=r)

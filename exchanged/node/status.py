@@ -70,6 +70,7 @@ async def gather(node: Node, outbound: Outbound) -> dict[str, Any]:
                       "last_error": seen.get("last_error"),
                       "last_error_at": seen.get("last_error_at"),
                       "connections": outbound.open_links[unit],
+                      "tls_handshakes": dict(node.handshakes.get(unit, {})),
                       "direct_failed_since": stamp_epoch(outbound.relays.down_since.get(unit))})
         if seen.get("last_error") and (seen.get("last_error_at") or "") > \
                 (seen.get("last_success") or ""):
