@@ -552,25 +552,53 @@ class Bench:
             d.env.clear()
             d.env.update(saved)
         small_pdf, small_txt = w / "small.pdf", w / "small.txt"
-        self.timed_sends(5, small_pdf, small_txt, "spy warm-up")  # connections made and kept
-        marks = {u: (w / u / "spy.log").stat().st_size for u in units}
-        seconds = self.timed_sends(n, small_pdf, small_txt, "spy")
-        counts: dict[str, Counter[str]] = {}
-        for u in units:
-            with open(w / u / "spy.log", "rb") as f:
-                f.seek(marks[u])
-                text = f.read().decode(errors="replace")
-            counts[u] = Counter(re.findall(r"^\d+: (C_\w+)$", text, re.MULTILINE))
+
+        def calls_since(marks: dict[str, int]) -> dict[str, Counter[str]]:
+            counts: dict[str, Counter[str]] = {}
+            for u in units:
+                with open(w / u / "spy.log", "rb") as f:
+                    f.seek(marks[u])
+                    text = f.read().decode(errors="replace")
+                counts[u] = Counter(re.findall(r"^\d+: (C_\w+)$", text, re.MULTILINE))
+            return counts
+
+        def mark() -> dict[str, int]:
+            return {u: (w / u / "spy.log").stat().st_size for u in units}
+
         # One signature is C_SignInit then C_Sign (python-pkcs11 and libp11 may call C_Sign
         # twice, the first time for the length): signatures are counted by their C_SignInit.
+        def signatures(marks: dict[str, int]) -> dict[str, int]:
+            return {u: c["C_SignInit"] for u, c in calls_since(marks).items()}
+
+        first = mark()  # both daemons just started: the first connection is a full handshake
+        self.timed_sends(1, small_pdf, small_txt, "spy, first connection")
+        full = signatures(first)
+        self.timed_sends(4, small_pdf, small_txt, "spy warm-up")  # connections made and kept
+        marks = mark()
+        seconds = self.timed_sends(n, small_pdf, small_txt, "spy")
+        counts = calls_since(marks)
         sigs = {u: counts[u]["C_SignInit"] for u in units}
+        # finance's kept connections to office closed (idle_timeout 1 s): the next document
+        # goes on a new connection, which resumes the TLS session of an earlier one
+        cfg = w / "finance" / "exchanged.toml"
+        cfg.write_text(cfg.read_text().replace("[limits]\n", "[limits]\nidle_timeout = 1\n"))
+        d.x("reload", "--config", str(cfg), quiet=True)
+        deadline = time.monotonic() + 30
+        while self.status("finance")["peers"][0]["connections"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        again = mark()
+        self.timed_sends(1, small_pdf, small_txt, "spy, a new connection")
+        resumed = signatures(again)
+        shakes = self.status("finance")["peers"][0].get("tls_handshakes", {})
         per_doc = sum(sigs.values()) / n
         busiest = max(sigs.values()) / n
         card = 1 / (CARD_SIGNATURE_SECONDS * busiest) if busiest else float("inf")
         self.figures.update(token_ops_per_doc=round(per_doc, 2),
                             token_ops_per_doc_by_node={u: round(v / n, 2) for u, v in
                                                        sigs.items()},
-                            card_200ms_docs_per_s=round(card, 2))
+                            card_200ms_docs_per_s=round(card, 2),
+                            token_ops_first_doc_full_handshake=sum(full.values()),
+                            token_ops_doc_on_resumed_connection=sum(resumed.values()))
         print(f"\nToken operations at steady state: {n} small documents on kept connections, "
               "counted by OpenSC's pkcs11-spy in front of SoftHSM")
         for u, role in (("finance", "sending"), ("office", "receiving")):
@@ -581,6 +609,11 @@ class Bench:
               f"{CARD_SIGNATURE_SECONDS * 1000:.0f} ms per signature would allow "
               f"{card:.1f} documents/s (the busier token bounds it)")
         print(f"  (with the spy logging every call: {n / seconds:.1f} documents/s)")
+        print(f"  one document on a new connection, full handshake: {sum(full.values())} "
+              f"signatures (finance {full['finance']}, office {full['office']}); on a new "
+              f"connection resuming a TLS session: {sum(resumed.values())} (finance "
+              f"{resumed['finance']}, office {resumed['office']}); finance's handshakes to "
+              f"office: {shakes}")
 
 
 def main() -> int:

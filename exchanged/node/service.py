@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from exchanged.common import parse_time, stamp
+from exchanged.common import give_back_memory, parse_time, stamp
 from exchanged.errors import ExchangedError
 from exchanged.node import control, logs, status
 from exchanged.node.base import Node
@@ -89,6 +89,7 @@ class Service:
                           f"{len(self.config.peers)} peer(s)")
                 log.info("%s", status)
                 self.notifier.ready(status)
+                give_back_memory()  # what start-up parsed and built is garbage now
                 task_status.started(self)
         finally:
             await trio.to_thread.run_sync(node.close)
@@ -194,6 +195,7 @@ class Service:
             try:
                 if await trio.to_thread.run_sync(node.peers.reload):
                     log.info("CRLs changed on disk: reloaded")
+                    give_back_memory()
                     await node.audit("crl-reload", self.config.unit)
             except ExchangedError as e:
                 log.error("CRL reload failed, the previous CRLs stay in force: %s", e)
@@ -252,6 +254,7 @@ class Service:
         stale is looked at now."""
         self.outbound.crl_changed()
         self.crl_wake.set()
+        give_back_memory()  # the previous CRLs' entries (a large CRL: tens of MiB)
 
     async def _crl_refresh(self) -> None:
         """Fetch the CRL from the CA's publication point every crl_refresh seconds (every

@@ -21,10 +21,10 @@ What the caller must know:
 * **Signatures block the event loop.** OpenSSL signs inside `do_handshake()`, which trio calls
   on the trio thread: SoftHSM takes well under a millisecond, a real smart card 100-500 ms.
   Keep connections to peers open and resume sessions so that the card signs rarely. A resumed
-  TLS 1.3 session (PSK) makes no signature. trio.SSLStream takes no `session=`; set
-  `stream._ssl_object.session = earlier_stream.session` before `do_handshake()` (measured:
-  `session_reused` is then True). A resumed session keeps the original peer certificate:
-  check its CRL status again on every connection.
+  TLS 1.3 session (PSK) makes no signature. trio.SSLStream takes no `session=` but forwards
+  the attribute: set `stream.session = earlier_stream.session` before `do_handshake()`
+  (`node.base.Node.handshake` does; `session_reused` is then True). A resumed session keeps
+  the original peer certificate: check its CRL status again on every connection.
 * **One engine per process.** libp11's engine ("pkcs11") is process-wide: one PKCS#11 module
   for all TLS keys of a process, fixed at the first `make_context()`, and never finished.
 * **The PIN** is verified when the engine first logs in to a token; later contexts for the
