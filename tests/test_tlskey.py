@@ -31,7 +31,12 @@ from exchanged.pki.pin import PinSource
 from exchanged.pki.token import Token
 from exchanged.pki.uri import parse
 from exchanged.transport import tlskey
-from exchanged.transport.tlskey import make_context, openssl_cli_engine, peer_certificate_chain
+from exchanged.transport.tlskey import (
+    SESSION_SECONDS,
+    make_context,
+    openssl_cli_engine,
+    peer_certificate_chain,
+)
 
 TIMEOUT = 10
 
@@ -190,6 +195,33 @@ async def test_mutual_tls_with_token_keys(pki: Pki) -> None:
     info = pki.server.exchanged_token_key  # type: ignore[attr-defined]
     assert info.key_uri == pki.node_uri and info.certificate == pki.node_cert and info.isolated
     assert "pin" not in info.key_uri
+
+
+async def test_a_session_resumes_within_its_lifetime(pki: Pki) -> None:
+    """The server's ticket is good for SESSION_SECONDS (OpenSSL's default was 7200 s); a
+    second connection given the first one's session resumes it, and the server still knows
+    the client's certificate (from the session). (That a resumed handshake signs nothing on
+    either token is counted by tools/bench-exchange through pkcs11-spy.)"""
+    with trio.fail_after(TIMEOUT):
+        async with serve(pki.server) as (port, seen):
+            first = await connect(pki.client, port)
+            await first.send_all(b"one")
+            assert await first.receive_some(100) == b"one"  # the ticket came before it
+            session = first.session
+            await first.aclose()
+            assert session is not None and session.has_ticket
+            assert session.ticket_lifetime_hint == SESSION_SECONDS
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            second = trio.SSLStream(tcp, pki.client, server_hostname=None)
+            second.session = session
+            await second.do_handshake()
+            assert second.session_reused
+            assert peer_certificate_chain(second)[0] == pki.node_cert
+            await second.send_all(b"two")
+            assert await second.receive_some(100) == b"two"
+            await second.aclose()
+    assert [s.error for s in seen] == [None, None]
+    assert seen[1].peer[0] == pki.other_cert
 
 
 async def test_key_stays_non_extractable_while_handshakes_succeed(pki: Pki) -> None:

@@ -314,8 +314,8 @@ class Outbound:
             await self._drop(unit, link)
             raise
         # The server's session ticket came with its first answer: keep it for the next
-        # connection (TLS 1.3 tickets are good for the server's session timeout, 300 s with
-        # OpenSSL's default; after that, or when the server restarted, a full handshake).
+        # connection (good for tlskey.SESSION_SECONDS, 300 s; after that, or when the server
+        # restarted, a full handshake).
         if tls.session is not None and tls.session.has_ticket:
             saved = self.sessions.setdefault(unit, [])
             saved.append(((peer.host, peer.port), tls.session))

@@ -66,6 +66,11 @@ ENGINE_PATHS = (
     "/usr/lib/aarch64-linux-gnu/engines-3/pkcs11.so",
     "/usr/lib/engines-3/pkcs11.so",
 )
+# How long a TLS session this node issued (a TLS 1.3 ticket) may be resumed: a resumed session
+# signs nothing, so this bounds how long a peer connects on the strength of an earlier
+# handshake rather than its card. OpenSSL's default is 7200 s. Peers are judged on every
+# connection all the same (revocation, peer table), resumed or not.
+SESSION_SECONDS = 300
 # TLS 1.2 suites: ECDHE key exchange with AEAD ciphers only (TLS 1.3 suites are all AEAD).
 TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
@@ -188,6 +193,7 @@ def _libs() -> _OpenSSL:
     _declare(s, "SSL_CTX_use_certificate", ctypes.c_int, _vp, _vp)
     _declare(s, "SSL_CTX_use_PrivateKey", ctypes.c_int, _vp, _vp)
     _declare(s, "SSL_CTX_check_private_key", ctypes.c_int, _vp)
+    _declare(s, "SSL_CTX_set_timeout", ctypes.c_long, _vp, ctypes.c_long)
     if c.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
         raise TlsKeyError(f"the libcrypto found (0x{c.OpenSSL_version_num():x}) is not the one "
                           f"Python's ssl module uses (0x{ssl.OPENSSL_VERSION_NUMBER:x})",
@@ -611,6 +617,7 @@ def make_context(*, server: bool, key_uri: str | Pkcs11Uri, pin: PinSource,
 
     lib = _libs()
     ctx = ssl_ctx_pointer(context)
+    lib.ssl.SSL_CTX_set_timeout(ctx, SESSION_SECONDS)
     pin_value = pin.read(uri.pin_source, uri_pin_value="pin-value" in uri.query)
     with _lock:
         engine = _engine(module, isolate_module)
