@@ -521,9 +521,12 @@ def secure_data_dir(path: Path) -> None:
                              f"the store; check it, then chmod 700 {path}", code="unsafe-mode")
     if st.st_mode & 0o077:
         path.chmod(0o700)
-    for name in ("node.db", "node.db-wal", "node.db-shm", "blobs"):
+    names = ["node.db", "node.db-wal", "node.db-shm", "blobs", "crls"]
+    if (path / "blobs").is_dir():  # its shards (at most 256): made by a restore, say, with cp
+        names += [f"blobs/{e.name}" for e in os.scandir(path / "blobs") if e.is_dir()]
+    for name in names:
         p = path / name
-        if p.exists() and p.stat().st_mode & 0o077:
+        if p.exists() and not p.is_symlink() and p.stat().st_mode & 0o077:
             p.chmod(0o700 if p.is_dir() else 0o600)
 
 
