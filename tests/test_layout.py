@@ -263,3 +263,33 @@ print(before - rss())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     assert int(out) > 40 * 2**20, out  # most of the 80 MB went back
+
+
+_LARGE_BUFFER = """
+import sys
+from exchanged.common import keep_large_buffers_apart
+
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+
+if sys.argv[1] == "tuned":
+    keep_large_buffers_apart()
+first = b"x" * (5 << 20)  # a CRL's size; glibc gives it pages of its own, and frees them
+del first  # ... and, left to itself, raises its threshold above 5 MB on this free
+before = rss()
+second = b"y" * (5 << 20)
+del second
+print(rss() - before)
+"""
+
+
+def test_large_buffers_go_back_to_the_system_when_freed() -> None:
+    """What the daemon sets first (keep_large_buffers_apart): without it, the second 5 MB
+    buffer came from the heap and its pages stayed with the process after it was freed."""
+    kept = {}
+    for mode in ("tuned", "default"):
+        out = subprocess.run([sys.executable, "-c", _LARGE_BUFFER, mode], capture_output=True,
+                             text=True, check=True, cwd=ROOT).stdout
+        kept[mode] = int(out)
+    assert kept["tuned"] < 1 << 20, kept  # returned
+    assert kept["default"] > 4 << 20, kept  # the control: glibc's own way keeps it

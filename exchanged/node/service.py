@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from exchanged.common import give_back_memory, parse_time, stamp
+from exchanged.common import give_back_memory, keep_large_buffers_apart, parse_time, stamp
 from exchanged.errors import ExchangedError
 from exchanged.node import control, logs, status
 from exchanged.node.base import Node
@@ -58,6 +58,7 @@ class Service:
 
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        keep_large_buffers_apart()
         self.node = node = await trio.to_thread.run_sync(Node.open, self.config)
         relays = Relays(node)
         self.inbound = Inbound(node, relays)
