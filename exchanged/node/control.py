@@ -36,11 +36,11 @@ async def serve(path: Path, handlers: Mapping[str, Handler], *,
     """Listen on `path` and answer each request line with its handler's result."""
     await trio.to_thread.run_sync(_clear, path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket is born mode 600: no window where others may connect
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old)
+    # Born owner-only: the daemon's umask is 077 (node/base.Node.open) and the directory 700.
+    # (This used to set umask 177 around the bind; the umask is the process's, and the bind
+    # awaits: any other task or thread creating a directory meanwhile made it 600, unusable.)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started(path)

@@ -63,6 +63,7 @@ def test_what_the_daemon_creates_is_its_own(healthy: Net) -> None:
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "node.db").stat().st_mode) == 0o600
     assert stat.S_IMODE((data / "blobs").stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "control.sock").stat().st_mode) == 0o600
     net.delivered(net.send("for the modes"))
     blobs = [p for p in (data / "blobs").rglob("*") if p.is_file()]
     assert blobs and all(stat.S_IMODE(p.stat().st_mode) == 0o400 for p in blobs)
