@@ -701,7 +701,7 @@ class Inbound:
                    for r in store.receipts_for(event.doc_id, with_receipts=True)
                    if r["sender"] == sender):
                 return False  # carried before: the recipient repeated it
-            waiting = store.carried_waiting(sender)
+            waiting = store.carried_waiting(sender, relay.CARRIED_PREFIX)
             if waiting >= relay.MAX_CARRIED:
                 raise StoreError(f"{self.node.config.unit} holds {waiting} receipts for "
                                  f"{sender} already; give this one again later", code="busy")

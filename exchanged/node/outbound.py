@@ -101,10 +101,10 @@ class Outbound:
         # unit -> last_success / last_error / last_error_at (exchanged status)
         self.peer_state: dict[str, dict[str, str]] = {}
         self.idle: dict[str, list[Link]] = {}  # unit -> its links kept open, none in use
-        # unit -> (address, TLS session) of its last connections: a new connection resumes
+        # (unit, host, port) -> TLS sessions of its last connections: a new connection resumes
         # one (no token signature on either side; the peer is judged all the same). Each is
         # used once (RFC 8446 C.4); the connection that used it leaves its own.
-        self.sessions: dict[str, list[tuple[tuple[str, int], ssl.SSLSession]]] = {}
+        self.sessions: dict[tuple[str, str, int], list[ssl.SSLSession]] = {}
         self.open_links: Counter[str] = Counter()  # unit -> its links open, in use or not
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -292,11 +292,8 @@ class Outbound:
                 await self._drop(unit, link)
         with trio.fail_after(node.config.limits.handshake_timeout):
             sock = await trio.open_tcp_stream(peer.host, peer.port)
-        saved = self.sessions.get(unit, [])
-        session = None
-        while saved and session is None:
-            address, kept = saved.pop()
-            session = kept if address == (peer.host, peer.port) else None
+        saved = self.sessions.setdefault((unit, peer.host, peer.port), [])
+        session = saved.pop() if saved else None
         try:
             tls, _, _, adm = await node.handshake(sock, server=False, expect=unit,
                                                   session=session)
@@ -317,8 +314,7 @@ class Outbound:
         # connection (good for tlskey.SESSION_SECONDS, 300 s; after that, or when the server
         # restarted, a full handshake).
         if tls.session is not None and tls.session.has_ticket:
-            saved = self.sessions.setdefault(unit, [])
-            saved.append(((peer.host, peer.port), tls.session))
+            saved.append(tls.session)
             del saved[:-max(1, node.config.limits.connections_per_peer)]
         return link
 

@@ -196,7 +196,6 @@ class Service:
             try:
                 if await trio.to_thread.run_sync(node.peers.reload):
                     log.info("CRLs changed on disk: reloaded")
-                    give_back_memory()
                     await node.audit("crl-reload", self.config.unit)
             except ExchangedError as e:
                 log.error("CRL reload failed, the previous CRLs stay in force: %s", e)
@@ -255,7 +254,6 @@ class Service:
         stale is looked at now."""
         self.outbound.crl_changed()
         self.crl_wake.set()
-        give_back_memory()  # the previous CRLs' entries (a large CRL: tens of MiB)
 
     async def _crl_refresh(self) -> None:
         """Fetch the CRL from the CA's publication point every crl_refresh seconds (every

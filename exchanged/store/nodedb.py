@@ -811,11 +811,12 @@ class NodeStore:
                     f"WHERE returned_at IS NULL {where}AND next_at <= ? "
                     "ORDER BY next_at, id LIMIT ?", [*params, now, limit])
 
-    def carried_waiting(self, sender: str) -> int:
-        """Receipts a relay carries that `sender` has not taken yet."""
+    def carried_waiting(self, sender: str, kind_prefix: str) -> int:
+        """Receipts a relay carries (their kind starts with `kind_prefix`) that `sender` has
+        not taken yet."""
         return int(self.db.execute("SELECT COUNT(*) FROM receipts_out WHERE sender = ? AND "
-                                   "returned_at IS NULL AND kind LIKE 'relayed-%'",
-                                   [sender]).fetchone()[0])
+                                   "returned_at IS NULL AND substr(kind, 1, ?) = ?",
+                                   [sender, len(kind_prefix), kind_prefix]).fetchone()[0])
 
     def drop_receipt(self, receipt_id: int, error: str, now: float | None = None) -> None:
         """A carried receipt its sender refused for good: not tried again (error kept)."""

@@ -29,6 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from exchanged.common import give_back_memory
 from exchanged.errors import ExchangedError
 from exchanged.pki import verify
 from exchanged.pki.names import common_name, organization
@@ -128,7 +129,7 @@ class PeerCheck:
         the caller can log it."""
         paths = self.crl_paths if crl_paths is None else list(crl_paths)
         stamps = self._file_stamps(paths)
-        changed = force or stamps != self._stamps
+        changed = swapped = force or stamps != self._stamps
         if changed:
             crls = verify.CrlSet.load(paths) if paths else verify.CrlSet()
         with self._lock:
@@ -141,6 +142,8 @@ class PeerCheck:
                 self.generation += 1  # connections open now are judged again (node/base.py)
             if changed:
                 self._cache.clear()
+        if swapped:  # the previous CRLs went with the swap: a large CRL's tens of MiB
+            give_back_memory()
         return changed
 
     def set_stale_policy(self, stale_crl: str) -> None:
