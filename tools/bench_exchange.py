@@ -41,6 +41,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -89,6 +90,19 @@ def proc_kib(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds used by this process's waited-for children (s_time, s_client)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def mib(kib: int) -> str:
@@ -218,14 +232,17 @@ class Bench:
             time.sleep(0.02)
         return p
 
-    def s_time(self, port: int, path: str) -> tuple[float, int, int]:
-        """connections/s (by wall clock around s_time), connections, bytes read per conn."""
+    def s_time(self, port: int, path: str, server_pid: int) -> tuple[float, int, int, float,
+                                                                      float]:
+        """connections/s (by wall clock around s_time), connections, bytes read per conn,
+        the server's and the client's CPU milliseconds per connection."""
         argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time",
                 str(self.a.seconds), "-www", path, "-cert", str(self.work / "client.pem"),
                 "-key", str(self.work / "client.key")]
-        t = time.perf_counter()
+        t, cpu, client_cpu = time.perf_counter(), proc_cpu(server_pid), children_cpu()
         p = subprocess.run(argv, cwd=self.work, env=self.d.env, capture_output=True, text=True)
         wall = time.perf_counter() - t
+        cpu, client_cpu = proc_cpu(server_pid) - cpu, children_cpu() - client_cpu
         m = re.search(r"(\d+) connections in \d+ real seconds, (\d+) bytes read per connection",
                       p.stdout)
         if p.returncode != 0 or not m:
@@ -235,7 +252,7 @@ class Bench:
         if per == 0:
             raise SystemExit(f"bench: the server on port {port} answered no connection "
                              "(0 bytes read per connection): the handshakes were refused")
-        return n / wall, n, per
+        return n / wall, n, per, 1000 * cpu / n, 1000 * client_cpu / n
 
     # -- 1. handshakes -----------------------------------------------------------------------
 
@@ -245,8 +262,8 @@ class Bench:
         ours, theirs = [], []
         try:
             for _ in range(self.a.rounds):  # interleaved, so a drift hits both
-                ours.append(self.s_time(self.pb, "/v1/ping"))
-                theirs.append(self.s_time(port, "/ping"))
+                ours.append(self.s_time(self.pb, "/v1/ping", self.d.daemons["office"].pid))
+                theirs.append(self.s_time(port, "/ping", srv.pid))
         finally:
             srv.stdin.close()  # type: ignore[union-attr]
             srv.terminate()
@@ -259,10 +276,15 @@ class Bench:
         print(f"  ratio exchanged/openssl {'':21} {o[0] / t[0]:8.2f}   (rounds: exchanged "
               f"{', '.join(f'{r[0]:.0f}' for r in ours)}; openssl "
               f"{', '.join(f'{r[0]:.0f}' for r in theirs)})")
+        print(f"  CPU per connection, best rounds: server {o[3]:.2f} ms exchanged, {t[3]:.2f} "
+              f"ms s_server; the client (s_time) {o[4]:.2f} / {t[4]:.2f} ms")
         self.rates[label] = (o[0], t[0])
         key = "handshake_ratio" if len(self.rates) == 1 else "handshake_ratio_big_crl"
         self.figures[key] = round(o[0] / t[0], 3)
         self.figures[key.replace("ratio", "per_s")] = round(o[0], 1)
+        if len(self.rates) == 1:
+            self.figures.update(handshake_server_cpu_ms=round(o[3], 2),
+                                handshake_s_server_cpu_ms=round(t[3], 2))
 
     def big_crl(self) -> Path:
         """Revoke N random serials in the CA database and publish the CRL to both nodes."""
@@ -339,12 +361,25 @@ class Bench:
                               f"{retried[0].get('last_error')!r})")
         return items
 
-    def timed_sends(self, n: int, pdf: Path, txt: Path, title: str) -> float:
-        """Seconds from the first submission to the last delivery (the daemon's own clock)."""
+    def timed_sends(self, n: int, pdf: Path, txt: Path, title: str
+                    ) -> tuple[float, dict[str, float]]:
+        """Seconds from the first submission to the last delivery (the daemon's own clock),
+        and each node's CPU milliseconds per document (all its threads, user + system; from
+        the first submission until all are delivered, the waiting's polls included)."""
+        pids = {u: self.d.daemons[u].pid for u in ("finance", "office")}
+        cpu = {u: proc_cpu(pid) for u, pid in pids.items()}
         t0 = time.time()
         ids = [self.send(pdf, txt, f"{title} {i}") for i in range(n)]
         items = self.wait_delivered(ids, timeout=120 + 2 * n)
-        return max(float(i["delivered_at"]) for i in items) - t0
+        cpu = {u: 1000 * (proc_cpu(pid) - cpu[u]) / n for u, pid in pids.items()}
+        return max(float(i["delivered_at"]) for i in items) - t0, cpu
+
+    def cpu_line(self, cpu: dict[str, float], what: str) -> str:
+        """Where the CPU goes, and the rate it allows on this machine's cores."""
+        cores = len(os.sched_getaffinity(0))
+        total = sum(cpu.values())
+        return (f"  CPU per {what}: finance {cpu['finance']:.1f} ms, office {cpu['office']:.1f} "
+                f"ms; both on {cores} core(s): at most {cores * 1000 / total:.0f}/s")
 
     def documents(self) -> None:
         w, a = self.work, self.a
@@ -374,9 +409,10 @@ class Bench:
             theirs.append(self.pipe(ref))
             setup.append(self.pipe(empty))
         total = a.docs * size / MiB
-        o, t, t0 = min(ours), min(theirs), min(setup)
+        (o, cpu), t, t0 = min(ours), min(theirs), min(setup)
         self.figures.update(doc_1mib_ratio=round(t / o, 3), doc_1mib_mib_s=round(total / o, 1),
-                            pipe_mib_s=round(total / t, 1))
+                            pipe_mib_s=round(total / t, 1),
+                            doc_1mib_cpu_ms={u: round(v, 2) for u, v in cpu.items()})
         print(f"\n{a.docs} documents of 1 MiB ({size:,} bytes: a PDF + a "
               f"{txt.stat().st_size}-byte text), end to end, best of {a.rounds} "
               f"(openssl: best of {len(theirs)})")
@@ -393,20 +429,25 @@ class Bench:
             print(f"  ... less s_client's start + handshake          n/a   ({t0:.3f} s with an "
                   "empty input: too close to tell; more --docs)")
             print(f"  ratio exchanged/openssl                   {t / o:8.2f} (wall)")
+        print(self.cpu_line(cpu, "document of 1 MiB"))
 
         small_pdf, small_txt = w / "small.pdf", w / "small.txt"
         write_pdf(small_pdf, 1024)
         small_txt.write_bytes(b"A short notice.\n")
         ssize = small_pdf.stat().st_size + small_txt.stat().st_size
-        rates = [a.small / self.timed_sends(a.small, small_pdf, small_txt, "small")
-                 for _ in range(a.rounds)]
+        runs = [self.timed_sends(a.small, small_pdf, small_txt, "small")
+                for _ in range(a.rounds)]
+        rates = [a.small / r[0] for r in runs]
+        small_cpu = min(runs)[1]  # the best round's
         fs, sig = self.fsync_rate(), self.sign_rate()
         self.figures.update(small_docs_per_s=round(max(rates), 1), fsync_per_s=round(fs, 1),
-                            token_signatures_per_s=round(sig, 1))
+                            token_signatures_per_s=round(sig, 1),
+                            small_doc_cpu_ms={u: round(v, 2) for u, v in small_cpu.items()})
         print(f"\n{a.small} small documents ({ssize:,} bytes each), full durability and "
               f"receipts, best of {a.rounds}")
         print(f"  exchanged, submit -> all delivered        {max(rates):8.1f} documents/s  "
               f"(rounds: {', '.join(f'{r:.1f}' for r in rates)})")
+        print(self.cpu_line(small_cpu, "document"))
         print(f"  reference: write + fsync a 1 KiB file     {fs:8.1f} /s (same filesystem)")
         print(f"  reference: ECDSA P-256 token signatures   {sig:8.1f} /s (SoftHSM, "
               "python-pkcs11)")
@@ -576,7 +617,7 @@ class Bench:
         full = signatures(first)
         self.timed_sends(4, small_pdf, small_txt, "spy warm-up")  # connections made and kept
         marks = mark()
-        seconds = self.timed_sends(n, small_pdf, small_txt, "spy")
+        seconds, _ = self.timed_sends(n, small_pdf, small_txt, "spy")
         counts = calls_since(marks)
         sigs = {u: counts[u]["C_SignInit"] for u in units}
         # finance's kept connections to office closed (idle_timeout 1 s): the next document
