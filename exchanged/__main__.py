@@ -1,7 +1,42 @@
-"""`python -m exchanged` is the `exchanged` command."""
+"""`python -m exchanged`, and the `exchanged` command (pyproject's console script).
+
+`exchanged serve`, the daemon, is started here without the rest of the command line: the code
+of every other command (exchanged.cli with the CA, archive and role commands it imports) would
+otherwise stay in the daemon's memory for its whole life, about 1 MiB resident. Anything but a
+plain `serve [--config FILE]` (help, a wrong option) and every other command go to
+exchanged.cli, which says what is wrong the usual way."""
+
+from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from exchanged.cli import main
 
-sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    config = _serve_config(args[1:]) if args[:1] == ["serve"] else None
+    if config is not None:
+        from exchanged.errors import reported
+        from exchanged.node.config import Config
+        from exchanged.node.service import run
+        return reported(lambda: run(Config.load(config)))
+    from exchanged.cli import main as cli_main
+    return cli_main(args)
+
+
+def _serve_config(args: list[str]) -> str | None:
+    """The configuration file of `exchanged serve ARGS`; None unless ARGS are just that."""
+    import argparse
+
+    from exchanged.node.config import config_option
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    config_option(parser)
+    try:
+        known, rest = parser.parse_known_args(args)
+    except argparse.ArgumentError:
+        return None
+    return None if rest else str(known.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

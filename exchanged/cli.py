@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from exchanged import __version__, archive, client, receipts
 from exchanged import ca as camod
 from exchanged.common import parse_time
-from exchanged.errors import ExchangedError
-from exchanged.node.config import Config
+from exchanged.errors import ExchangedError, reported
+from exchanged.node.config import Config, config_option
 from exchanged.pki import csr as csrmod
 from exchanged.pki import profiles
 from exchanged.pki.crl import REASONS
@@ -1303,16 +1303,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca_dir(p); _add_pin(p, "ca")  # noqa: E702
 
     # node
-    def node_cfg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", default=os.environ.get("EXCHANGED_CONFIG",
-                                                                "/etc/exchanged/exchanged.toml"),
-                       help="the node's configuration (default: $EXCHANGED_CONFIG or "
-                            "/etc/exchanged/exchanged.toml)")
-
     p = cmd(sub, "serve", cmd_serve, "run the node's exchange daemon")
-    node_cfg(p)
+    config_option(p)
     p = cmd(sub, "send", cmd_send, "send a document to another unit")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("--to", required=True, help="the recipient unit's id")
     p.add_argument("--title", required=True)
     p.add_argument("--pdf", required=True, help="the PDF scan of the sealed document")
@@ -1336,22 +1330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrects", metavar="ID", help="a returned document this one corrects")
     json_opt(p)
     p = cmd(sub, "outbox", cmd_outbox, "documents this unit sent, and their state")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("id", nargs="?", help="show one document")
     p.add_argument("--state")
     json_opt(p)
     inbox = cmd(sub, "inbox", cmd_inbox, "this unit's exchange box (or a division's)")
-    node_cfg(inbox)
+    config_option(inbox)
     inbox.add_argument("--state")
     inbox.add_argument("--division", help="a division's box: its documents and its copies")
     json_opt(inbox)
     isub = inbox.add_subparsers(dest="sub", required=False, metavar="SUBCOMMAND")
     p = cmd(isub, "show", cmd_inbox_show, "one incoming document")
-    node_cfg(p); p.add_argument("id"); json_opt(p)  # noqa: E702
+    config_option(p); p.add_argument("id"); json_opt(p)  # noqa: E702
 
     def person_act(name: str, handler: Handler, helptext: str) -> argparse.ArgumentParser:
         p = cmd(isub, name, handler, helptext)
-        node_cfg(p)
+        config_option(p)
         p.add_argument("id")
         p.add_argument("--operator", required=True, help="pkcs11: URI of your personal key")
         _add_pin(p, "operator"); json_opt(p)  # noqa: E702
@@ -1384,7 +1378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(arsub, "export", cmd_archive_export, "write the finished documents, each with its "
             "evidence (package, every signature, audit entries, certificates, CRLs), into a new "
             "directory that `audit verify` and openssl check offline")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("dir", help="a new directory (the daemon writes it)")
     p.add_argument("--since", help="received (or sent) at or after this time, ISO 8601")
     p.add_argument("--until", help="... and at or before this time")
@@ -1394,11 +1388,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(sub, "reload", cmd_reload, "what SIGHUP does, answered: read the configuration "
             "again, apply what may change while running, say what needs a restart")
-    node_cfg(p); json_opt(p)  # noqa: E702
+    config_option(p); json_opt(p)  # noqa: E702
     p = cmd(sub, "renew", cmd_renew, "renew the node certificate: a new key on the node's "
             "token and a CSR for it (the administrator), then --install the issued "
             "certificate (taken into use at once, no restart)")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("--operator", help="pkcs11: URI of your (administrator) key")
     p.add_argument("--label", help="the new key's label (default: the current one with "
                                    "-renewed-TIME)")
@@ -1410,13 +1404,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(sub, "backup", cmd_backup, "a consistent backup of the running node (database, "
             "packages, the checkpoints' copy) into a new directory, its list signed by the "
             "node (the node's administrator)")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("dir", help="a new or empty directory (the daemon writes it)")
     p.add_argument("--operator", required=True, help="pkcs11: URI of your (administrator) key")
     _add_pin(p, "operator"); json_opt(p)  # noqa: E702
     p = cmd(sub, "restore", cmd_restore, "install a backup as the node's store, the daemon "
             "stopped: its signature, every file and the audit chain are checked first")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("dir", help="the backup directory")
     p.add_argument("--force", action="store_true",
                    help="replace an existing store (it is moved aside into the data directory's "
@@ -1425,23 +1419,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(sub, "status", cmd_status, "the running node: peers, queues, CRLs, certificates, "
             "token, disk, audit head, and what needs attention (exit 1: problems, 3: not "
             "running)")
-    node_cfg(p); json_opt(p)  # noqa: E702
+    config_option(p); json_opt(p)  # noqa: E702
     crl = sub.add_parser("crl", help="the node's CRLs: fetch from the CA's publication point, "
                                      "install a file")
     crlsub = crl.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = cmd(crlsub, "fetch", cmd_crl_fetch, "fetch the CRL from the CA's publication point now "
             "(the daemon does so every crl_refresh seconds)")
-    node_cfg(p); json_opt(p)  # noqa: E702
+    config_option(p); json_opt(p)  # noqa: E702
     p = cmd(crlsub, "install", cmd_crl_install, "hand the daemon a CRL file (DER or PEM); held "
             "if it verifies against the CA and is newer than the one held")
-    node_cfg(p); p.add_argument("file"); json_opt(p)  # noqa: E702
+    config_option(p); p.add_argument("file"); json_opt(p)  # noqa: E702
     p = cmd(sub, "due", cmd_due, "what is overdue or due soon, urgent first, per box")
-    node_cfg(p)
+    config_option(p)
     p.add_argument("--division", help="one division's box")
     json_opt(p)
     p = cmd(isub, "export", cmd_inbox_export, "write a document's files, metadata and receipts "
             "to a directory")
-    node_cfg(p); p.add_argument("id"); p.add_argument("dir"); json_opt(p)  # noqa: E702
+    config_option(p); p.add_argument("id"); p.add_argument("dir"); json_opt(p)  # noqa: E702
 
     # cert
     cert = sub.add_parser("cert", help="certificates: verify")
@@ -1500,21 +1494,9 @@ def _audit_refusal(args: argparse.Namespace, error: ExchangedError) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
         with ExitStack() as stack:
             return int(args.handler(args, stack))
-    except ExchangedError as e:
-        _audit_refusal(args, e)
-        print(f"exchanged: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("exchanged: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 1
-    except Exception as e:  # the contract is one line; EXCHANGED_DEBUG=1 shows the traceback
-        if os.environ.get("EXCHANGED_DEBUG"):
-            raise
-        print(f"exchanged: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-              "(EXCHANGED_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+
+    return reported(command, lambda e: _audit_refusal(args, e))

@@ -244,6 +244,30 @@ def test_the_daemon_does_not_load_numpy_or_pandas() -> None:
     assert out[:2] == ["[]", "importable"], out
 
 
+def test_the_daemon_is_started_without_the_rest_of_the_command_line(tmp_path: Path) -> None:
+    """`exchanged serve` leaves out exchanged.cli and the CA's code (about 1 MiB of the idle
+    daemon's resident memory), through the console script's own module, as systemd starts it;
+    it fails as the command line does (one line, exit 1). Help and a wrong option still go to
+    the full command line. Failed before the dispatch in exchanged/__main__.py: both were
+    loaded."""
+    missing = tmp_path / "none.toml"
+    code = ("import sys\nfrom exchanged.__main__ import main\n"
+            f"code = main(['serve', '--config', {str(missing)!r}])\n"
+            "print(code, sorted(m for m in ('exchanged.cli', 'exchanged.ca', "
+            "'exchanged.store.cadb') if m in sys.modules))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.stdout.strip() == "1 []", p.stdout + p.stderr
+    assert p.stderr == f"exchanged: error: no configuration file {missing}\n"
+    # ... and it is what pyproject installs as the `exchanged` command
+    assert 'exchanged = "exchanged.__main__:main"' in (ROOT / "pyproject.toml").read_text()
+    p = subprocess.run([sys.executable, "-m", "exchanged", "serve", "--help"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and "run the node's exchange daemon" in p.stdout, p.stdout
+    p = subprocess.run([sys.executable, "-m", "exchanged", "serve", "--bogus"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "unrecognized arguments: --bogus" in p.stderr, p.stderr
+
+
 def test_give_back_memory_returns_freed_heap_to_the_system() -> None:
     """What the daemon calls after start-up and after taking a CRL: freed C-heap pages leave
     the process's resident set. In a child process, so this run's own heap does not blur it."""

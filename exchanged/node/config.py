@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import re
@@ -15,6 +16,14 @@ from exchanged.errors import ExchangedError
 from exchanged.transport.peers import Peer
 
 UNIT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def config_option(parser: argparse.ArgumentParser) -> None:
+    """`--config/-c`, the node's configuration file, as every node command takes it."""
+    parser.add_argument("--config", "-c", default=os.environ.get(
+        "EXCHANGED_CONFIG", "/etc/exchanged/exchanged.toml"),
+        help="the node's configuration (default: $EXCHANGED_CONFIG or "
+             "/etc/exchanged/exchanged.toml)")
 
 
 class ConfigError(ExchangedError):
