@@ -1,10 +1,10 @@
 """`python -m exchanged`, and the `exchanged` command (pyproject's console script).
 
-`exchanged serve`, the daemon, is started here without the rest of the command line: the code
-of every other command (exchanged.cli with the CA, archive and role commands it imports) would
-otherwise stay in the daemon's memory for its whole life, about 1 MiB resident. Anything but a
-plain `serve [--config FILE]` (help, a wrong option) and every other command go to
-exchanged.cli, which says what is wrong the usual way."""
+`exchanged serve`, the daemon, is started here without the rest of the command line: the
+command line's own code (exchanged.cli) and the CA's (exchanged.ca, store.cadb), which it
+imports, would otherwise stay in the daemon's memory for its whole life, about 0.8 MiB
+resident. Anything but a plain `serve [--config FILE]` (help, a wrong or abbreviated option)
+and every other command go to exchanged.cli, which says what is wrong the usual way."""
 
 from __future__ import annotations
 
@@ -17,9 +17,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _serve_config(args[1:]) if args[:1] == ["serve"] else None
     if config is not None:
         from exchanged.errors import reported
-        from exchanged.node.config import Config
-        from exchanged.node.service import run
-        return reported(lambda: run(Config.load(config)))
+
+        def serve() -> int:  # imported inside: a broken install is reported in one line too
+            from exchanged.node.config import Config
+            from exchanged.node.service import run
+            return run(Config.load(config))
+
+        return reported(serve)
     from exchanged.cli import main as cli_main
     return cli_main(args)
 
@@ -29,7 +33,7 @@ def _serve_config(args: list[str]) -> str | None:
     import argparse
 
     from exchanged.node.config import config_option
-    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
     config_option(parser)
     try:
         known, rest = parser.parse_known_args(args)

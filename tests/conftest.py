@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from demo_network import keep_bytecode  # noqa: E402
+
 # Tokens made once per session; tests name their keys uniquely, so they never collide.
 TOKEN_LABELS = ("ca", "admin", "officer1", "officer2", "auditor", "node", "person", "other")
 
@@ -32,12 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
     sources (what the variable is set to avoid), and is removed with the run; Python checks
     it against each source's mtime and size, so the children run exactly the code they would
     have compiled."""
-    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
-        return  # bytecode is kept already, or the caller chose where
     prefix = tempfile.mkdtemp(prefix="exchanged-pycache-")
-    config.stash[_PYCACHE] = prefix
-    os.environ["PYTHONPYCACHEPREFIX"] = prefix
-    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    if keep_bytecode(os.environ, Path(prefix)):
+        config.stash[_PYCACHE] = prefix
+    else:  # bytecode is kept already, or the caller chose where
+        os.rmdir(prefix)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

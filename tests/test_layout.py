@@ -245,7 +245,7 @@ def test_the_daemon_does_not_load_numpy_or_pandas() -> None:
 
 
 def test_the_daemon_is_started_without_the_rest_of_the_command_line(tmp_path: Path) -> None:
-    """`exchanged serve` leaves out exchanged.cli and the CA's code (about 1 MiB of the idle
+    """`exchanged serve` leaves out exchanged.cli and the CA's code (about 0.8 MiB of the idle
     daemon's resident memory), through the console script's own module, as systemd starts it;
     it fails as the command line does (one line, exit 1). Help and a wrong option still go to
     the full command line. Failed before the dispatch in exchanged/__main__.py: both were

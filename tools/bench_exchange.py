@@ -386,9 +386,10 @@ class Bench:
     def cpu_line(self, cpu: dict[str, float], what: str) -> str:
         """Where the CPU goes, and the rate it allows on this machine's cores."""
         cores = len(os.sched_getaffinity(0))
-        total = sum(cpu.values())
+        total = sum(cpu.values())  # in clock ticks (10 ms): 0 for a very short run
+        ceiling = f"at most {cores * 1000 / total:.0f}/s" if total else "n/a (too short)"
         return (f"  CPU per {what}: finance {cpu['finance']:.1f} ms, office {cpu['office']:.1f} "
-                f"ms; both on {cores} core(s): at most {cores * 1000 / total:.0f}/s")
+                f"ms; both on {cores} core(s): {ceiling}")
 
     def documents(self) -> None:
         w, a = self.work, self.a
@@ -418,7 +419,7 @@ class Bench:
             theirs.append(self.pipe(ref))
             setup.append(self.pipe(empty))
         total = a.docs * size / MiB
-        (o, cpu), t, t0 = min(ours), min(theirs), min(setup)
+        (o, cpu), t, t0 = min(ours, key=lambda r: r[0]), min(theirs), min(setup)
         self.figures.update(doc_1mib_ratio=round(t / o, 3), doc_1mib_mib_s=round(total / o, 1),
                             pipe_mib_s=round(total / t, 1),
                             doc_1mib_cpu_ms={u: round(v, 2) for u, v in cpu.items()})
@@ -447,7 +448,7 @@ class Bench:
         runs = [self.timed_sends(a.small, small_pdf, small_txt, "small")
                 for _ in range(a.rounds)]
         rates = [a.small / r[0] for r in runs]
-        small_cpu = min(runs)[1]  # the best round's
+        small_cpu = min(runs, key=lambda r: r[0])[1]  # the best round's
         fs, sig = self.fsync_rate(), self.sign_rate()
         self.figures.update(small_docs_per_s=round(max(rates), 1), fsync_per_s=round(fs, 1),
                             token_signatures_per_s=round(sig, 1),

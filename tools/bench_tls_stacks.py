@@ -11,6 +11,9 @@ the client is `openssl s_time -new -www` with a software key, as in tools/bench-
   trio-stream trio.SSLStream (memory BIOs): what `exchanged serve` uses
   exchanged   the daemon itself (trio.SSLStream, peer check, HTTP/1.1, the pong)
 
+s_server and the daemon check the client against the CA's (empty) CRL, as in
+tools/bench-exchange; the three Python servers only verify the chain (OpenSSL, no CRL).
+
 For each: connections/s by wall clock, and the server's and the client's CPU milliseconds per
 connection. The rounds are interleaved (a shared machine's speed drifts). Nothing here is
 used by the daemon; the three Python servers exist to show which layer costs what.
@@ -168,10 +171,13 @@ def main() -> int:
                          str(work / "ca" / "ca.crl"))
         procs.append(srv)
         pids["s_server"] = srv.pid
+        servers = dict(zip([*KINDS[1:4], "s_server"], procs, strict=True))
         for kind, port in ports.items():
             deadline = time.monotonic() + 30
             while not be.listening(port):
-                if time.monotonic() > deadline:
+                proc = servers.get(kind)
+                if time.monotonic() > deadline or (proc is not None and
+                                                   proc.poll() is not None):
                     raise SystemExit(f"bench-tls-stacks: the {kind} server did not start")
                 time.sleep(0.1)
         runs: dict[str, list[tuple[float, int, int, float, float]]] = {k: [] for k in KINDS}
@@ -192,7 +198,11 @@ def main() -> int:
             if p.stdin is not None:
                 p.stdin.close()
             p.terminate()
-            p.wait(10)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         with be.contextlib.redirect_stdout(be.io.StringIO()):
             b.stop()
         shutil.rmtree(work, ignore_errors=True)
