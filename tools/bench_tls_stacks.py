@@ -152,7 +152,6 @@ def main() -> int:
     import bench_exchange as be
     work = Path(tempfile.mkdtemp(prefix="bench-tls-stacks-"))
     b = be.Bench(argparse.Namespace(seconds=a.seconds), work)
-    procs: list[subprocess.Popen[bytes]] = []
     try:
         print(f"bench-tls-stacks: `openssl s_time -new -www`, {a.seconds} s per round, "
               f"{a.rounds} round(s) interleaved; setting up...", flush=True)
@@ -160,26 +159,20 @@ def main() -> int:
             b.setup()
         ports = {"exchanged": b.pb}
         pids = {"exchanged": b.d.daemons["office"].pid}
-        for kind in KINDS[1:4]:
+        for kind in KINDS[1:4]:  # stopped with s_server by Bench.stop()
             ports[kind] = be.free_port()
-            procs.append(subprocess.Popen(
+            b.servers.append(subprocess.Popen(
                 [sys.executable, __file__, "--serve", kind, str(work), str(ports[kind])],
-                env=b.d.env))
-            pids[kind] = procs[-1].pid
-        ports["s_server"] = be.free_port()
-        srv = b.s_server(ports["s_server"], "-WWW", "-crl_check", "-CRLform", "DER", "-CRL",
-                         str(work / "ca" / "ca.crl"))
-        procs.append(srv)
-        pids["s_server"] = srv.pid
-        servers = dict(zip([*KINDS[1:4], "s_server"], procs, strict=True))
-        for kind, port in ports.items():
+                env=b.d.env, stdin=subprocess.DEVNULL))
+            pids[kind] = b.servers[-1].pid
             deadline = time.monotonic() + 30
-            while not be.listening(port):
-                proc = servers.get(kind)
-                if time.monotonic() > deadline or (proc is not None and
-                                                   proc.poll() is not None):
+            while not be.listening(ports[kind]):
+                if time.monotonic() > deadline or b.servers[-1].poll() is not None:
                     raise SystemExit(f"bench-tls-stacks: the {kind} server did not start")
                 time.sleep(0.1)
+        ports["s_server"] = be.free_port()
+        pids["s_server"] = b.s_server(ports["s_server"], "-WWW", "-crl_check", "-CRLform",
+                                      "DER", "-CRL", str(work / "ca" / "ca.crl")).pid
         runs: dict[str, list[tuple[float, int, int, float, float]]] = {k: [] for k in KINDS}
         for _ in range(a.rounds):
             for kind in KINDS:
@@ -194,15 +187,6 @@ def main() -> int:
                   f"{client_ms:8.2f} ms   (rounds: "
                   f"{', '.join(f'{r[0]:.0f}' for r in runs[kind])})")
     finally:
-        for p in procs:
-            if p.stdin is not None:
-                p.stdin.close()
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
         with be.contextlib.redirect_stdout(be.io.StringIO()):
             b.stop()
         shutil.rmtree(work, ignore_errors=True)
