@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime as dt
+import functools
+import gc
 import json
 import re
 import uuid
@@ -64,17 +66,14 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-_libc: ctypes.CDLL | None = None
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 256 * 1024
 
 
+@functools.cache
 def _c_library() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        _libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-    return _libc
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else ctypes.CDLL(None)
 
 
 def keep_large_buffers_apart() -> None:
@@ -97,6 +96,5 @@ def give_back_memory() -> None:
     idle node: 63.4 -> 60.5 MiB after start-up). Does nothing where there is no glibc."""
     trim = getattr(_c_library(), "malloc_trim", None)
     if trim is not None:
-        import gc
         gc.collect()
         trim(0)
