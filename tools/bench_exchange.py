@@ -189,6 +189,7 @@ class Bench:
         d.config("office", "General Office Archives", "office-node", self.pb,
                  {"finance": (self.pa, "node-finance", "Finance Bureau"),
                   "bench-client": (free_port(), CLIENT[0], CLIENT[1])})
+        d.serve_ca()  # the CRL URL in the node certificates answers, as in a deployment
         d.start("finance")
         d.start("office")
         self.sock_a = w / "finance" / "data" / "control.sock"
@@ -464,6 +465,44 @@ class Bench:
         print("  (each document: packaged and signed on finance's token, fsynced into its "
               "store;\n   sent; fsynced into office's store; a delivery receipt signed on "
               "office's token;\n   the receipt recorded at finance)")
+        self.split(small_pdf, small_txt)
+
+    def split(self, pdf: Path, txt: Path) -> None:
+        """The small documents' two halves apart: submissions while office's daemon is paused
+        (SIGSTOP; finance packages, signs and stores each, and cannot send), then the backlog's
+        delivery once it runs again (SIGCONT), timed from the first delivery to the last."""
+        n = self.a.small
+        if n < 2:
+            self.notes.append("--small below 2: the submissions and deliveries not timed apart")
+            return
+        pids = {u: self.d.daemons[u].pid for u in ("finance", "office")}
+        before = {u: proc_cpu(pid) for u, pid in pids.items()}
+        os.kill(pids["office"], signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            ids = [self.send(pdf, txt, f"backlog {i}") for i in range(n)]
+            submit_s = time.perf_counter() - t0
+            paused = {u: proc_cpu(pid) for u, pid in pids.items()}
+        finally:
+            os.kill(pids["office"], signal.SIGCONT)
+        self.wait_settled(ids, timeout=120 + 2 * n)
+        after = {u: proc_cpu(pid) for u, pid in pids.items()}
+        at = sorted(float(i["delivered_at"]) for i in self.delivered(ids))
+        submit_cpu = 1000 * (paused["finance"] - before["finance"]) / n
+        cpu = {u: 1000 * (after[u] - paused[u]) / n for u in pids}
+        rate = (n - 1) / max(at[-1] - at[0], 1e-3)  # the clock's resolution is finer
+        self.figures.update(submit_only_per_s=round(n / submit_s, 1),
+                            submit_cpu_ms=round(submit_cpu, 2),
+                            backlog_docs_per_s=round(rate, 1),
+                            backlog_cpu_ms={u: round(v, 2) for u, v in cpu.items()})
+        cores = len(os.sched_getaffinity(0))
+        ceiling = f"at most {cores * 1000 / submit_cpu:.0f}/s" if submit_cpu else "n/a"
+        print(f"  the two halves apart, {n} documents:\n"
+              f"    submissions alone (office paused)       {n / submit_s:8.1f} /s   "
+              f"(finance's CPU {submit_cpu:.1f} ms each; on {cores} core(s): {ceiling})")
+        print(f"    then that backlog delivered             {rate:8.1f} /s   (from the first "
+              "delivery to the last)")
+        print("  " + self.cpu_line(cpu, "document delivered"))
 
     def pipe(self, data: Path, out: Path | None = None) -> float:
         """Seconds to pipe `data` through s_client into s_server (which echoes what it reads
