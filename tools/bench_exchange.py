@@ -11,7 +11,9 @@ reference measured in the same run, on the same machine, with the same token key
    receipt), in MiB/s, beside the same bytes piped through `openssl s_client` into
    `openssl s_server`.
 3. Small documents per second with full durability and receipts, beside what bounds them: the
-   rate of fsync'd small-file writes on this filesystem and of token signatures.
+   rate of fsync'd small-file writes on this filesystem and of token signatures; then the
+   two halves apart: submissions while the receiving daemon is paused (SIGSTOP), and that
+   backlog's delivery once it runs again (SIGCONT), each with its CPU per document.
 4. The receiving (and the sending) daemon's peak resident memory while a 1,000 MB document
    passes, beside the document's size.
 
