@@ -107,6 +107,18 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def per_doc(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU milliseconds per document from two readings of `daemons_cpu`."""
+    return {u: 1000 * (after[u] - before[u]) / n for u in before}
+
+
+def ceiling(cpu_ms: float) -> str:
+    """The rate that `cpu_ms` of CPU per operation allows on this machine's cores."""
+    cores = len(os.sched_getaffinity(0))
+    rate = f"at most {cores * 1000 / cpu_ms:.0f}/s" if cpu_ms else "n/a (too short)"
+    return f"{cores} core(s): {rate}"  # CPU is counted in clock ticks: 0 for a short run
+
+
 def mib(kib: int) -> str:
     return f"{kib / 1024:,.1f} MiB"
 
@@ -377,22 +389,22 @@ class Bench:
         """Seconds from the first submission to the last delivery (the daemon's own clock),
         and each node's CPU milliseconds per document (all its threads, user + system; from
         the first submission until none is left to deliver; the polls for that included)."""
-        pids = {u: self.d.daemons[u].pid for u in ("finance", "office")}
-        cpu = {u: proc_cpu(pid) for u, pid in pids.items()}
+        cpu = self.daemons_cpu()
         t0 = time.time()
         ids = [self.send(pdf, txt, f"{title} {i}") for i in range(n)]
         self.wait_settled(ids, timeout=120 + 2 * n)
-        cpu = {u: 1000 * (proc_cpu(pid) - cpu[u]) / n for u, pid in pids.items()}
+        cpu = per_doc(cpu, self.daemons_cpu(), n)
         items = self.delivered(ids)
         return max(float(i["delivered_at"]) for i in items) - t0, cpu
 
+    def daemons_cpu(self) -> dict[str, float]:
+        """Each daemon's CPU seconds so far (proc_cpu)."""
+        return {u: proc_cpu(self.d.daemons[u].pid) for u in ("finance", "office")}
+
     def cpu_line(self, cpu: dict[str, float], what: str) -> str:
         """Where the CPU goes, and the rate it allows on this machine's cores."""
-        cores = len(os.sched_getaffinity(0))
-        total = sum(cpu.values())  # in clock ticks (10 ms): 0 for a very short run
-        ceiling = f"at most {cores * 1000 / total:.0f}/s" if total else "n/a (too short)"
         return (f"  CPU per {what}: finance {cpu['finance']:.1f} ms, office {cpu['office']:.1f} "
-                f"ms; both on {cores} core(s): {ceiling}")
+                f"ms; both on {ceiling(sum(cpu.values()))}")
 
     def documents(self) -> None:
         w, a = self.work, self.a
@@ -477,31 +489,28 @@ class Bench:
         if n < 2:
             self.notes.append("--small below 2: the submissions and deliveries not timed apart")
             return
-        pids = {u: self.d.daemons[u].pid for u in ("finance", "office")}
-        before = {u: proc_cpu(pid) for u, pid in pids.items()}
-        os.kill(pids["office"], signal.SIGSTOP)
+        office = self.d.daemons["office"].pid
+        before = self.daemons_cpu()
+        os.kill(office, signal.SIGSTOP)
         try:
             t0 = time.perf_counter()
             ids = [self.send(pdf, txt, f"backlog {i}") for i in range(n)]
             submit_s = time.perf_counter() - t0
-            paused = {u: proc_cpu(pid) for u, pid in pids.items()}
+            paused = self.daemons_cpu()
         finally:
-            os.kill(pids["office"], signal.SIGCONT)
+            os.kill(office, signal.SIGCONT)
         self.wait_settled(ids, timeout=120 + 2 * n)
-        after = {u: proc_cpu(pid) for u, pid in pids.items()}
-        at = sorted(float(i["delivered_at"]) for i in self.delivered(ids))
-        submit_cpu = 1000 * (paused["finance"] - before["finance"]) / n
-        cpu = {u: 1000 * (after[u] - paused[u]) / n for u in pids}
-        rate = (n - 1) / max(at[-1] - at[0], 1e-3)  # the clock's resolution is finer
+        cpu = per_doc(paused, self.daemons_cpu(), n)
+        at = [float(i["delivered_at"]) for i in self.delivered(ids)]
+        submit_cpu = per_doc(before, paused, n)["finance"]
+        rate = (n - 1) / max(max(at) - min(at), 1e-3)  # the clock's resolution is finer
         self.figures.update(submit_only_per_s=round(n / submit_s, 1),
                             submit_cpu_ms=round(submit_cpu, 2),
                             backlog_docs_per_s=round(rate, 1),
                             backlog_cpu_ms={u: round(v, 2) for u, v in cpu.items()})
-        cores = len(os.sched_getaffinity(0))
-        ceiling = f"at most {cores * 1000 / submit_cpu:.0f}/s" if submit_cpu else "n/a"
         print(f"  the two halves apart, {n} documents:\n"
               f"    submissions alone (office paused)       {n / submit_s:8.1f} /s   "
-              f"(finance's CPU {submit_cpu:.1f} ms each; on {cores} core(s): {ceiling})")
+              f"(finance's CPU {submit_cpu:.1f} ms each; on {ceiling(submit_cpu)})")
         print(f"    then that backlog delivered             {rate:8.1f} /s   (from the first "
               "delivery to the last)")
         print("  " + self.cpu_line(cpu, "document delivered"))
